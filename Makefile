@@ -1,0 +1,39 @@
+# curvlab: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Install the pinned CPU torch first when none is present, so that no range pulls a CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/curvlab run fullbatch --dataset bundled --out runs/demo
+	@echo "results: runs/demo/results.jsonl, plots: runs/demo/*.png"
+
+test: install
+	$(PY) -m pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
+
+bench: install
+	$(PY) benchmarks/exact_gn.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,75 @@
+r"""Losses of the exact Gauss-Newton optimizer and their function-space Newton steps.
+
+For a batch loss :math:`L = \frac1N \sum_n \ell(f_n, y_n)` the Gauss-Newton step moves the outputs by
+:math:`-\alpha\, s_n` with :math:`s_n = H_n^{+} g_n`, the Newton step of the per-sample loss in
+function space (:math:`g_n, H_n` its gradient and Hessian w.r.t. the output :math:`f_n`). The
+constant in front of :math:`\ell` cancels, so :math:`s` is the same for ``mean`` and ``sum``.
+
+* MSE: :math:`s_n = f_n - y_n` (the residual; one step with :math:`\alpha = 1` interpolates).
+* Cross-entropy, :math:`p = \operatorname{softmax}(f)`: :math:`H_n = \operatorname{diag}(p) - p p^\top`
+  is singular along the constant direction :math:`\mathbf 1`, and the minimum-norm solution of
+  :math:`H_n s = p - y` is :math:`s = (1 - y / p) - \operatorname{mean}(1 - y / p)\,\mathbf 1`.
+  A constant shift of the logits leaves the loss unchanged.
+* Cross-entropy with ``identity_hessian=True`` (the authors' ``use_identity``): :math:`s_n = p - y`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSSES = ("mse", "ce")
+
+
+def as_targets(targets: Tensor, num_classes: int, loss: str, like: Tensor) -> Tensor:
+    """Return targets as ``[N, k]`` values (MSE) or probabilities (CE).
+
+    Integer class labels ``[N]`` become one-hot rows; float ``[N, k]`` targets pass through.
+    """
+    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if targets.ndim != 1:
+            raise ValueError(f"class-label targets must be [N], got {tuple(targets.shape)}")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            raise ValueError(f"class labels must lie in [0, {num_classes}), got {targets.unique()}")
+        return F.one_hot(targets.long(), num_classes).to(like)
+    if targets.shape != like.shape:
+        raise ValueError(
+            f"{loss} targets must be class labels [N] or match the outputs {tuple(like.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
+    return targets.to(like)
+
+
+def loss_value(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
+    """Batch loss (``mean`` reduction as torch defines it) for ``[N, k]`` outputs and targets."""
+    if loss == "mse":
+        return F.mse_loss(outputs, targets)
+    if loss == "ce":
+        return -(targets * F.log_softmax(outputs, dim=-1)).sum(-1).mean()
+    raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+
+def newton_step(
+    outputs: Tensor, targets: Tensor, loss: str, identity_hessian: bool = False
+) -> Tensor:
+    r"""Function-space Newton step :math:`s_n = H_n^{+} g_n`, ``[N, k]``.
+
+    Args:
+        outputs: Network outputs :math:`f`, ``[N, k]``.
+        targets: ``[N, k]`` regression targets (MSE) or class probabilities (CE).
+        loss: ``"mse"`` or ``"ce"``.
+        identity_hessian: CE only: use :math:`H = I` (the authors' variant), :math:`s = p - y`.
+    """
+    if loss == "mse":
+        return outputs - targets
+    if loss != "ce":
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    log_p = F.log_softmax(outputs, dim=-1)
+    if identity_hessian:
+        return log_p.exp() - targets
+    # y / p computed in log space; clamp keeps exp finite for probabilities below the dtype's range.
+    max_log = torch.finfo(outputs.dtype).max
+    ratio = targets * torch.exp((-log_p).clamp(max=0.5 * torch.log(torch.tensor(max_log)).item()))
+    step = 1.0 - ratio
+    return step - step.mean(dim=-1, keepdim=True)
