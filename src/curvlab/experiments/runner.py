@@ -1,0 +1,283 @@
+"""One runner for the paper's experiments.
+
+Full-batch and mini-batch training of a RevMLP with exact Gauss-Newton, Adam and SGD on the same
+data, initialization and evaluation.
+
+Results go to :class:`~curvlab.experiments.store.ResultsStore` as they are produced; after every
+evaluation the model, optimizer and position are checkpointed, so a killed run started again with
+the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from curvlab.data import load_dataset, to_float
+from curvlab.data.splits import balanced_indices
+from curvlab.experiments.config import ExperimentConfig
+from curvlab.experiments.store import ResultsStore
+from curvlab.nn import RevMLP
+from curvlab.optim import ExactGN
+
+
+@dataclass
+class Data:
+    """Standardized, flattened tensors of one experiment."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+
+
+def load_data(config: ExperimentConfig, device: torch.device) -> Data:
+    """Load, flatten and standardize (by the training set's mean and std) the dataset."""
+    train_images, train_y = load_dataset(config.dataset, "train", config.data_path)
+    test_images, test_y = load_dataset(config.dataset, "test", config.data_path)
+    train_x = to_float(train_images).flatten(1)
+    test_x = to_float(test_images).flatten(1)
+    mean, std = train_x.mean(), train_x.std()
+    num_classes = int(train_y.max()) + 1
+    return Data(
+        ((train_x - mean) / std).to(device),
+        train_y.to(device),
+        ((test_x - mean) / std).to(device),
+        test_y.to(device),
+        num_classes,
+    )
+
+
+def batch_loss(outputs: Tensor, labels: Tensor, loss: str) -> Tensor:
+    """The training loss of the run (``mean`` reduction)."""
+    if loss == "ce":
+        return F.cross_entropy(outputs, labels)
+    return F.mse_loss(outputs, F.one_hot(labels, outputs.shape[1]).to(outputs))
+
+
+@torch.no_grad()
+def evaluate(
+    model: RevMLP, x: Tensor, y: Tensor, loss: str, chunk: int = 4096
+) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on ``(x, y)``, in chunks."""
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), chunk):
+        out = model(x[start : start + chunk])
+        labels = y[start : start + chunk]
+        total_loss += float(batch_loss(out, labels, loss)) * len(labels)
+        correct += int((out.argmax(1) == labels).sum())
+    return total_loss / len(x), correct / len(x)
+
+
+def build_optimizer(
+    name: str, model: RevMLP, lr: float, config: ExperimentConfig
+) -> torch.optim.Optimizer:
+    """ExactGN, Adam or SGD over the model's trained parameters."""
+    if name == "gn":
+        return ExactGN(
+            model,
+            lr=lr,
+            loss=config.loss,
+            scheme=config.gn_scheme,
+            solver=config.gn_solver,
+            rtol=config.gn_rtol,
+            atol=config.gn_atol,
+            damping=config.gn_damping,
+            identity_hessian=config.loss == "ce" and config.ce_hessian == "identity",
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def update(
+    optimizer: torch.optim.Optimizer, model: RevMLP, x: Tensor, y: Tensor, loss: str
+) -> float:
+    """One update on the batch; returns the batch loss before it."""
+    if isinstance(optimizer, ExactGN):
+        return optimizer.step(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    value = batch_loss(model(x), y, loss)
+    value.backward()
+    optimizer.step()
+    return float(value.detach())
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Runner:
+    """Runs every (phase, optimizer, seed) of a config into one results folder.
+
+    Args:
+        config: The experiment's settings.
+        out: Results folder (``runs/NAME``).
+        progress: Show tqdm progress bars.
+    """
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True) -> None:
+        self.config = config
+        self.store = ResultsStore(out)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+
+    def run(self) -> ResultsStore:
+        """Run (or resume) everything; returns the store."""
+        self.store.open(self.config.to_dict())
+        data = load_data(self.config, self.device)
+        for phase in self.config.phases:
+            for seed in self.config.seeds:
+                for name in self.config.optimizers:
+                    self._run_one(phase, name, seed, data)
+        return self.store
+
+    # ------------------------------------------------------------------ one training run
+    def _model(self, seed: int, data: Data) -> RevMLP:
+        torch.manual_seed(seed)
+        c = self.config
+        model = RevMLP(
+            data.train_x.shape[1],
+            data.num_classes,
+            c.hidden,
+            c.depth,
+            bias=c.bias,
+            norm=c.norm,
+            inverted_bottleneck=c.inverted_bottleneck,
+        )
+        return model.to(self.device)
+
+    def _train_set(self, phase: str, seed: int, data: Data) -> tuple[Tensor, Tensor]:
+        if phase == "minibatch":
+            return data.train_x, data.train_y
+        if self.config.subset > len(data.train_x):
+            raise ValueError(
+                f"subset={self.config.subset} exceeds the {len(data.train_x)} training images"
+            )
+        index = balanced_indices(data.train_y.cpu().numpy(), self.config.subset, seed)
+        index = torch.as_tensor(index, device=self.device)
+        return data.train_x[index], data.train_y[index]
+
+    def _run_one(self, phase: str, name: str, seed: int, data: Data) -> None:
+        c = self.config
+        train_x, train_y = self._train_set(phase, seed, data)
+        if phase == "fullbatch":
+            steps_per_epoch, total = 1, c.steps
+            eval_every = c.eval_every
+        else:
+            steps_per_epoch = len(train_x) // c.batch_size
+            if steps_per_epoch == 0:
+                raise ValueError(
+                    f"batch_size={c.batch_size} exceeds the {len(train_x)} training images"
+                )
+            total = c.epochs * steps_per_epoch
+            eval_every = max(1, steps_per_epoch // max(1, c.evals_per_epoch))
+        model = self._model(seed, data)
+        optimizer = build_optimizer(name, model, c.lr[phase][name], c)
+        checkpoint = self.store.checkpoint_path(phase, name, seed)
+        step, train_time = 0, 0.0
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step, train_time = state["step"], state["train_time"]
+        if step >= total:
+            return
+        eval_x, eval_y = train_x[: c.eval_train_size], train_y[: c.eval_train_size]
+        base = {"experiment": c.experiment, "phase": phase, "optimizer": name, "seed": seed}
+        if step == 0:
+            self._evaluate(model, base, 0, steps_per_epoch, 0.0, eval_x, eval_y, data)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"{phase} {name} seed {seed}",
+            disable=not self.progress,
+            leave=False,
+        )
+        order = None
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            if phase == "minibatch":
+                if position == 0 or order is None:
+                    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+                    order = torch.randperm(len(train_x), generator=generator).to(self.device)
+                index = order[position * c.batch_size : (position + 1) * c.batch_size]
+                x, y = train_x[index], train_y[index]
+            else:
+                x, y = train_x, train_y
+            started = time.perf_counter()
+            before = update(optimizer, model, x, y, c.loss)
+            if not math.isfinite(before) or not _finite(model):
+                message = f"non-finite loss or parameters after update {step + 1}"
+                self.store.append({"type": "diverged", **base, "step": step, "message": message})
+                self._checkpoint(checkpoint, model, optimizer, total, train_time)
+                tqdm.write(f"{phase} {name} seed {seed} diverged: {message}")
+                break
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.perf_counter() - started
+            step += 1
+            bar.update(1)
+            if c.record_updates:
+                after, _ = evaluate(model, x, y, c.loss)
+                change = 100.0 * (after - before) / before
+                self.store.append(
+                    {
+                        "type": "update",
+                        **base,
+                        "step": step,
+                        "batch_loss_before": before,
+                        "batch_loss_after": after,
+                        "loss_change_pct": change,
+                    }
+                )
+            if step % eval_every == 0 or step == total:
+                self._evaluate(model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data)
+                self._checkpoint(checkpoint, model, optimizer, step, train_time)
+        bar.close()
+
+    def _checkpoint(self, path, model, optimizer, step: int, train_time: float) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "train_time": train_time,
+        }
+        self.store.save_checkpoint(path, state)
+
+    def _evaluate(
+        self, model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data
+    ) -> None:
+        train_loss, train_acc = evaluate(model, eval_x, eval_y, self.config.loss)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, self.config.loss)
+        self.store.append(
+            {
+                "type": "eval",
+                **base,
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "time_s": train_time,
+            }
+        )
