@@ -143,7 +143,7 @@ def test_gn_learning_rate_defaults_to_the_authors_effective_step():
     assert make_config("fullbatch", "bundled").lr["fullbatch"]["gn"] == pytest.approx(0.5 * 4)
     assert make_config("minibatch", "cifar10").lr["minibatch"]["gn"] == pytest.approx(0.1 * 12)
     config = make_config("fullbatch", "bundled", lr={"fullbatch": {"adam": 1e-3}})
-    assert config.lr["fullbatch"]["adam"] == 1e-3 and config.lr["fullbatch"]["sgd"] == 0.1
+    assert config.lr["fullbatch"]["adam"] == 1e-3 and config.lr["fullbatch"]["sgd"] == 0.03
 
 
 @pytest.mark.parametrize(
