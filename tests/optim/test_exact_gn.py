@@ -64,6 +64,48 @@ def test_pinv_equals_dense_pseudo_inverse(shape, loss):
     assert torch.allclose(ours, reference, atol=1e-8 * reference.abs().max(), rtol=0)
 
 
+def test_pinv_with_a_batch_that_does_not_split_evenly_into_ntk_tiles():
+    model, x, y = make_problem(13, 12, 40, 2)
+    directions = ExactGN(model, lr=1.0, scheme="pinv").directions(x, y)
+    step = function_space_step(model, x, y, "mse")
+    reference = torch.linalg.pinv(jacobian(model, x)) @ step.reshape(-1)
+    ours = flat_direction(model, directions)
+    assert torch.allclose(ours, reference, atol=1e-8 * reference.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_pinv_without_inverted_bottleneck_equals_dense_pseudo_inverse(loss):
+    torch.manual_seed(0)
+    model = RevMLP(12, K, 40, 2, inverted_bottleneck=False).double()
+    x, y = torch.randn(16, 12, dtype=torch.float64), torch.randint(0, K, (16,))
+    directions = ExactGN(model, lr=1.0, loss=loss, scheme="pinv").directions(x, y)
+    step = function_space_step(model, x, y, loss)
+    reference = torch.linalg.pinv(jacobian(model, x)) @ step.reshape(-1)
+    ours = flat_direction(model, directions)
+    assert torch.allclose(ours, reference, atol=1e-8 * reference.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["right-inverse", "paper"])
+def test_batched_block_solves_equal_the_sequential_path(scheme):
+    """Tiny damping forces the sequential path (actual A_F dW_F); it must match the batched one."""
+    model, x, y = make_problem(8, 20, 24, 3)  # every block full rank
+    batched = flat_direction(model, ExactGN(model, lr=1.0, scheme=scheme).directions(x, y))
+    opt = ExactGN(model, lr=1.0, scheme=scheme, damping=1e-12)
+    sequential = flat_direction(model, opt.directions(x, y))
+    assert torch.allclose(sequential, batched, atol=1e-7 * batched.abs().max(), rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["right-inverse", "pinv"])
+def test_smooth_nonlinearity_meets_the_function_space_step(scheme):
+    torch.manual_seed(0)
+    model = RevMLP(12, K, 40, 3, nonlinearity="tanh").double()
+    x, y = torch.randn(16, 12, dtype=torch.float64), torch.randint(0, K, (16,))
+    directions = ExactGN(model, lr=1.0, loss="ce", scheme=scheme).directions(x, y)
+    step = function_space_step(model, x, y, "ce")
+    moved = dense_output_change(model, x, directions, "ce")
+    assert torch.allclose(moved, step, atol=1e-9 * step.abs().max(), rtol=0)
+
+
 def test_pinv_is_minimum_norm_among_exact_schemes():
     model, x, y = make_problem(16, 12, 40, 3)
     norms = {
@@ -150,6 +192,17 @@ def test_mse_loss_decreases_at_the_gauss_newton_rate(scheme):
     with torch.no_grad():
         after = F.mse_loss(model(x), targets).item()
     assert (after - before) / alpha == pytest.approx(-2 * before, rel=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["right-inverse", "pinv", "paper"])
+def test_step_moves_the_parameters_by_minus_lr_times_the_directions(scheme):
+    model, x, y = make_problem(24, 18, 64, 4)  # first block rank-deficient: it does not move
+    opt = ExactGN(model, lr=0.3, loss="ce", scheme=scheme)
+    expected = flat_direction(model, opt.directions(x, y)).mul(-0.3)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    opt.step(x, y)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(after - before, expected, atol=1e-12 * expected.abs().max(), rtol=0)
 
 
 def test_step_returns_the_loss_before_the_step():
