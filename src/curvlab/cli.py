@@ -73,7 +73,13 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scheme", dest="gn_scheme", choices=("right-inverse", "pinv", "paper"))
     p.add_argument("--solver", dest="gn_solver", choices=("cholesky", "eigh", "svd", "damped"))
-    p.add_argument("--damping", dest="gn_damping", type=float)
+    p.add_argument("--damping", dest="gn_damping", type=float, help="damping of the Gram solves")
+    p.add_argument(
+        "--output-damping",
+        dest="gn_output_damping",
+        type=float,
+        help="Levenberg-Marquardt damping of the exact CE Newton step (with --ce-hessian exact)",
+    )
     p.add_argument("--eval-every", dest="eval_every", type=int, help="full-batch evaluation period")
     p.add_argument("--evals-per-epoch", dest="evals_per_epoch", type=int)
     p.add_argument("--eval-train-size", dest="eval_train_size", type=int)
@@ -97,6 +103,7 @@ def _config(args: argparse.Namespace, **extra):
         "gn_scheme",
         "gn_solver",
         "gn_damping",
+        "gn_output_damping",
         "eval_every",
         "evals_per_epoch",
         "eval_train_size",

@@ -166,10 +166,12 @@ def test_cli_run_plot_summary(tmp_path, capsys):
     args = ["run", "fullbatch", "--dataset", "bundled", "--out", str(out), "--no-progress"]
     args += ["--subset", "64", "--steps", "2", "--hidden", "96", "--depth", "2"]
     args += ["--optimizers", "gn,adam", "--lr", "adam=1e-3", "--eval-train-size", "64"]
+    args += ["--ce-hessian", "exact", "--output-damping", "0.1"]
     assert main(args) == 0
     header = ResultsStore(out).header()
     assert header["config"]["lr"]["fullbatch"]["adam"] == 1e-3
     assert header["config"]["optimizers"] == ["gn", "adam"]
+    assert header["config"]["gn_output_damping"] == 0.1
     assert (out / FIGURES["fullbatch"]).exists()
     (out / FIGURES["fullbatch"]).unlink()
     assert main(["plot", str(out)]) == 0
@@ -194,9 +196,11 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "fullbatch", "--lr", "lbfgs=1"])
     assert "NAME=VALUE" in capsys.readouterr().err
-    code = main(["run", "fullbatch", "--dataset", "mnist", "--data", str(tmp_path / "none")])
-    assert code == 2
+    out = tmp_path / "run"
+    args = ["run", "fullbatch", "--dataset", "mnist", "--data", str(tmp_path / "none")]
+    assert main([*args, "--out", str(out)]) == 2
     assert str(tmp_path / "none") in capsys.readouterr().err
+    assert not out.exists()
     assert main(["plot", str(tmp_path)]) == 2
     assert "no results" in capsys.readouterr().err
     with pytest.raises(NoResultsError):

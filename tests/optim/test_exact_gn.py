@@ -223,6 +223,42 @@ def test_ce_newton_step_solves_the_per_sample_hessian_system():
     assert torch.allclose(s.sum(-1), torch.zeros(5, dtype=torch.float64), atol=1e-12)
 
 
+@pytest.mark.parametrize("damping", [1e-3, 0.1, 10.0])
+def test_damped_ce_step_solves_the_damped_hessian_system(damping):
+    torch.manual_seed(2)
+    f = 3 * torch.randn(6, K, dtype=torch.float64)
+    y = torch.randint(0, K, (6,))
+    s = newton_step(f, F.one_hot(y, K).double(), "ce", output_damping=damping)
+    hess = loss_hessian_wrt_output(lambda o, t: F.cross_entropy(o, t, reduction="sum"), f, y)
+    grad = (torch.softmax(f, -1) - F.one_hot(y, K)).reshape(-1)
+    reference = torch.linalg.solve(hess + damping * torch.eye(6 * K, dtype=f.dtype), grad)
+    assert torch.allclose(s.reshape(-1), reference, atol=1e-10 * reference.abs().max(), rtol=0)
+
+
+def test_damped_ce_step_tends_to_the_newton_step_and_stays_bounded():
+    f = torch.tensor([[8.0, 0.0, -2.0, 1.0]], dtype=torch.float64)  # confidently wrong
+    y = F.one_hot(torch.tensor([2]), K).double()
+    newton = newton_step(f, y, "ce")
+    gaps = []
+    for damping in (1e-4, 1e-6, 1e-8):
+        s = newton_step(f, y, "ce", output_damping=damping)
+        gaps.append(float((s - s.mean() - newton).norm() / newton.norm()))
+        assert float(s.norm()) <= float((torch.softmax(f, -1) - y).norm()) / damping * (1 + 1e-12)
+    assert gaps[2] < gaps[1] < gaps[0] and gaps[2] < 1e-3
+    assert float(newton.norm()) > 1e3  # the undamped step grows like 1/p_y
+
+
+def test_exact_gn_with_output_damping_meets_the_damped_step():
+    model, x, y = make_problem(16, 12, 40, 2)
+    damping = 0.05
+    directions = ExactGN(model, lr=1.0, loss="ce", output_damping=damping).directions(x, y)
+    with torch.no_grad():
+        out = model(x)
+    step = newton_step(out, as_targets(y, K, "ce", out), "ce", output_damping=damping)
+    moved = (jacobian(model, x) @ flat_direction(model, directions)).reshape(x.shape[0], K)
+    assert torch.allclose(moved, step, atol=1e-9 * step.abs().max(), rtol=0)
+
+
 def test_identity_hessian_step_is_softmax_minus_target():
     f = torch.randn(3, K, dtype=torch.float64)
     y = F.one_hot(torch.tensor([0, 1, 3]), K).double()
@@ -282,6 +318,7 @@ def test_is_a_torch_optimizer_with_scheduler_and_state_dict():
         ({"solver": "qr"}, ValueError, "qr"),
         ({"solver": "damped"}, ValueError, "damping > 0"),
         ({"identity_hessian": True}, ValueError, "ce"),
+        ({"output_damping": 0.1}, ValueError, "true Hessian"),
         ({"lr": -1.0}, ValueError, "positive"),
     ],
 )

@@ -39,6 +39,7 @@ class ExperimentConfig:
         loss: ``ce`` or ``mse``.
         ce_hessian: ``identity`` (authors) or ``exact`` (true Newton step in function space).
         gn_scheme: ExactGN scheme; ``gn_solver``, ``gn_rtol``, ``gn_atol``, ``gn_damping`` its solver.
+        gn_output_damping: Levenberg-Marquardt damping of the exact CE function-space step.
         lr: Learning rate per optimizer, for the full-batch and mini-batch phases.
         eval_every: Evaluate every this many full-batch updates.
         evals_per_epoch: Evaluations per mini-batch epoch.
@@ -69,6 +70,7 @@ class ExperimentConfig:
     gn_rtol: float | None = None
     gn_atol: float = 0.0
     gn_damping: float = 0.0
+    gn_output_damping: float = 0.0
     lr: dict[str, dict[str, float]] = field(default_factory=lambda: default_lr(4))
     eval_every: int = 5
     evals_per_epoch: int = 1

@@ -92,6 +92,7 @@ def build_optimizer(
             atol=config.gn_atol,
             damping=config.gn_damping,
             identity_hessian=config.loss == "ce" and config.ce_hessian == "identity",
+            output_damping=config.gn_output_damping if config.ce_hessian == "exact" else 0.0,
         )
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
@@ -142,8 +143,8 @@ class Runner:
 
     def run(self) -> ResultsStore:
         """Run (or resume) everything; returns the store."""
+        data = load_data(self.config, self.device)  # first: a missing file leaves no folder behind
         self.store.open(self.config.to_dict())
-        data = load_data(self.config, self.device)
         for phase in self.config.phases:
             for seed in self.config.seeds:
                 for name in self.config.optimizers:

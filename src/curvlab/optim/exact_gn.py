@@ -172,6 +172,9 @@ class ExactGN(torch.optim.Optimizer):
         atol: Absolute singular-value threshold.
         damping: :math:`\lambda` added to every Gram matrix / the NTK; required by ``"damped"``.
         identity_hessian: CE only: the authors' :math:`H = I` variant (:math:`s = p - y`).
+        output_damping: CE only: Levenberg-Marquardt damping :math:`\lambda` of the function-space
+            step, :math:`s = (H + \lambda I)^{-1} g`; bounds the true Newton step, which grows like
+            :math:`1/p_y` on confidently wrong samples (see :mod:`curvlab.optim.function_space`).
         normalize: Divide the ``"paper"`` scheme's sum of block solutions by :math:`L` (and drop
             the authors' factor 2 for MSE); ``False`` reproduces their raw step.
         track_residual: After each step, measure
@@ -192,6 +195,7 @@ class ExactGN(torch.optim.Optimizer):
         atol: float = 0.0,
         damping: float = 0.0,
         identity_hessian: bool = False,
+        output_damping: float = 0.0,
         normalize: bool = True,
         track_residual: bool = False,
     ) -> None:
@@ -210,6 +214,10 @@ class ExactGN(torch.optim.Optimizer):
             raise ValueError("solver='damped' needs damping > 0")
         if identity_hessian and loss != "ce":
             raise ValueError("identity_hessian applies to loss='ce' only")
+        if output_damping and (loss != "ce" or identity_hessian):
+            raise ValueError("output_damping applies to loss='ce' with the true Hessian only")
+        if output_damping < 0:
+            raise ValueError(f"output_damping must be >= 0, got {output_damping}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         super().__init__([p for p in model.parameters() if p.requires_grad], {"lr": lr})
@@ -221,6 +229,7 @@ class ExactGN(torch.optim.Optimizer):
         self.atol = atol
         self.damping = damping
         self.identity_hessian = identity_hessian
+        self.output_damping = output_damping
         self.normalize = normalize
         self.track_residual = track_residual
         self.last_info: StepInfo | None = None
@@ -244,7 +253,9 @@ class ExactGN(torch.optim.Optimizer):
         loss_before = float(loss_value(outputs, target_values, self.loss))
         if not math.isfinite(loss_before):
             raise FloatingPointError(f"ExactGN: the loss before the step is {loss_before}")
-        step = newton_step(outputs, target_values, self.loss, self.identity_hessian)
+        step = newton_step(
+            outputs, target_values, self.loss, self.identity_hessian, self.output_damping
+        )
         coefficients, used = self._coefficients(branches, step)
         scale = 1.0
         if self.scheme == "paper" and not self.normalize:
@@ -265,7 +276,7 @@ class ExactGN(torch.optim.Optimizer):
             branches, body_out = self._linearize(x)
             outputs = body_out @ self.model.projection
             y = as_targets(targets, self.model.num_classes, self.loss, outputs)
-            step = newton_step(outputs, y, self.loss, self.identity_hessian)
+            step = newton_step(outputs, y, self.loss, self.identity_hessian, self.output_damping)
             coefficients, _ = self._coefficients(branches, step)
             found = self._directions_from(branches, coefficients)
         names = {p: n for n, p in self.model.named_parameters()}

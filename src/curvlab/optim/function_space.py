@@ -11,6 +11,13 @@ constant in front of :math:`\ell` cancels, so :math:`s` is the same for ``mean``
   :math:`H_n s = p - y` is :math:`s = (1 - y / p) - \operatorname{mean}(1 - y / p)\,\mathbf 1`.
   A constant shift of the logits leaves the loss unchanged.
 * Cross-entropy with ``identity_hessian=True`` (the authors' ``use_identity``): :math:`s_n = p - y`.
+* Cross-entropy with ``output_damping`` :math:`\lambda > 0` (Levenberg-Marquardt in function space):
+  :math:`s_n = (H_n + \lambda I)^{-1} g_n`. The true Newton step grows like :math:`1/p_{y}` when a
+  sample is confidently wrong; damping bounds it by :math:`\|g_n\| / \lambda` and moves it towards
+  the gradient :math:`g_n / \lambda` as :math:`\lambda` grows. With
+  :math:`D = \operatorname{diag}(p + \lambda)` and Sherman-Morrison,
+  :math:`(D - p p^\top)^{-1} g = D^{-1} g + D^{-1} p\, \frac{p^\top D^{-1} g}{1 - p^\top D^{-1} p}`,
+  where :math:`p^\top D^{-1} p < \sum_c p_c = 1`, so the step costs :math:`O(k)` per sample.
 """
 
 from __future__ import annotations
@@ -51,7 +58,11 @@ def loss_value(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
 
 
 def newton_step(
-    outputs: Tensor, targets: Tensor, loss: str, identity_hessian: bool = False
+    outputs: Tensor,
+    targets: Tensor,
+    loss: str,
+    identity_hessian: bool = False,
+    output_damping: float = 0.0,
 ) -> Tensor:
     r"""Function-space Newton step :math:`s_n = H_n^{+} g_n`, ``[N, k]``.
 
@@ -60,7 +71,11 @@ def newton_step(
         targets: ``[N, k]`` regression targets (MSE) or class probabilities (CE).
         loss: ``"mse"`` or ``"ce"``.
         identity_hessian: CE only: use :math:`H = I` (the authors' variant), :math:`s = p - y`.
+        output_damping: CE only: :math:`\lambda \ge 0`; for :math:`\lambda > 0` the damped step
+            :math:`(H_n + \lambda I)^{-1} g_n`.
     """
+    if output_damping < 0:
+        raise ValueError(f"output_damping must be >= 0, got {output_damping}")
     if loss == "mse":
         return outputs - targets
     if loss != "ce":
@@ -68,6 +83,14 @@ def newton_step(
     log_p = F.log_softmax(outputs, dim=-1)
     if identity_hessian:
         return log_p.exp() - targets
+    if output_damping > 0:
+        p = log_p.exp()
+        grad = p - targets
+        inv_d = 1.0 / (p + output_damping)
+        coupling = (p * inv_d * grad).sum(-1, keepdim=True) / (
+            1.0 - (p * p * inv_d).sum(-1, keepdim=True)
+        )
+        return inv_d * grad + inv_d * p * coupling
     # y / p computed in log space; clamp keeps exp finite for probabilities below the dtype's range.
     max_log = torch.finfo(outputs.dtype).max
     ratio = targets * torch.exp((-log_p).clamp(max=0.5 * torch.log(torch.tensor(max_log)).item()))
