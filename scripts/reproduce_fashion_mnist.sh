@@ -13,8 +13,8 @@ COMMON=(--dataset fashion-mnist "${DATA_ARGS[@]}" --hidden 2048 --depth 4 --no-p
 # Figure 1: full batch, n = 1024 balanced training images, 100 updates.
 "$CURVLAB" run fullbatch "${COMMON[@]}" --steps 100 --eval-every 2 --out runs/fmnist-fullbatch
 # Figures 2 and 3: mini-batch, batch 1024, per-update loss change recorded.
-"$CURVLAB" run loss-change "${COMMON[@]}" --epochs 5 --batch-size 1024 \
+"$CURVLAB" run loss-change "${COMMON[@]}" --epochs 3 --batch-size 1024 \
   --eval-train-size 10000 --out runs/fmnist-minibatch
 # Figure 5: no inverted bottleneck (authors' block scheme), both phases, shorter.
-"$CURVLAB" run no-bottleneck "${COMMON[@]}" --steps 50 --eval-every 2 --epochs 2 \
+"$CURVLAB" run no-bottleneck "${COMMON[@]}" --steps 30 --eval-every 2 --epochs 1 \
   --batch-size 1024 --eval-train-size 10000 --out runs/fmnist-no-bottleneck

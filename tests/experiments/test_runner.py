@@ -100,6 +100,32 @@ def test_other_config_in_same_folder_is_refused(tmp_path):
         Runner(other, tmp_path, progress=False).run()
 
 
+def test_finished_run_can_be_extended_by_more_steps_and_optimizers(tmp_path):
+    short = make_config("fullbatch", "bundled", **dict(TINY, steps=2, optimizers=("gn",)))
+    Runner(short, tmp_path, progress=False).run()
+    longer = make_config("fullbatch", "bundled", **dict(TINY, steps=3, optimizers=("gn", "adam")))
+    Runner(longer, tmp_path, progress=False).run()
+    store = ResultsStore(tmp_path)
+    assert store.config()["steps"] == 3
+    steps = {(r["optimizer"], r["step"]) for r in store.evaluations()}
+    assert steps == {("gn", s) for s in range(4)} | {("adam", s) for s in range(4)}
+    reference = make_config("fullbatch", "bundled", **dict(TINY, steps=3, optimizers=("gn",)))
+    Runner(reference, tmp_path / "reference", progress=False).run()
+    last = [r for r in store.evaluations() if r["optimizer"] == "gn"][-1]
+    assert last["train_loss"] == pytest.approx(_evals(tmp_path / "reference")[-1]["train_loss"])
+
+
+def test_run_recorded_before_a_new_setting_existed_resumes(tmp_path):
+    config = make_config("fullbatch", "bundled", **dict(TINY, steps=1, optimizers=("gn",)))
+    old = config.to_dict()
+    del old["gn_output_damping"]  # as written by a version without that setting
+    store = ResultsStore(tmp_path)
+    store.open(old)
+    store.open(config.to_dict(), defaults={"gn_output_damping": 0.0})
+    with pytest.raises(ConfigMismatchError, match="gn_output_damping"):
+        store.open(config.to_dict(), defaults={"gn_output_damping": 0.5})
+
+
 def test_divergence_is_recorded_not_hidden(tmp_path):
     config = make_config(
         "fullbatch", "bundled", **TINY, optimizers=("sgd",), lr={"fullbatch": {"sgd": 1e6}}

@@ -159,6 +159,7 @@ def plot_run(folder: str | Path) -> list[Path]:
     records = store.evaluations()
     if header is None or not records:
         raise NoResultsError(f"no results to plot in {store.path}")
+    header = {**header, "config": store.config()}  # the latest, if the run was extended
     folder = Path(folder)
     experiment = header["config"]["experiment"]
     phases = {r["phase"] for r in records}

@@ -144,7 +144,8 @@ class Runner:
     def run(self) -> ResultsStore:
         """Run (or resume) everything; returns the store."""
         data = load_data(self.config, self.device)  # first: a missing file leaves no folder behind
-        self.store.open(self.config.to_dict())
+        defaults = ExperimentConfig(self.config.experiment).to_dict()
+        self.store.open(self.config.to_dict(), defaults)
         for phase in self.config.phases:
             for seed in self.config.seeds:
                 for name in self.config.optimizers:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 RESULTS_FILE = "results.jsonl"
+#: Settings a run may be resumed with at other values.
+EXTENDABLE = frozenset({"steps", "epochs", "optimizers", "seeds"})
 
 
 def versions() -> dict[str, str]:
@@ -51,26 +53,46 @@ class ResultsStore:
         self.folder = Path(folder)
         self.path = self.folder / RESULTS_FILE
 
-    def open(self, config: dict) -> None:
-        """Create the store with a header, or check an existing header matches ``config``.
+    def open(self, config: dict, defaults: dict | None = None) -> None:
+        """Create the store with a header, or check an existing run can go on with ``config``.
+
+        A run may be resumed with other values of :data:`EXTENDABLE` (more steps or epochs, more
+        optimizers or seeds): every (phase, optimizer, seed) is trained independently, so what
+        is already recorded stays valid. The new config is appended as a ``"config"`` record.
+
+        Args:
+            config: The run's settings.
+            defaults: Values of settings that a run recorded by an older version lacks.
 
         Raises:
-            ConfigMismatchError: the folder already holds a run with a different config.
+            ConfigMismatchError: the folder holds a run that differs in any other setting.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
+        config = json.loads(json.dumps(config))
         header = self.header()
         if header is None:
             self.append({"type": "header", "config": config, "versions": versions()})
-        elif header["config"] != json.loads(json.dumps(config)):
-            changed = sorted(
-                k
-                for k in set(config) | set(header["config"])
-                if header["config"].get(k) != json.loads(json.dumps(config)).get(k)
-            )
+            return
+        current = {**json.loads(json.dumps(defaults or {})), **self.config()}
+        changed = sorted(k for k in set(config) | set(current) if current.get(k) != config.get(k))
+        fixed = [k for k in changed if k not in EXTENDABLE]
+        if fixed:
             raise ConfigMismatchError(
-                f"{self.path} holds a run with another config (differs in {changed}); "
-                f"resume with the same settings or choose another --out"
+                f"{self.path} holds a run with another config (differs in {fixed}); resume with "
+                f"the same settings (only {sorted(EXTENDABLE)} may change) or choose another --out"
             )
+        if changed:
+            self.append({"type": "config", "config": config, "versions": versions()})
+
+    def config(self) -> dict:
+        """The run's current config: the header's, or the last ``"config"`` record's."""
+        latest = None
+        for record in self.records():
+            if record.get("type") in ("header", "config"):
+                latest = record["config"]
+        if latest is None:
+            raise ConfigMismatchError(f"{self.path} has no header record")
+        return latest
 
     def append(self, record: dict) -> None:
         """Append one record and flush it to disk."""
