@@ -139,3 +139,151 @@ def ggn_wrt_intermediate(head: nn.Module, loss_func, hidden: Tensor, targets: Te
         out = head(hidden)
     h = loss_hessian_wrt_output(loss_func, out, targets)
     return jac.T @ h @ jac
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessian diagonals and layer recursions (tests/backprop). Dense per-sample computations; the
+# math attention kernel is forced because the fused CPU kernels lack double / forward AD.
+# ----------------------------------------------------------------------------------------------
+def per_sample_hessian_diagonals(
+    model: nn.Module, loss_func, inputs: Tensor, targets: Tensor
+) -> Tensor:
+    """Diagonals of the Hessians of ``loss_func(f(x_n), y_n)`` w.r.t. the parameters, ``[N, P]``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    theta = flatten(trainable_params(model))
+    rows = []
+    with sdpa_kernel([SDPBackend.MATH]):
+        for n in range(inputs.shape[0]):
+            f = _output_fn(model, inputs[n : n + 1])
+            h = hessian(lambda t, f=f, n=n: loss_func(f(t), targets[n : n + 1]))(theta)
+            rows.append(torch.diagonal(h))
+    return torch.stack(rows)
+
+
+def hessian_diagonal(model: nn.Module, loss_func, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Diagonal of the Hessian of the batch loss, ``[P]``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return torch.diagonal(full_hessian(model, loss_func, inputs, targets))
+
+
+def _dense_layer(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Input Jacobian ``[out, in]`` and parameter Jacobian ``[out, P_module]`` of one sample."""
+    params = {k: p.detach() for k, p in module.named_parameters()}
+
+    def out(inp: Tensor, flat: Tensor | None) -> Tensor:
+        p = unflatten(flat, params) if flat is not None else params
+        return functional_call(module, p, (inp.unsqueeze(0),)).reshape(-1)
+
+    j_x = jacrev(lambda inp: out(inp, None))(x).reshape(-1, x.numel())
+    if not params:
+        return j_x, None
+    flat = flatten(params)
+    return j_x, jacrev(lambda t: out(x, t))(flat)
+
+
+_ELEMENTWISE = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.LeakyReLU)
+
+
+def diagonal_recursion(
+    model: nn.Sequential, loss_func, inputs: Tensor, targets: Tensor, exact_last_layer: bool
+) -> Tensor:
+    """BL89 / HesScale parameter diagonals by dense per-sample Jacobians, ``[P]``.
+
+    ``d`` starts at the diagonal of the per-sample loss Hessian (BL89) and is pushed through
+    each layer as ``(J_x ⊙ J_x)^T d`` (activations: ``φ'^2 d + φ'' ∂ℓ/∂a``); a parametric layer
+    adds ``(J_θ ⊙ J_θ)^T d``. With ``exact_last_layer`` the diagonal at the input and output of
+    the last parametric layer is the exact diagonal of ``J^T H J`` (HesScale). ``r`` from the
+    loss reduction; only for ``nn.Sequential`` of plain modules.
+    """
+    layers = list(model)
+    n_total = inputs.shape[0]
+    r = 1.0 / n_total if loss_func.reduction == "mean" else 1.0
+    with torch.no_grad():
+        acts = [inputs]
+        for layer in layers:
+            acts.append(layer(acts[-1]))
+    parametric = [i for i, m in enumerate(layers) if any(True for _ in m.parameters())]
+    total = {
+        i: torch.zeros(sum(p.numel() for p in layers[i].parameters()), dtype=inputs.dtype)
+        for i in parametric
+    }
+    for n in range(n_total):
+        out_n = acts[-1][n : n + 1]
+        y_n = targets[n : n + 1]
+
+        def ell(o: Tensor, y_n=y_n, shape=out_n.shape) -> Tensor:
+            return loss_func(o.reshape(shape), y_n)
+
+        h_out = hessian(ell)(out_n.reshape(-1))
+        g_out = torch.func.grad(ell)(out_n.reshape(-1))
+        # per-sample gradients w.r.t. every activation, by the chain rule on dense Jacobians
+        grads = [None] * (len(layers) + 1)
+        grads[-1] = g_out
+        jacs = [_dense_layer(layers[i], acts[i][n]) for i in range(len(layers))]
+        for i in range(len(layers) - 1, -1, -1):
+            grads[i] = jacs[i][0].T @ grads[i + 1]
+        d = torch.diagonal(h_out).clone()
+        start = len(layers) - 1
+        if exact_last_layer:
+            last = parametric[-1]
+            j_top = torch.eye(h_out.shape[0], dtype=inputs.dtype)
+            for i in range(len(layers) - 1, last, -1):
+                j_top = j_top @ jacs[i][0]
+            h_z = j_top.T @ h_out @ j_top
+            total[last] += (jacs[last][1].square().T @ torch.diagonal(h_z)) * r
+            j_x = j_top @ jacs[last][0]
+            d = torch.diagonal(j_x.T @ h_out @ j_x).clone()
+            start = last - 1
+        for i in range(start, parametric[0] - 1, -1):
+            layer = layers[i]
+            j_x, j_p = jacs[i]
+            if j_p is not None:
+                total[i] += r * (j_p.square().T @ d)
+            if i == parametric[0]:
+                break
+            if not isinstance(layer, _ELEMENTWISE):  # a linear map
+                d = j_x.square().T @ d
+            else:
+                x = acts[i][n].reshape(-1)
+                first = torch.func.vmap(torch.func.grad(lambda t, layer=layer: layer(t)))(x)
+                second = torch.func.vmap(
+                    torch.func.grad(torch.func.grad(lambda t, layer=layer: layer(t)))
+                )(x)
+                d = first.square() * d + second * grads[i + 1]
+    return torch.cat([total[i] for i in parametric])
+
+
+def kfra_output_factors(model: nn.Sequential, loss_func, inputs: Tensor, targets: Tensor):
+    """KFRA's ``B`` for each ``Linear`` of an MLP, by explicit batch-averaged matrices.
+
+    ``B_out = r Σ_n H_n``; below a Linear ``W^T B W``; below an elementwise activation
+    ``B ⊙ mean_n φ'(h_n) φ'(h_n)^T``. Returns ``{layer index: B}``.
+    """
+    layers = list(model)
+    r = 1.0 / inputs.shape[0] if loss_func.reduction == "mean" else 1.0
+    with torch.no_grad():
+        acts = [inputs]
+        for layer in layers:
+            acts.append(layer(acts[-1]))
+    out = acts[-1]
+    b = sum(
+        loss_hessian_wrt_output(loss_func, out[n : n + 1], targets[n : n + 1])
+        for n in range(out.shape[0])
+    ) * (r * 1.0)
+    factors = {}
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        if isinstance(layer, nn.Linear):
+            factors[i] = b
+            w = layer.weight.detach()
+            b = w.T @ b @ w
+        elif isinstance(layer, _ELEMENTWISE):
+            x = acts[i]
+            first = torch.func.vmap(
+                torch.func.vmap(torch.func.grad(lambda t, layer=layer: layer(t)))
+            )(x)
+            b = b * (first.T @ first) / x.shape[0]
+    return factors

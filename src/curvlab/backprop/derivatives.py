@@ -1,0 +1,229 @@
+r"""What a quantity sees: per-parameter derivatives and the state of the pass.
+
+After the backward pass, every call of a module that uses a parameter has recorded inputs and,
+per *source*, a factor ``F`` ``[M, N, *out]`` back-propagated to the call's output (``"grad"``:
+the per-sample loss gradient, ``M = 1``; ``"exact"``: the loss Hessian's square root;
+``k``: ``k`` MC samples; ``"hessian+"`` / ``"hessian-"``: the positive / negative columns of a
+signed factorization of the Hessian w.r.t. the output). :class:`ParamDerivatives` turns them
+into per-sample Jacobian-transpose products :math:`J_n^\top F_{mn}` and reductions of them,
+summing over the calls of shared modules, through the calls' rules (``rules/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backprop.rules.base import Call, KronSums, Rule
+
+if TYPE_CHECKING:
+    from curvlab.backprop.functional import WholeModelFunc
+    from curvlab.backprop.loss import LossSpec
+
+
+class Owner:
+    """A called module and the trainable parameters whose derivatives its calls provide.
+
+    Attributes:
+        name: The module's name in ``model.named_modules()``.
+        module: The module.
+        calls: Its recorded calls in this forward pass.
+        local_names: Parameter names relative to the module (``"weight"``, ``"out_proj.bias"``).
+        rule: The rule used for exact quantities.
+        kron_rule: The per-layer rule for layer-wise approximations (``None``: generic module).
+        generic_names: Parameters the module uses functionally (e.g. ``MultiheadAttention``'s
+            ``out_proj``), which force the generic path.
+    """
+
+    def __init__(self, name: str, module: nn.Module, calls: list[Call]) -> None:
+        self.name = name
+        self.module = module
+        self.calls = calls
+        self.local_names: list[str] = []
+        self.rule: Rule | None = None
+        self.kron_rule: Rule | None = None
+        self.generic_names: set[str] = set()
+
+
+@dataclass
+class Context:
+    r"""State of one :func:`~curvlab.backprop.compute` pass that quantities may read.
+
+    Attributes:
+        model: The model.
+        spec: The loss function's second-order view.
+        output: Model output ``[N, ...]`` (detached).
+        targets: The targets.
+        r: Batch factor in :math:`L = r\sum_n \ell_n`.
+        num_samples: Number of samples the quantities use (after subsampling).
+        index: The subsample's indices, or ``None``.
+        owners: Called modules with trainable parameters.
+        param_names: Trainable parameter names in ``named_parameters()`` order.
+        hessian_fallback: Set when Hessian quantities use the generic whole-model path.
+        records: Calls of *every* module (only for whole-network recursions), by module name.
+        output_grads: Per-sample gradients w.r.t. recorded call outputs, by ``id(call)``.
+        graph_output: The model output attached to the graph (for further backward passes).
+        grad: The gradient of the batch loss by parameter name.
+    """
+
+    model: nn.Module
+    spec: LossSpec
+    output: Tensor
+    targets: Tensor
+    r: float
+    num_samples: int
+    index: Tensor | None
+    owners: list[Owner]
+    param_names: list[str]
+    hessian_fallback: WholeModelFunc | None = None
+    records: dict[str, list[Call]] = field(default_factory=dict)
+    output_grads: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict)
+    graph_output: Tensor | None = None
+    grad: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ParamDerivatives:
+    """Derivatives of one parameter, summed over every call that uses it.
+
+    Args:
+        name: The parameter's name in ``model.named_parameters()``.
+        uses: ``(owner, local_name)`` pairs.
+        factors: ``factors[source][id(call)]`` the back-propagated factors of each call (one
+            ``[M, N, *out]`` tensor per output tensor of the call).
+        param: The parameter (for shape, dtype and device).
+        num_samples: ``N`` (after subsampling).
+        cache: Shared cache of rule results (one rule call serves all parameters of a module).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uses: list[tuple[Owner, str]],
+        factors: dict[Any, dict[int, tuple[Tensor, ...]]],
+        param: Tensor,
+        num_samples: int,
+        cache: dict[tuple, dict[str, Any]],
+    ) -> None:
+        self.name = name
+        self.uses = uses
+        self.factors = factors
+        self.shape = param.shape
+        self.param = param
+        self.num_samples = num_samples
+        self.cache = cache
+
+    def _per_call(self, primitive: str, source: Any, consume: bool = False, **kwargs: Any):
+        """One rule result per call; ``consume`` hands the tensor over (no cache reference)."""
+        values = []
+        for owner, local in self.uses:
+            rule = owner.kron_rule if primitive == "kron_sums" else owner.rule
+            for call in owner.calls:
+                key = (id(call), primitive, source, tuple(kwargs.items()))
+                entry = self.cache.get(key)
+                if entry is None or local not in entry:
+                    factors = self.factors[source][id(call)]
+                    with torch.no_grad():
+                        entry = getattr(rule, primitive)(
+                            owner.module, call, factors, owner.local_names, **kwargs
+                        )
+                    self.cache[key] = entry
+                values.append(entry.pop(local) if consume else entry[local])
+        return values
+
+    def _columns(self, source: Any) -> int:
+        factors = self.factors[source]
+        return next(iter(factors.values()))[0].shape[0] if factors else 1
+
+    def _zeros(self, *lead: int) -> Tensor:
+        return self.param.new_zeros(*lead, *self.shape)
+
+    def _single_call(self) -> bool:
+        return sum(len(owner.calls) for owner, _ in self.uses) == 1
+
+    def jac_t(self, source: Any) -> Tensor:
+        r"""Per-sample parameter VJPs :math:`J_n^\top F_{mn}`, ``[M, N, *p]`` (a new tensor)."""
+        values = self._per_call("jac_t", source, consume=True)
+        if not values:
+            return self._zeros(self._columns(source), self.num_samples)
+        return sum(values[1:], values[0])
+
+    def sum_jac_t(self, source: Any) -> Tensor:
+        r""":math:`\sum_n J_n^\top F_{mn}`, ``[M, *p]``."""
+        values = self._per_call("sum_jac_t", source)
+        if not values:
+            return self._zeros(self._columns(source))
+        return sum(values[1:], values[0])
+
+    def sum_sq(self, source: Any, per_sample: bool) -> Tensor:
+        r""":math:`\sum_m (J_n^\top F_{mn})^{\odot 2}`: ``[N, *p]``, or also summed over ``n``.
+
+        Factored per rule for a single call; several calls of a shared module first sum their
+        VJPs (the cross terms between calls count).
+        """
+        if not self.uses:
+            return self._zeros(self.num_samples) if per_sample else self._zeros()
+        if self._single_call():
+            return self._per_call("sum_sq_jac_t", source, per_sample=per_sample)[0]
+        sq = self.jac_t(source).square().sum(0)
+        return sq if per_sample else sq.sum(0)
+
+    def sq_norm(self, source: Any) -> Tensor:
+        r""":math:`\lVert J_n^\top F_{mn} \rVert^2`, ``[M, N]``."""
+        if not self.uses:
+            return self.param.new_zeros(self._columns(source), self.num_samples)
+        if self._single_call():
+            return self._per_call("sq_norm_jac_t", source)[0]
+        return self.jac_t(source).flatten(start_dim=2).square().sum(-1)
+
+    def kron(self, source: Any) -> KronSums:
+        """Kronecker statistics summed over calls (several calls count as more positions)."""
+        values = self._per_call("kron_sums", source)
+        input_sum = None
+        if values[0].input_sum is not None:
+            input_sum = sum(v.input_sum for v in values)
+        return KronSums(
+            input_sum,
+            sum(v.input_count for v in values),
+            sum(v.output_sum for v in values),
+        )
+
+    def matmul(self, source: Any, vectors: Tensor) -> Tensor:
+        r"""Unscaled block product :math:`\sum_{m,n} J_n^\top F_{mn} \langle F_{mn}, J_n v\rangle`.
+
+        Args:
+            source: The factor.
+            vectors: ``[*p]`` or ``[K, *p]``.
+
+        Returns:
+            The product, shaped like ``vectors``.
+        """
+        single = vectors.shape == self.shape
+        v = vectors.unsqueeze(0) if single else vectors
+        k = v.shape[0]
+        if not self.uses:
+            return torch.zeros_like(vectors)
+        weights = None  # [K, M, N]: sum over calls of <F_c, J_c v>
+        calls = [(owner, local, call) for owner, local in self.uses for call in owner.calls]
+        with torch.no_grad():
+            for owner, local, call in calls:
+                tangents = owner.rule.jvp(owner.module, call, local, v)
+                factors = self.factors[source][id(call)]
+                for f, t in zip(factors, tangents, strict=True):
+                    w = torch.einsum("mn...,kn...->kmn", f, t)
+                    weights = w if weights is None else weights + w
+            out = torch.zeros_like(v)
+            for owner, local, call in calls:
+                factors = self.factors[source][id(call)]
+                m = factors[0].shape[0]
+                scaled = tuple(
+                    (f.unsqueeze(0) * weights.reshape(k, m, -1, *[1] * (f.dim() - 2))).flatten(
+                        end_dim=1
+                    )
+                    for f in factors
+                )
+                vjp = owner.rule.sum_jac_t(owner.module, call, scaled, [local])[local]
+                out = out + vjp.reshape(k, m, *self.shape).sum(1)
+        return out[0] if single else out

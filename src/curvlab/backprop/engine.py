@@ -1,0 +1,552 @@
+r"""The extended-backpropagation engine: :func:`compute`.
+
+What one call does:
+
+1. **Forward** once, with forward hooks that record the inputs and outputs of every module
+   that holds trainable parameters (and, for Hessian quantities and whole-network recursions,
+   of every module).
+2. **Backward** once with ``torch.autograd.grad`` w.r.t. the parameters *and* the recorded
+   module outputs: this gives the gradient and, per module call, the output gradient
+   (:math:`r\,\partial \ell_n / \partial z_n` for sample ``n``), for any ``forward`` (residual
+   additions, concatenation, branches, shared modules: the total derivative flows through
+   autograd).
+3. For GGN-type quantities, a symmetric factor of the loss Hessian ``[M, N, *out]`` (exact, or
+   MC with ``k`` sampled labels) is back-propagated to the same module outputs in **one
+   vmapped backward** (``is_grads_batched=True``; all ``M`` columns at once), one per distinct
+   factor. Hessian quantities add the signed residual factors of :mod:`~curvlab.backprop.hessian`.
+4. Per parameter, a rule (``rules/``: einsum forms for Linear, Conv, norms, Embedding; the
+   generic torch.func :class:`~curvlab.backprop.functional.FuncRule` otherwise) turns (inputs,
+   factor) into the quantities (:mod:`~curvlab.backprop.quantities`). A module used several
+   times sums its calls' per-sample contributions.
+
+``compute`` does not touch ``param.grad``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_map
+
+from curvlab.backprop.derivatives import Context, Owner, ParamDerivatives
+from curvlab.backprop.errors import GenericPathWarning, UnsupportedModuleError
+from curvlab.backprop.functional import FuncRule, WholeModelFunc
+from curvlab.backprop.hessian import ELEMENTWISE, PIECEWISE_LINEAR, graph_obstacle, residual_columns
+from curvlab.backprop.loss import LossSpec
+from curvlab.backprop.quantities import Quantity
+from curvlab.backprop.results import Results
+from curvlab.backprop.rules import Call, find_rule
+
+_WARNED: set[str] = set()
+"""Module classes already reported as using the generic path (the warning is one-time)."""
+
+METHODS = ("auto", "func")
+HESSIAN_SOURCES = ("hessian+", "hessian-")
+EXACT_QUANTITIES = (
+    "BatchGrad, BatchL2, SumGradSquared, Variance, DiagGGN, BatchDiagGGN, SqrtGGN, DiagHessian, "
+    "BatchDiagHessian, GGNMP, HMP"
+)
+
+
+def _check_quantities(quantities: Iterable[Quantity]) -> list[Quantity]:
+    quantities = list(quantities)
+    names = set()
+    for q in quantities:
+        if not isinstance(q, Quantity):
+            raise TypeError(f"quantities must be curvlab.backprop quantity objects, got {q!r}")
+        if q.name in names:
+            raise ValueError(f"quantity {q.name!r} requested twice")
+        names.add(q.name)
+    return quantities
+
+
+def _check_batchnorm(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} (module '{name}') normalizes with batch statistics "
+                "(training mode or track_running_stats=False), which couples the samples of a "
+                "batch: per-sample and curvature quantities are undefined. Call model.eval() "
+                "(BatchNorm then uses its running statistics)"
+            )
+
+
+def _detach(tree: Any) -> Any:
+    return tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, tree)
+
+
+def _record_calls(model: nn.Module, every_module: bool) -> tuple[dict[str, list[Call]], list[Any]]:
+    """Register forward hooks on modules with trainable parameters (or on all modules)."""
+    records: dict[str, list[Call]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not every_module and not any(p.requires_grad for p in module.parameters()):
+            continue
+        calls: list[Call] = []
+        records[name] = calls
+
+        def hook(mod, args, kwargs, output, calls=calls):
+            leaves, _ = tree_flatten(output)
+            outputs = tuple(o for o in leaves if isinstance(o, Tensor))
+            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+            calls.append(
+                Call(
+                    _detach(args),
+                    _detach(kwargs),
+                    outputs,
+                    versions=[o._version for o in outputs],
+                    input_nodes=[a.grad_fn for a in inputs],
+                    graph_inputs=inputs,
+                )
+            )
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    return records, handles
+
+
+def _assign_owners(
+    model: nn.Module, records: dict[str, list[Call]], trainable: dict[int, str]
+) -> tuple[list[Owner], dict[str, list[tuple[Owner, str]]]]:
+    """Map every trainable parameter to the called modules that provide its derivatives.
+
+    A parameter belongs to the modules that hold it directly; if none of them was called (a
+    parent used it functionally, e.g. ``MultiheadAttention.out_proj``), to the nearest called
+    ancestor, which then uses the generic rule for it.
+    """
+    modules = dict(model.named_modules())
+    owners: dict[str, Owner] = {}
+    uses: dict[str, list[tuple[Owner, str]]] = {name: [] for name in trainable.values()}
+
+    def owner(name: str) -> Owner:
+        if name not in owners:
+            owners[name] = Owner(name, modules[name], records[name])
+        return owners[name]
+
+    holders: dict[str, list[tuple[str, str]]] = {name: [] for name in trainable.values()}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in trainable and (mod_name, local) not in holders[trainable[id(p)]]:
+                holders[trainable[id(p)]].append((mod_name, local))
+    for full, held in holders.items():
+        for mod_name, local in held:
+            if records.get(mod_name):
+                uses[full].append((owner(mod_name), local))
+        if uses[full] or not held:
+            continue
+        mod_name, local = held[0]
+        while mod_name:
+            parent, _, child = mod_name.rpartition(".")
+            local = f"{child}.{local}"
+            mod_name = parent
+            if records.get(mod_name):
+                own = owner(mod_name)
+                own.generic_names.add(local)
+                uses[full].append((own, local))
+                break
+    for pairs in uses.values():
+        for own, local in pairs:
+            if local not in own.local_names:
+                own.local_names.append(local)
+    return list(owners.values()), uses
+
+
+def _choose_rules(owners: list[Owner], method: str, quantities: list[Quantity]) -> None:
+    generic = []
+    for own in owners:
+        rule = None if own.generic_names else find_rule(own.module)
+        own.kron_rule = rule if rule is not None and rule.kronecker else None
+        if method == "func" or rule is None:
+            own.rule = FuncRule(own.name)
+            if rule is None:
+                generic.append(own)
+        else:
+            own.rule = rule
+        if own.kron_rule is None:
+            for q in quantities:
+                if q.layerwise and q.per_parameter:
+                    raise UnsupportedModuleError(
+                        f"curvlab has no rule for {type(own.module).__name__} (module "
+                        f"'{own.name}') for {q.name}, an approximation defined layer by layer; "
+                        f"exact quantities remain available ({EXACT_QUANTITIES})"
+                    )
+    new = sorted({type(o.module).__name__ for o in generic} - _WARNED)
+    if method == "auto" and new:
+        _WARNED.update(new)
+        listing = ", ".join(f"{type(o.module).__name__} ('{o.name}')" for o in generic)
+        warnings.warn(
+            f"curvlab has no per-layer rule for {listing}; using the generic torch.func path "
+            "(exact, slower)",
+            GenericPathWarning,
+            stacklevel=3,
+        )
+
+
+def _check_versions(records: dict[str, list[Call]], modules: dict[str, nn.Module]) -> None:
+    for name, calls in records.items():
+        for call in calls:
+            for out, version in zip(call.outputs, call.versions, strict=True):
+                if out._version != version:
+                    raise UnsupportedModuleError(
+                        f"the output of {type(modules[name]).__name__} (module '{name}') was "
+                        "modified in place after the module returned it (e.g. "
+                        "ReLU(inplace=True)); use out-of-place operations"
+                    )
+
+
+def _batched_backward(
+    output: Tensor, inputs: list[Tensor], factor: Tensor
+) -> Sequence[Tensor | None]:
+    """Back-propagate every column of ``factor`` ``[M, *output.shape]`` to ``inputs``."""
+    if not inputs:
+        return []
+    if factor.shape[0] == 1:  # one column: a plain backward avoids vmap's overhead
+        grads = torch.autograd.grad(
+            output, inputs, grad_outputs=factor[0], retain_graph=True, allow_unused=True
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    try:
+        return torch.autograd.grad(
+            output,
+            inputs,
+            grad_outputs=factor,
+            retain_graph=True,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    except RuntimeError:  # an op without a batching rule: one column at a time
+        columns = [
+            torch.autograd.grad(
+                output, inputs, grad_outputs=col, retain_graph=True, allow_unused=True
+            )
+            for col in factor
+        ]
+        return [None if col[0] is None else torch.stack(col) for col in zip(*columns, strict=True)]
+
+
+def _selector(index: Tensor | None, n_total: int):
+    def select(t: Tensor, dim: int = 0) -> Tensor:
+        if index is None or t.dim() <= dim or t.shape[dim] != n_total:
+            return t
+        return t.index_select(dim, index.to(t.device))
+
+    return select
+
+
+def compute(
+    model: nn.Module,
+    loss_func: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    quantities: Iterable[Quantity] = (),
+    *,
+    method: str = "auto",
+    subsampling: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> Results:
+    r"""One forward and one backward pass that return the loss, gradient and ``quantities``.
+
+    Args:
+        model: Any module; samples must be processed independently (BatchNorm in eval mode).
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``,
+            reduction ``"mean"`` or ``"sum"``.
+        inputs: The batch ``[N, ...]`` passed as ``model(inputs)``.
+        targets: Targets for ``loss_func(model(inputs), targets)``.
+        quantities: Quantity objects (:mod:`curvlab.backprop.quantities`), distinct names.
+        method: ``"auto"``: per-layer rules where they exist, the generic torch.func path for
+            other parametric modules (warned once). ``"func"``: the generic path everywhere
+            (Kronecker quantities and recursions still use their layer rules).
+        subsampling: Indices of the samples that per-sample and curvature quantities use
+            (scaling :math:`r` stays that of the full batch); the gradient and loss always use
+            the full batch.
+        generator: Random number generator for MC sampling.
+
+    Returns:
+        :class:`~curvlab.backprop.results.Results` with ``loss``, ``grad``, ``output`` and
+        ``results[q][param_name]`` for every requested quantity.
+
+    Raises:
+        UnsupportedModuleError: A module that no path can handle, naming it and the reason.
+        UnsupportedLossError: An unsupported loss, reduction or target shape.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    quantities = _check_quantities(quantities)
+    spec = LossSpec(loss_func)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = {id(p): n for n, p in named}
+    sources = list(dict.fromkeys(s for q in quantities for s in q.sources()))
+    needs_hessian = any(s in HESSIAN_SOURCES for s in sources)
+    needs_model = any(not q.per_parameter for q in quantities)
+    records, handles = {}, []
+    if quantities:
+        _check_batchnorm(model)
+        records, handles = _record_calls(model, every_module=needs_hessian or needs_model)
+    try:
+        output = model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    spec.check(output, targets)
+    loss = loss_func(output, targets)
+    modules = dict(model.named_modules())
+    owners, uses = _assign_owners(model, records, trainable) if quantities else ([], {})
+    _choose_rules(owners, method, quantities)
+    _check_versions(records, modules)
+
+    n_total = output.shape[0]
+    r = spec.batch_factor(n_total)
+    index = None if subsampling is None else torch.as_tensor(subsampling, dtype=torch.long)
+    n = n_total if index is None else len(index)
+    select = _selector(index, n_total)
+    mask = None
+    if index is not None:
+        mask = torch.zeros(n_total, dtype=output.dtype, device=output.device)
+        mask[index.to(output.device)] = 1.0
+
+    # --- which calls get output gradients / factors
+    owner_calls = [call for own in owners for call in own.calls]
+    activations: list[tuple[str, nn.Module, Call]] = []
+    if needs_hessian:
+        activations = [
+            (name, modules[name], call)
+            for name, calls in records.items()
+            if isinstance(modules[name], ELEMENTWISE)
+            for call in calls
+        ]
+    extra_calls: list[Call] = []
+    if needs_model:
+        extra_calls = [call for calls in records.values() for call in calls]
+    extra_calls += [call for _, _, call in activations]
+    known = {id(c) for c in owner_calls}
+    grad_calls = list(owner_calls)
+    for call in extra_calls:
+        if id(call) not in known:
+            known.add(id(call))
+            grad_calls.append(call)
+    slots = [
+        (call, i) for call in grad_calls for i, o in enumerate(call.outputs) if o.requires_grad
+    ]
+    owner_ids = {id(c) for c in owner_calls}
+    factor_slots = [(call, i) for call, i in slots if id(call) in owner_ids]
+
+    grads = torch.autograd.grad(
+        loss,
+        [p for _, p in named] + [call.outputs[i] for call, i in slots],
+        allow_unused=True,
+        retain_graph=bool(sources) or needs_model,
+    )
+    param_grads = {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(named, grads[: len(named)], strict=True)
+    }
+    output_grads: dict[int, list[Tensor | None]] = {
+        id(c): [None] * len(c.outputs) for c in grad_calls
+    }
+    for (call, i), g in zip(slots, grads[len(named) :], strict=True):
+        output_grads[id(call)][i] = None if g is None else g / r
+
+    def factors_of(batched: Sequence[Tensor | None], columns: int) -> dict[int, tuple]:
+        per_call: dict[int, list[Tensor]] = {
+            id(c): [
+                torch.zeros(columns, n, *o.shape[1:], dtype=o.dtype, device=o.device)
+                for o in c.outputs
+            ]
+            for c in owner_calls
+        }
+        for (call, i), g in zip(factor_slots, batched, strict=True):
+            if g is not None:
+                per_call[id(call)][i] = select(g, 1)
+        return {k: tuple(v) for k, v in per_call.items()}
+
+    def masked(sqrt: Tensor) -> Tensor:
+        return sqrt if mask is None else sqrt * mask.reshape(1, -1, *[1] * (sqrt.dim() - 2))
+
+    slot_outputs = [call.outputs[j] for call, j in factor_slots]
+    factors: dict[Any, dict[int, tuple]] = {}
+    if "grad" in sources:
+        per_sample = [output_grads[id(c)][i] for c, i in factor_slots]
+        factors["grad"] = factors_of([None if g is None else g[None] for g in per_sample], 1)
+    exact_batched = None
+    for source in sources:
+        if source in ("grad", *HESSIAN_SOURCES):
+            continue
+        if source == "exact":
+            sqrt = masked(spec.sqrt_hessian(output, targets))
+            exact_batched = _batched_backward(output, slot_outputs, sqrt)
+            factors[source] = factors_of(exact_batched, sqrt.shape[0])
+        else:
+            sqrt = masked(spec.sampled_sqrt_hessian(output, source, generator))
+            factors[source] = factors_of(_batched_backward(output, slot_outputs, sqrt), source)
+
+    hessian_fallback = None
+    if needs_hessian:
+        obstacle = _hessian_obstacle(method, owners, output, modules, activations)
+        if obstacle is None:
+            if exact_batched is None:
+                sqrt = masked(spec.sqrt_hessian(output, targets))
+                exact_batched = _batched_backward(output, slot_outputs, sqrt)
+            pos = [_columns_of(exact_batched, factor_slots, owner_calls, n, select)]
+            neg: list[dict[int, list[Tensor | None]]] = []
+            for _, module, call in activations:
+                if isinstance(module, PIECEWISE_LINEAR) or not call.graph_inputs:
+                    continue
+                h = call.graph_inputs[0]
+                grad_a = output_grads[id(call)][0]
+                if not h.requires_grad or grad_a is None:
+                    continue
+                columns, signs = residual_columns(module, h.detach(), grad_a, mask)
+                batched = _batched_backward(h, slot_outputs, columns)
+                for sign, target in ((1.0, pos), (-1.0, neg)):
+                    keep = (signs == sign).to(columns.dtype)  # [D, N]
+                    signed = [
+                        None if b is None else b * keep.reshape(*keep.shape, *[1] * (b.dim() - 2))
+                        for b in batched
+                    ]
+                    target.append(_columns_of(signed, factor_slots, owner_calls, n, select))
+            factors["hessian+"] = _concat(pos, owner_calls, n)
+            if neg:
+                factors["hessian-"] = _concat(neg, owner_calls, n)
+        else:
+            _warn_hessian_fallback(obstacle, method)
+            hessian_fallback = WholeModelFunc(
+                model,
+                spec,
+                select(inputs),
+                select(targets),
+                r,
+                [name for name, _ in named],
+            )
+
+    # bring the call inputs and outputs to the subsample
+    for calls in records.values():
+        for call in calls:
+            call.values = tuple(select(o.detach()) for o in call.outputs)
+            if index is not None:
+                call.args = tree_map(lambda a: select(a) if isinstance(a, Tensor) else a, call.args)
+                call.kwargs = tree_map(
+                    lambda a: select(a) if isinstance(a, Tensor) else a, call.kwargs
+                )
+    ctx = Context(
+        model=model,
+        spec=spec,
+        output=output.detach(),
+        targets=targets,
+        graph_output=output,
+        grad=param_grads,
+        r=r,
+        num_samples=n,
+        index=index,
+        owners=owners,
+        param_names=[name for name, _ in named],
+        hessian_fallback=hessian_fallback,
+        records=records,
+        output_grads={
+            k: tuple(None if g is None else select(g) for g in v) for k, v in output_grads.items()
+        },
+    )
+
+    cache: dict[tuple, dict[str, Any]] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for q in quantities:
+        if not q.per_parameter:
+            values[q.name] = q.evaluate_model(ctx)
+            continue
+        values[q.name] = {}
+        for name, param in named:
+            if q.layerwise and not uses[name]:
+                continue  # an unused parameter has no Kronecker factors
+            view = ParamDerivatives(name, uses[name], factors, param.detach(), n, cache)
+            try:
+                values[q.name][name] = q.evaluate(view, ctx)
+            except NotImplementedError as err:
+                culprit = ", ".join(
+                    f"{type(o.module).__name__} (module '{o.name}')" for o, _ in uses[name]
+                )
+                raise UnsupportedModuleError(
+                    f"{q.name} is not available for parameter '{name}' of {culprit}: {err}"
+                ) from err
+    return Results(loss.detach(), param_grads, output.detach(), values)
+
+
+def _columns_of(
+    batched: Sequence[Tensor | None],
+    factor_slots: list[tuple[Call, int]],
+    owner_calls: list[Call],
+    n: int,
+    select,
+) -> dict[int, list[Tensor | None]]:
+    """Per call, the back-propagated columns ``[M, n, *out]`` of each output (``None``: zero)."""
+    per_call: dict[int, list[Tensor | None]] = {id(c): [None] * len(c.outputs) for c in owner_calls}
+    for (call, i), g in zip(factor_slots, batched, strict=True):
+        if g is not None:
+            per_call[id(call)][i] = select(g, 1)
+    return per_call
+
+
+def _concat(
+    parts: list[dict[int, list[Tensor | None]]], owner_calls: list[Call], n: int
+) -> dict[int, tuple[Tensor, ...]]:
+    """Concatenate column blocks along ``M`` (zeros where a block did not reach an output)."""
+    out = {}
+    for call in owner_calls:
+        tensors = []
+        for i, o in enumerate(call.outputs):
+            blocks = []
+            for part in parts:
+                block = part[id(call)][i]
+                if block is not None:
+                    blocks.append(block)
+            if not blocks:
+                blocks = [torch.zeros(1, n, *o.shape[1:], dtype=o.dtype, device=o.device)]
+            tensors.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
+        out[id(call)] = tuple(tensors)
+    return out
+
+
+def _hessian_obstacle(
+    method: str,
+    owners: list[Owner],
+    output: Tensor,
+    modules: dict[str, nn.Module],
+    activations: list[tuple[str, nn.Module, Call]],
+) -> str | None:
+    """Why the fast Hessian path cannot be used, or ``None``."""
+    if method == "func":
+        return "method='func' was requested"
+    for own in owners:
+        if len(own.calls) > 1:
+            return (
+                f"{type(own.module).__name__} (module '{own.name}') is called "
+                f"{len(own.calls)} times (weight sharing adds mixed second derivatives)"
+            )
+        if isinstance(own.rule, FuncRule):
+            return (
+                f"{type(own.module).__name__} (module '{own.name}') has no per-layer rule, so "
+                "its second derivative w.r.t. its parameters is unknown"
+            )
+    calls = [
+        (own.name, own.module, call, own.rule.linear_in_input)
+        for own in owners
+        for call in own.calls
+    ]
+    return graph_obstacle(output, calls, activations)
+
+
+def _warn_hessian_fallback(obstacle: str, method: str) -> None:
+    if method == "func":
+        return
+    key = f"hessian:{obstacle}"
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"Hessian quantities use the generic torch.func path (exact, P Hessian-vector "
+        f"products) because of {obstacle}",
+        GenericPathWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,227 @@
+r"""Signed factors of the Hessian w.r.t. module outputs, for the exact Hessian diagonal.
+
+For the output :math:`z` of a module that is linear in its parameters, the parameter block of
+the Hessian is :math:`J_\theta^\top (\nabla_z^2 L) J_\theta`. By the chain rule,
+
+.. math::
+    \nabla_z^2 \ell_n = J_{f,z}^\top H_n J_{f,z}
+        + \sum_k J_{h_k, z}^\top \mathrm{diag}\big(\phi_k''(h_k) \odot \partial \ell_n /
+          \partial a_k\big) J_{h_k, z},
+
+summing over the elementwise activation modules :math:`a_k = \phi_k(h_k)` between :math:`z` and
+the loss, *provided every other operation on the way is linear in the activations*. The first
+term is the GGN (the loss Hessian's square root back-propagated); each residual term is
+back-propagated as the columns :math:`\sqrt{|\rho_k|}\, e_j` with the signs of
+:math:`\rho_k = \phi_k'' \odot \partial\ell_n/\partial a_k` kept apart ("hessian+" and
+"hessian-" factors). :func:`graph_obstacle` checks the condition on the autograd graph with a
+list of operations known to be linear (views, additions, concatenation, pooling, ReLU, products
+with a constant, ...); anything else sends the Hessian quantities to the generic path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backprop.rules.base import Call
+
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+)
+"""Elementwise activation modules (their second derivative is computed by autograd)."""
+
+PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+"""Elementwise activations with a zero second derivative (almost everywhere)."""
+
+_LINEAR_PREFIXES = (
+    "Add",
+    "Sub",
+    "Neg",
+    "View",
+    "UnsafeView",
+    "ReshapeAlias",
+    "Reshape",
+    "Cat",
+    "Stack",
+    "Transpose",
+    "Permute",
+    "TBackward",
+    "Expand",
+    "Squeeze",
+    "Unsqueeze",
+    "Select",
+    "Slice",
+    "Index",
+    "Clone",
+    "Mean",
+    "Sum",
+    "AvgPool",
+    "AdaptiveAvgPool",
+    "MaxPool",
+    "AdaptiveMaxPool",
+    "Relu",
+    "Threshold",
+    "LeakyRelu",
+    "Hardtanh",
+    "ConstantPadNd",
+    "ReflectionPad",
+    "ReplicationPad",
+    "Split",
+    "Unbind",
+    "ToCopy",
+    "Alias",
+    "Flip",
+    "Roll",
+    "Repeat",
+    "NativeDropout",
+)
+_PRODUCT_PREFIXES = (
+    "Mul",
+    "Mm",
+    "Addmm",
+    "Bmm",
+    "Baddbmm",
+    "Mv",
+    "Addmv",
+    "Convolution",
+    "Linear",
+    "Dot",
+    "Div",
+)
+
+
+def _kind(name: str) -> str:
+    if name.startswith(_PRODUCT_PREFIXES):
+        return "product"
+    if name.startswith(_LINEAR_PREFIXES):
+        return "linear"
+    return "other"
+
+
+def graph_obstacle(
+    output: Tensor,
+    modules: list[tuple[str, nn.Module, Call, bool]],
+    activations: list[tuple[str, nn.Module, Call]],
+) -> str | None:
+    """Why the signed-factor Hessian is not exact for this graph, or ``None`` if it is.
+
+    Args:
+        output: The model output (attached).
+        modules: ``(name, module, call, ok)`` for the calls of modules with parameters; ``ok``
+            when the module is linear in its parameters and its tensor inputs.
+        activations: ``(name, module, call)`` for calls of elementwise activation modules.
+
+    Returns:
+        A description of the first obstacle found, or ``None``.
+    """
+    stops: dict[Any, tuple[str, Any]] = {}
+    for name, module, call, ok in modules:
+        for out in call.outputs:
+            if out.grad_fn is not None:
+                stops[out.grad_fn] = ("module", (name, module, call, ok))
+    for name, module, call in activations:
+        for out in call.outputs:
+            if out.grad_fn is not None:
+                stops[out.grad_fn] = ("activation", (name, module, call))
+
+    def children(node: Any) -> list[Any]:
+        if node in stops:
+            return [n for n in stops[node][1][2].input_nodes if n is not None]
+        return [n for n, _ in node.next_functions if n is not None]
+
+    # post-order: does a node depend on any recorded module / activation output?
+    depends: dict[Any, bool] = {}
+    root = output.grad_fn
+    if root is None:
+        return None
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node in depends:
+            continue
+        kids = children(node)
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if k not in depends)
+            continue
+        depends[node] = node in stops or any(depends.get(k, False) for k in kids)
+
+    for node, dep in depends.items():
+        if not dep:
+            continue
+        kids = children(node)
+        dependent_kids = [k for k in kids if depends.get(k, False)]
+        if node in stops:
+            kind, info = stops[node]
+            # a module nonlinear in its input matters only if that input depends on parameters
+            if kind == "module" and dependent_kids and not info[3]:
+                return f"{type(info[1]).__name__} (module '{info[0]}') is not linear in its input"
+            continue
+        kind = _kind(node.name())
+        if kind == "linear":
+            continue
+        if kind == "product":
+            nexts = [n for n, _ in node.next_functions]
+            if node.name().startswith("Div") and len(nexts) > 1 and depends.get(nexts[1], False):
+                return f"a division by an activation ({node.name()})"
+            if len(dependent_kids) > 1:
+                return f"a product of two activations ({node.name()})"
+            continue
+        return f"the operation {node.name()}, whose second derivative curvlab does not know"
+    return None
+
+
+def second_derivative(module: nn.Module, h: Tensor) -> Tensor:
+    r""":math:`\phi''(h)` of an elementwise activation module, by double backward."""
+    with torch.enable_grad():
+        x = h.detach().requires_grad_(True)
+        (first,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
+        if first.grad_fn is None:
+            return torch.zeros_like(h)
+        (second,) = torch.autograd.grad(first.sum(), x, allow_unused=True)
+    return torch.zeros_like(h) if second is None else second
+
+
+def residual_columns(
+    module: nn.Module, h: Tensor, grad_a: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    r"""Columns :math:`\sqrt{|\rho|}\,e_j` of one activation's residual and their signs.
+
+    Args:
+        module: The activation :math:`a = \phi(h)`.
+        h: Its input ``[N, *D]``.
+        grad_a: Per-sample loss gradients w.r.t. its output ``[N, *D]``.
+        mask: ``[N]`` 0/1 sample mask (subsampling) or ``None``.
+
+    Returns:
+        Columns ``[D, N, *D]`` and signs ``[D, N]`` (:math:`+1`, :math:`-1` or 0).
+    """
+    rho = second_derivative(module, h) * grad_a
+    if mask is not None:
+        rho = rho * mask.reshape(-1, *[1] * (rho.dim() - 1))
+    n = rho.shape[0]
+    d = math.prod(rho.shape[1:])
+    flat = rho.reshape(n, d)
+    eye = torch.eye(d, dtype=rho.dtype, device=rho.device)
+    columns = eye[:, None, :] * flat.abs().sqrt()[None]
+    return columns.reshape(d, *rho.shape), flat.sign().T

@@ -1,0 +1,410 @@
+r"""The quantities that :func:`curvlab.backprop.compute` can deliver beside the gradient.
+
+Every quantity is a small object whose :attr:`~Quantity.name` (the class name plus its variant
+settings) keys :class:`~curvlab.backprop.results.Results`. Conventions (MISSION.md, "Conventions"):
+
+* The batch loss is :math:`L = r \sum_n \ell_n` with :math:`r = 1/N` for ``reduction="mean"``
+  and :math:`r = 1` for ``"sum"``; :math:`\ell_n` is the per-sample loss (it carries torch's
+  per-element mean, e.g. :math:`\ell_n = \frac{1}{C}\lVert f_n - y_n\rVert^2` for ``MSELoss``
+  over ``[N, C]``). With ``subsampling``, :math:`n` runs over the chosen samples only and
+  :math:`r` keeps the value of the full batch.
+* Per-sample gradients :math:`g_n = \nabla_\theta \ell_n` carry no :math:`1/N`.
+* The GGN of the batch is :math:`G = r \sum_n J_n^\top H_n J_n`, with :math:`J_n` the Jacobian
+  of the network output for sample :math:`n` w.r.t. the parameter and :math:`H_n = \nabla_f^2
+  \ell_n`. Monte-Carlo (MC) variants replace :math:`H_n` by :math:`\frac{1}{k}\sum_{i=1}^k
+  s_{ni} s_{ni}^\top` with :math:`s_{ni}` the gradient of the loss at a label sampled from the
+  model's predictive distribution (unbiased: :math:`\mathbb{E}[s s^\top] = H_n`).
+* Kronecker factors: for ``y = W x + b`` with ``W`` of shape ``[out, in]`` (a convolution's
+  weight viewed as ``[out, in * prod(kernel)]``), ``(A, B)`` approximates the weight block by
+  :math:`A \otimes B` in the column-major :math:`\mathrm{vec}(W)`; in PyTorch's row-major
+  flattening ``W.flatten()`` that is ``torch.kron(B, A)``. The bias gets ``(B,)``.
+
+Writing a new quantity: subclass :class:`Quantity`, list the back-propagated factors it needs
+in :meth:`Quantity.sources` and implement :meth:`Quantity.evaluate`, which receives a
+:class:`~curvlab.backprop.derivatives.ParamDerivatives` (per-sample Jacobian-transpose products
+of the parameter and their factored reductions). Quantities defined by a recursion over the
+whole network (:class:`KFRA`, :class:`BL89`, :class:`HesScale`) implement
+:meth:`Quantity.evaluate_model` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from curvlab.backprop.derivatives import Context, ParamDerivatives
+
+Source = Any
+"""A back-propagated factor: ``"grad"``, ``"exact"``, ``"hessian+"``, ``"hessian-"``, or an int
+``k`` (MC with ``k`` samples)."""
+
+
+class Quantity:
+    """Base class: a quantity computed per parameter during :func:`compute`.
+
+    Attributes:
+        layerwise: ``True`` for approximations defined layer by layer (Kronecker factors,
+            recursions); they need a per-layer rule and are not available on the generic path.
+        per_parameter: ``False`` for quantities computed by a whole-network recursion
+            (:meth:`evaluate_model`).
+    """
+
+    layerwise: ClassVar[bool] = False
+    per_parameter: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        """Key of this quantity in :class:`~curvlab.backprop.results.Results`."""
+        return type(self).__name__
+
+    def sources(self) -> tuple[Source, ...]:
+        """The back-propagated factors :meth:`evaluate` reads (see :data:`Source`)."""
+        return ()
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Any:
+        """Value of the quantity for the parameter that ``view`` describes."""
+        raise NotImplementedError
+
+    def evaluate_model(self, ctx: Context) -> dict[str, Any]:
+        """Values for every parameter at once (whole-network recursions only)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _MCQuantity(Quantity):
+    """A GGN-type quantity with an exact (``mc_samples=None``) and an MC variant."""
+
+    default_mc_samples: ClassVar[int | None] = None
+
+    def __init__(self, mc_samples: int | None = None) -> None:
+        if mc_samples is not None and (
+            isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1
+        ):
+            raise ValueError(f"mc_samples must be None or a positive int, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+
+    @property
+    def name(self) -> str:
+        """Class name; ``MC`` is appended for one MC sample, ``MC{k}`` for ``k`` samples."""
+        base = type(self).__name__
+        if self.mc_samples == self.default_mc_samples:
+            return base
+        if self.mc_samples is None:
+            return base + "Exact"
+        return base + ("MC" if self.mc_samples == 1 else f"MC{self.mc_samples}")
+
+    def sources(self) -> tuple[Source, ...]:
+        """``("exact",)`` or ``(k,)``."""
+        return ("exact",) if self.mc_samples is None else (self.mc_samples,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mc_samples={self.mc_samples!r})"
+
+
+# ------------------------------------------------------------------------------ first order
+class BatchGrad(Quantity):
+    r"""Per-sample gradients :math:`g_n = \nabla_\theta \ell_n`, shape ``[N, *p]``.
+
+    Scaling: none (``grad == r * BatchGrad.sum(0)`` without subsampling).
+    """
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("grad",)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return view.jac_t("grad")[0]
+
+
+class BatchL2(Quantity):
+    r"""Per-sample squared gradient norms :math:`\lVert g_n \rVert^2`, shape ``[N]``.
+
+    Per parameter; the norm of the whole per-sample gradient is the sum over parameters.
+    """
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("grad",)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return view.sq_norm("grad")[0]
+
+
+class SumGradSquared(Quantity):
+    r"""Second moment :math:`\sum_n g_n^{\odot 2}`, shape ``[*p]`` (grows with ``N``)."""
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("grad",)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return view.sum_sq("grad", per_sample=False)
+
+
+class Variance(Quantity):
+    r"""Gradient variance :math:`\frac{1}{N}\sum_n (g_n - \bar g)^{\odot 2}`, shape ``[*p]``.
+
+    :math:`\bar g = \frac{1}{N}\sum_n g_n`; independent of the reduction and of the scale of
+    ``N``. Computed as :math:`\frac{1}{N}\sum_n g_n^{\odot 2} - \bar g^{\odot 2}`.
+    """
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("grad",)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        n = ctx.num_samples
+        if ctx.index is None:  # the gradient is r * sum_n g_n: no second contraction
+            mean = ctx.grad[view.name] / (ctx.r * n)
+        else:
+            mean = view.sum_jac_t("grad")[0] / n
+        return (view.sum_sq("grad", per_sample=False) / n - mean.square()).clamp_min(0.0)
+
+
+# ------------------------------------------------------------------------- GGN and Hessian
+class DiagGGN(_MCQuantity):
+    r"""Diagonal of the GGN :math:`r \sum_n J_n^\top H_n J_n`, shape ``[*p]``.
+
+    Args:
+        mc_samples: ``None`` for the exact loss Hessian, ``k`` for ``k`` MC samples per input.
+    """
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return ctx.r * view.sum_sq(self.sources()[0], per_sample=False)
+
+
+class BatchDiagGGN(_MCQuantity):
+    r"""Per-sample GGN diagonals :math:`\mathrm{diag}(J_n^\top H_n J_n)`, shape ``[N, *p]``.
+
+    Scaling: none (``DiagGGN == r * BatchDiagGGN.sum(0)`` for the same samples).
+
+    Args:
+        mc_samples: ``None`` for the exact loss Hessian, ``k`` for ``k`` MC samples per input.
+    """
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return view.sum_sq(self.sources()[0], per_sample=True)
+
+
+class SqrtGGN(_MCQuantity):
+    r"""Symmetric factor :math:`V` of the GGN, shape ``[M, N, *p]``.
+
+    :math:`G_{\theta\theta} = \sum_{m, n} \mathrm{vec}(V_{mn}) \mathrm{vec}(V_{mn})^\top` (it
+    includes :math:`\sqrt{r}`); ``M`` is the number of columns of the loss Hessian's square root
+    (``C`` for classification, ``C * T`` for sequence outputs ``[N, C, T]``, the output size for
+    MSE / BCE) or the number of MC samples. Blocks of different parameters give the off-diagonal
+    GGN blocks, so concatenating all parameters gives the full GGN (ViViT, MISSION.md C5).
+
+    Args:
+        mc_samples: ``None`` for the exact loss Hessian, ``k`` for ``k`` MC samples per input.
+    """
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return view.jac_t(self.sources()[0]).mul_(ctx.r**0.5)
+
+
+class DiagHessian(Quantity):
+    r"""Diagonal of the Hessian :math:`\nabla_\theta^2 L`, shape ``[*p]``.
+
+    Exact: the GGN plus the residual terms of every nonlinearity between the parameter and the
+    loss. Fast path: the loss Hessian's square root and, for each elementwise activation module
+    :math:`a = \phi(h)`, the signed columns of :math:`\mathrm{diag}(\phi''(h) \odot \partial
+    \ell_n / \partial a)` are back-propagated to the parameters; used when every other operation
+    on the way is linear in the activations (checked on the autograd graph). Otherwise (e.g.
+    LayerNorm, attention, functional nonlinearities in ``forward``) the generic torch.func path
+    computes :math:`P` Hessian-vector products (slow; exact).
+    """
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("hessian+", "hessian-")
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        if ctx.hessian_fallback is not None:
+            return ctx.hessian_fallback.diag_hessian()[view.name]
+        value = view.sum_sq("hessian+", per_sample=False)
+        if "hessian-" in view.factors:  # some activation has negative curvature residuals
+            value = value - view.sum_sq("hessian-", per_sample=False)
+        return value.mul_(ctx.r)
+
+
+class BatchDiagHessian(DiagHessian):
+    r"""Per-sample Hessian diagonals :math:`\mathrm{diag}(\nabla_\theta^2 \ell_n)`, ``[N, *p]``.
+
+    Scaling: none (``DiagHessian == r * BatchDiagHessian.sum(0)``). Same paths as
+    :class:`DiagHessian`.
+    """
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        if ctx.hessian_fallback is not None:
+            return ctx.hessian_fallback.batch_diag_hessian()[view.name]
+        value = view.sum_sq("hessian+", per_sample=True)
+        if "hessian-" in view.factors:
+            value = value - view.sum_sq("hessian-", per_sample=True)
+        return value
+
+
+# ---------------------------------------------------------------- block matrix products
+class GGNMP(_MCQuantity):
+    r"""Block-diagonal GGN products: ``v -> G_{\theta\theta} v`` per parameter.
+
+    ``results["GGNMP"][name]`` is a function of a tensor ``[*p]`` or ``[K, *p]`` (``K``
+    vectors) returning the same shape. Uses the back-propagated factors (no further forward
+    pass): :math:`G v = r \sum_{m,n} J_n^\top F_{mn} \langle F_{mn}, J_n v \rangle`.
+
+    Args:
+        mc_samples: ``None`` for the exact loss Hessian, ``k`` for ``k`` MC samples per input.
+    """
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Callable[[Tensor], Tensor]:  # noqa: D102
+        source, r = self.sources()[0], ctx.r
+        return lambda v: r * view.matmul(source, v)
+
+
+class HMP(Quantity):
+    r"""Block-diagonal Hessian products: ``v -> H_{\theta\theta} v`` per parameter.
+
+    Same form as :class:`GGNMP`, with the signed Hessian factors of :class:`DiagHessian`
+    (or, on the generic path, a torch.func Hessian-vector product restricted to the block).
+    """
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("hessian+", "hessian-")
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Callable[[Tensor], Tensor]:  # noqa: D102
+        if ctx.hessian_fallback is not None:
+            return ctx.hessian_fallback.block_hvp(view.name)
+        r, signed = ctx.r, "hessian-" in view.factors
+
+        def product(v: Tensor) -> Tensor:
+            out = view.matmul("hessian+", v)
+            return r * (out - view.matmul("hessian-", v) if signed else out)
+
+        return product
+
+
+# ------------------------------------------------------------------------------ Kronecker
+def _kron_factors(view: ParamDerivatives, ctx: Context, source: Source) -> tuple[Tensor, ...]:
+    sums = view.kron(source)
+    b = ctx.r * sums.output_sum
+    return (b,) if sums.input_sum is None else (sums.input_sum / sums.input_count, b)
+
+
+class KFLR(Quantity):
+    r"""Kronecker factors with the exact loss Hessian (Botev et al., 2017).
+
+    Per weight ``(A, B)`` with :math:`A = \frac{1}{N T}\sum_{n,t} x_{nt} x_{nt}^\top` (``T``:
+    positions sharing the weight: sequence positions, convolution patches; ``1`` for a plain
+    ``Linear``; KFAC-expand) and :math:`B = r \sum_{n,t} \sum_m s_{mnt} s_{mnt}^\top`, :math:`s`
+    the exact loss-Hessian square root back-propagated to the layer output; per bias ``(B,)``.
+    """
+
+    layerwise = True
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return ("exact",)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> tuple[Tensor, ...]:  # noqa: D102
+        return _kron_factors(view, ctx, "exact")
+
+
+class KFAC(_MCQuantity):
+    r"""Kronecker factors with an MC-sampled loss Hessian (Martens & Grosse, 2015).
+
+    Same factors as :class:`KFLR` with :math:`s` from ``mc_samples`` sampled labels (default 1).
+    """
+
+    layerwise = True
+    default_mc_samples = 1
+
+    def __init__(self, mc_samples: int = 1) -> None:
+        if mc_samples is None:
+            raise ValueError("KFAC is the MC variant; use KFLR() for the exact loss Hessian")
+        super().__init__(mc_samples)
+
+    @property
+    def name(self) -> str:
+        """``"KFAC"`` for one MC sample, ``"KFACMC{k}"`` for ``k`` samples."""
+        return "KFAC" if self.mc_samples == 1 else f"KFACMC{self.mc_samples}"
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> tuple[Tensor, ...]:  # noqa: D102
+        return _kron_factors(view, ctx, self.mc_samples)
+
+
+class KFRA(Quantity):
+    r"""Kronecker factors with recursive batch averages (Botev et al., 2017).
+
+    ``A`` as in :class:`KFLR`; ``B`` is the batch-averaged GGN w.r.t. the layer output,
+    propagated backward through ``nn.Sequential`` models with batch-averaged Jacobians:
+    :math:`\bar G_{\mathrm{out}} = r \sum_n H_n`, through ``Linear``
+    :math:`\bar G_x = W^\top \bar G_y W`, through an elementwise activation
+    :math:`\bar G_h = \bar G_a \odot \frac{1}{N}\sum_n \phi'(h_n) \phi'(h_n)^\top`. Equals KFLR
+    for the last layer. Supported: ``nn.Sequential`` of Linear, elementwise activations,
+    Dropout, Identity, Flatten (at the bottom of the chain).
+    """
+
+    layerwise = True
+    per_parameter = False
+
+    def evaluate_model(self, ctx: Context) -> dict[str, Any]:  # noqa: D102
+        from curvlab.backprop.recursions import kfra
+
+        return kfra(ctx)
+
+
+class BL89(Quantity):
+    r"""Becker & LeCun (1989) diagonal Hessian approximation, shape ``[*p]``.
+
+    Per sample, a diagonal :math:`d` is propagated backward from :math:`\mathrm{diag}(H_n)`
+    dropping every off-diagonal term: through a linear map (Linear, Conv, pooling)
+    :math:`d_x = (J \odot J)^\top d_y`, through an elementwise activation
+    :math:`d_h = \phi'(h)^2 d_a + \phi''(h)\,\partial\ell_n/\partial a`. A weight gets
+    :math:`r \sum_{n,t} d_{y,nt} x_{nt}^2` (bias :math:`r\sum_{n,t} d_{y,nt}`). Supported:
+    ``nn.Sequential`` of Linear, Conv1d/2d/3d (zero padding), elementwise activations,
+    Max/Avg/AdaptiveAvg pooling, Flatten, Dropout, Identity.
+    """
+
+    layerwise = True
+    per_parameter = False
+    exact_last_layer: ClassVar[bool] = False
+
+    def evaluate_model(self, ctx: Context) -> dict[str, Any]:  # noqa: D102
+        from curvlab.backprop.recursions import diagonal_recursion
+
+        return diagonal_recursion(ctx, exact_last_layer=self.exact_last_layer)
+
+
+class HesScale(BL89):
+    r"""HesScale (Elsayed & Mahmood, 2022): :class:`BL89` with an exact last layer.
+
+    The diagonal w.r.t. the *input* of the last parametric layer is exact,
+    :math:`d_x = \mathrm{diag}(W^\top H_n W)` (it keeps the off-diagonal entries of the loss
+    Hessian, e.g. :math:`-p_i p_j` for softmax cross-entropy), and the BL89 recursion continues
+    below. The last layer's own parameters are exact in both methods.
+    """
+
+    exact_last_layer = True
+
+
+FIRST_ORDER = (BatchGrad, BatchL2, SumGradSquared, Variance)
+"""Quantities built from per-sample gradients."""
+
+ALL = (
+    BatchGrad,
+    BatchL2,
+    SumGradSquared,
+    Variance,
+    DiagGGN,
+    BatchDiagGGN,
+    SqrtGGN,
+    DiagHessian,
+    BatchDiagHessian,
+    GGNMP,
+    HMP,
+    KFAC,
+    KFLR,
+    KFRA,
+    BL89,
+    HesScale,
+)
+"""Every built-in quantity class."""

@@ -1,0 +1,41 @@
+"""Per-layer derivative rules and their lookup.
+
+A rule applies to a module whose class is registered here or subclasses a registered class
+without overriding ``forward``; other parametric modules use the generic
+:class:`~curvlab.backprop.functional.FuncRule`. Register a rule for your own module class with
+``RULES[MyModule] = MyRule()`` (a :class:`Rule` needs only :meth:`Rule.jac_t`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.backprop.rules.conv import ConvRule
+from curvlab.backprop.rules.linear import LinearRule
+from curvlab.backprop.rules.norm import EmbeddingRule, NormRule
+
+RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
+    nn.BatchNorm1d: NormRule(linear_in_input=True),
+    nn.BatchNorm2d: NormRule(linear_in_input=True),
+    nn.BatchNorm3d: NormRule(linear_in_input=True),
+    nn.LayerNorm: NormRule(linear_in_input=False),
+    nn.GroupNorm: NormRule(linear_in_input=False),
+    nn.Embedding: EmbeddingRule(),
+}
+"""Registered rules by module class."""
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The registered rule for ``module``, or ``None`` if it needs the generic path."""
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls] if type(module).forward is cls.forward else None
+    return None
+
+
+__all__ = ["RULES", "Call", "ConvRule", "KronSums", "LinearRule", "Rule", "find_rule"]

@@ -1,0 +1,145 @@
+r"""The derivative interface that every per-layer rule implements, shared by all quantities.
+
+A *call* is one execution of a module in the forward pass (a shared module has several). For a
+call with recorded inputs and a *factor* ``F`` of shape ``[M, N, *out]`` — ``M`` vectors per
+sample back-propagated to the module's output (``M = 1`` for the per-sample loss gradient, the
+columns of a loss-Hessian square root for GGN quantities) — a rule returns, per parameter
+(by its name relative to the module), the parameter Jacobian-transpose products
+:math:`J_{\theta}(x_n)^\top F_{mn}` and reductions of them that often need not materialize the
+``[M, N, *p]`` tensor. Only :meth:`Rule.jac_t` is required; the reductions default to it, and
+:meth:`Rule.jvp` defaults to ``torch.func.jvp`` of the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class Call:
+    """One recorded execution of a module.
+
+    Attributes:
+        args: Positional inputs (detached), batch dimension first where they have one.
+        kwargs: Keyword inputs (detached).
+        outputs: The tensors among the outputs (attached to the graph), in ``tree_flatten``
+            order.
+        versions: The outputs' version counters right after the call (in-place checks).
+        input_nodes: ``grad_fn`` of the tensor inputs before detaching (graph checks).
+        graph_inputs: The tensor inputs before detaching (for back-propagating from them).
+        values: The tensor outputs, detached and restricted to the subsample.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[Tensor, ...] = ()
+    versions: list[int] = field(default_factory=list)
+    input_nodes: list[Any] = field(default_factory=list)
+    graph_inputs: list[Tensor] = field(default_factory=list)
+    values: tuple[Tensor, ...] = ()
+
+
+@dataclass
+class KronSums:
+    r"""Unnormalized Kronecker statistics of one call.
+
+    Attributes:
+        input_sum: :math:`\sum_{n,t} x_{nt} x_{nt}^\top`, ``[in, in]`` (``None`` for a bias).
+        input_count: Number of terms in ``input_sum`` (``N * T``).
+        output_sum: :math:`\sum_{m,n,t} s_{mnt} s_{mnt}^\top`, ``[out, out]``.
+    """
+
+    input_sum: Tensor | None
+    input_count: int
+    output_sum: Tensor
+
+
+class Rule:
+    """Parameter derivatives of one module type (see the module docstring).
+
+    Every method takes the module, one :class:`Call`, the factors ``[M, N, *out]`` (one per
+    output tensor of the call) and the parameter names to return.
+
+    Attributes:
+        linear_in_input: The module's output is linear (affine) in its tensor inputs, so it adds
+            no second-order term to the Hessian w.r.t. earlier activations.
+        kronecker: The rule provides :meth:`kron_sums`.
+    """
+
+    linear_in_input: bool = False
+    kronecker: bool = False
+
+    def jac_t(
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
+        """Per-sample parameter VJPs, ``{name: [M, N, *p]}``."""
+        raise NotImplementedError
+
+    def sum_jac_t(
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
+        r""":math:`\sum_n J_n^\top F_{mn}`, ``{name: [M, *p]}``."""
+        return {k: v.sum(1) for k, v in self.jac_t(module, call, factors, names).items()}
+
+    def sum_sq_jac_t(
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        per_sample: bool,
+    ) -> dict[str, Tensor]:
+        r""":math:`\sum_m (J_n^\top F_{mn})^{\odot 2}`: ``[N, *p]``, or summed over ``n``."""
+        out = {}
+        for k, v in self.jac_t(module, call, factors, names).items():
+            sq = v.square().sum(0)
+            out[k] = sq if per_sample else sq.sum(0)
+        return out
+
+    def sq_norm_jac_t(
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
+        r""":math:`\lVert J_n^\top F_{mn} \rVert^2`, ``{name: [M, N]}``."""
+        return {
+            k: v.flatten(start_dim=2).square().sum(-1)
+            for k, v in self.jac_t(module, call, factors, names).items()
+        }
+
+    def kron_sums(
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, KronSums]:
+        """Kronecker statistics per parameter (weights: both sides; biases: output side)."""
+        raise NotImplementedError(f"no Kronecker factors for {type(module).__name__}")
+
+    def jvp(self, module: nn.Module, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:
+        r"""Parameter Jacobian-vector products :math:`J_n v_k` of the call's outputs.
+
+        Args:
+            module: The module.
+            call: One of its calls.
+            name: The parameter (relative to the module).
+            vectors: ``[K, *p]``.
+
+        Returns:
+            One ``[K, N, *out]`` tensor per output tensor of the call.
+        """
+        params = dict(module.named_parameters(remove_duplicate=False))
+        value = params[name].detach()
+
+        def outputs(p: Tensor) -> tuple[Tensor, ...]:
+            # the math attention kernel supports forward-mode AD, the fused CPU kernels do not
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = functional_call(module, {name: p}, call.args, call.kwargs, strict=False)
+            leaves, _ = torch.utils._pytree.tree_flatten(out)
+            return tuple(o for o in leaves if isinstance(o, Tensor))
+
+        def single(v: Tensor) -> tuple[Tensor, ...]:
+            return jvp(outputs, (value,), (v,))[1]
+
+        return vmap(single)(vectors)

@@ -1,0 +1,100 @@
+r"""Rule for ``nn.Linear``: :math:`y = x W^\top + b` on inputs ``[N, *T, in]``.
+
+The per-sample weight gradient is :math:`\sum_t g_{nt} x_{nt}^\top`; norms and squares use
+factored forms (outer products of inputs and output gradients) that never form ``[N, out, in]``
+when ``T = 1``; with ``T > 1`` the norm uses Gram matrices over ``t`` when that is cheaper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backprop.rules.base import Call, KronSums, Rule
+
+
+def _flat(module: nn.Linear, call: Call, factors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Inputs as ``[N, T, in]`` and the factor as ``[M, N, T, out]``."""
+    x = call.args[0]
+    factor = factors[0]
+    m, n = factor.shape[:2]
+    return x.reshape(n, -1, module.in_features), factor.reshape(m, n, -1, module.out_features)
+
+
+class LinearRule(Rule):
+    """Derivatives of ``nn.Linear`` (see the module docstring)."""
+
+    linear_in_input = True
+    kronecker = True
+
+    def jac_t(self, module, call, factors, names):  # noqa: D102
+        x, g = _flat(module, call, factors)
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.einsum("mnto,nti->mnoi", g, x)
+        if "bias" in names:
+            out["bias"] = g.sum(2)
+        return out
+
+    def sum_jac_t(self, module, call, factors, names):  # noqa: D102
+        x, g = _flat(module, call, factors)
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.einsum("mnto,nti->moi", g, x)
+        if "bias" in names:
+            out["bias"] = g.sum((1, 2))
+        return out
+
+    def sum_sq_jac_t(self, module, call, factors, names, per_sample):  # noqa: D102
+        x, g = _flat(module, call, factors)
+        if x.shape[1] != 1:
+            return super().sum_sq_jac_t(module, call, factors, names, per_sample)
+        x2, g2 = x[:, 0].square(), g[:, :, 0].square()  # [N, in], [M, N, out]
+        out = {}
+        if "weight" in names:
+            eq = "mno,ni->noi" if per_sample else "mno,ni->oi"
+            out["weight"] = torch.einsum(eq, g2, x2)
+        if "bias" in names:
+            out["bias"] = g2.sum(0) if per_sample else g2.sum((0, 1))
+        return out
+
+    def sq_norm_jac_t(self, module, call, factors, names):  # noqa: D102
+        x, g = _flat(module, call, factors)
+        t = x.shape[1]
+        out = {}
+        if "weight" in names:
+            if t == 1:
+                out["weight"] = g[:, :, 0].square().sum(-1) * x[:, 0].square().sum(-1)
+            elif t * (module.in_features + module.out_features) < (
+                module.in_features * module.out_features
+            ):
+                gram_x = torch.einsum("nti,nsi->nts", x, x)
+                gram_g = torch.einsum("mnto,mnso->mnts", g, g)
+                out["weight"] = (gram_g * gram_x).sum((-2, -1))
+            else:
+                out["weight"] = torch.einsum("mnto,nti->mnoi", g, x).square().sum((-2, -1))
+        if "bias" in names:
+            out["bias"] = g.sum(2).square().sum(-1)
+        return out
+
+    def jvp(self, module, call, name, vectors):  # noqa: D102
+        x = call.args[0]
+        if name == "weight":
+            return (torch.einsum("n...i,koi->kn...o", x, vectors),)
+        return (
+            vectors.reshape(vectors.shape[0], *[1] * (x.dim() - 1), -1).expand(
+                vectors.shape[0], *x.shape[:-1], -1
+            ),
+        )
+
+    def kron_sums(self, module, call, factors, names):  # noqa: D102
+        x, g = _flat(module, call, factors)
+        x = x.reshape(-1, module.in_features)
+        g = g.reshape(-1, module.out_features)
+        output_sum = g.T @ g
+        out = {}
+        if "weight" in names:
+            out["weight"] = KronSums(x.T @ x, x.shape[0], output_sum)
+        if "bias" in names:
+            out["bias"] = KronSums(None, x.shape[0], output_sum)
+        return out
