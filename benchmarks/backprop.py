@@ -1,13 +1,16 @@
 """Cost of each curvlab.backprop quantity relative to a plain gradient (and BackPACK's).
 
 For every problem (``mlp-mnist``, ``3c3d-cifar10``, ``3c3d-cifar100``; MISSION.md), batch size and
-quantity, one subprocess builds the problem on random data, times a plain gradient
-(forward + ``loss.backward()``) and the quantity (one :func:`curvlab.backprop.compute` call, or
-BackPACK's ``with backpack(ext): loss.backward()``), and reports the median times and the peak
-memory (resident set size sampled during the passes, above the imported interpreter). Ratios
-are taken inside one process. Block products (GGNMP, HMP) include one product per parameter.
-Rows whose dominant tensor would exceed ``--max-gib`` or whose estimated time exceeds
-``--max-seconds`` are reported as skipped with the estimate.
+quantity, one subprocess builds the problem on random data and times a plain gradient (forward +
+``loss.backward()``), the quantity (one :func:`curvlab.backprop.compute` call) and BackPACK's
+``with backpack(ext): loss.backward()`` *interleaved*: one run of each per round, the order
+rotating, medians over the rounds (at least ``--repeats`` rounds and ``--min-seconds``), so that
+load from other jobs hits all three alike; every raw time is kept. Peak memory (resident set
+size sampled during two runs, above the imported interpreter) is measured in a fresh subprocess
+per library, as freed memory is not returned to the system. Block products (GGNMP, HMP) include
+one product per parameter. Rows whose dominant tensor would exceed ``--max-gib`` or whose
+estimated time exceeds ``--max-seconds`` are reported as skipped with the estimate. One JSON file
+per problem: ``benchmarks/results/backprop-cpu-<problem>.json``.
 
     python benchmarks/backprop.py --compare backpack
     python benchmarks/backprop.py --problems mlp-mnist --batch-sizes 128 --quantities DiagGGN
@@ -159,84 +162,104 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
-def _median_time(fn, repeats: int, min_seconds: float = 1.0) -> tuple[float, int]:
-    """Median over at least ``repeats`` runs and ``min_seconds`` (at most 50 runs)."""
-    start = time.perf_counter()
-    fn()  # warm-up, also the only run when slow
-    first = time.perf_counter() - start
-    if first * repeats > 40.0:
-        return first, 1
-    times: list[float] = []
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 50):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), len(times)
+def _callables(spec: dict) -> dict:
+    """The timed functions of a case: ``gradient``, ``curvlab`` and, if compared, ``backpack``.
 
+    BackPACK runs on its own (extended) copy of the model, so that its module hooks do not
+    slow down the plain gradient or curvlab.
+    """
+    import copy
 
-def worker(spec: dict) -> dict:
-    """Run one (problem, batch, library, quantity) case; returns times and peak memory."""
     import torch
 
-    import curvlab.backprop  # noqa: F401 - imported before the memory baseline
+    from curvlab.backprop import compute
 
-    if spec["library"] == "backpack":
-        import backpack
-        from backpack import extensions
-
-    base = _rss_bytes()  # interpreter and libraries; the problem owns everything above it
     torch.set_num_threads(spec["threads"])
     model, loss_func, x, y, _ = build(spec["problem"], spec["batch_size"])
-    quantity, library = spec["quantity"], spec["library"]
-
-    if library == "backpack":
-        model = backpack.extend(model)
-        loss_func = backpack.extend(loss_func)
-        ext = getattr(extensions, BACKPACK_NAMES[quantity])()
+    quantity = spec["quantity"]
 
     def gradient() -> None:
         model.zero_grad(set_to_none=True)
         loss_func(model(x), y).backward()
 
     def ours() -> None:
-        from curvlab.backprop import compute
-
         results = compute(model, loss_func, x, y, [_ours(quantity)])
         if quantity in ("GGNMP", "HMP"):
             for name, p in model.named_parameters():
                 results[quantity][name](torch.ones_like(p))
 
-    def theirs() -> None:
-        model.zero_grad(set_to_none=True)
-        loss = loss_func(model(x), y)
-        with backpack.backpack(ext):
-            loss.backward()
-        if quantity in ("GGNMP", "HMP"):
-            for p in model.parameters():
-                getattr(p, ext.savefield)(torch.ones(1, *p.shape))
-        for p in model.parameters():
-            if hasattr(p, ext.savefield):
-                delattr(p, ext.savefield)
+    fns = {"gradient": gradient, "curvlab": ours}
+    if "backpack" in spec["libraries"]:
+        import backpack
+        from backpack import extensions
 
-    run = ours if library == "curvlab" else theirs
-    with PeakRSS() as rss:
-        t_grad, _ = _median_time(gradient, spec["repeats"])
-    peak_grad = rss.peak - base
-    with PeakRSS() as rss:
-        t_q, runs = _median_time(run, spec["repeats"])
-    peak_q = rss.peak - base
-    return {
-        "t_grad": t_grad,
-        "t_quantity": t_q,
-        "runs": runs,
-        "time_ratio": t_q / t_grad,
-        "peak_grad_bytes": peak_grad,
-        "peak_quantity_bytes": peak_q,
-        "memory_ratio": peak_q / max(peak_grad, 1),
-    }
+        bp_model = backpack.extend(copy.deepcopy(model))
+        bp_loss = backpack.extend(copy.deepcopy(loss_func))
+        ext = getattr(extensions, BACKPACK_NAMES[quantity])()
+
+        def theirs() -> None:
+            bp_model.zero_grad(set_to_none=True)
+            loss = bp_loss(bp_model(x), y)
+            with backpack.backpack(ext):
+                loss.backward()
+            if quantity in ("GGNMP", "HMP"):
+                for p in bp_model.parameters():
+                    getattr(p, ext.savefield)(torch.ones(1, *p.shape))
+            for p in bp_model.parameters():
+                if hasattr(p, ext.savefield):
+                    delattr(p, ext.savefield)
+
+        fns["backpack"] = theirs
+    return fns
 
 
-def _run_case(spec: dict, timeout: float) -> dict:
+def worker(spec: dict) -> dict:
+    """Run one case.
+
+    ``mode="time"``: the gradient, curvlab and BackPACK are timed *interleaved* (one run of
+    each per round, the order rotating) in this one process, so that load from other jobs hits
+    all alike; returns every raw time and the medians. ``mode="memory"``: the peak resident
+    memory of two runs of ``spec["library"]`` alone (a fresh process per library, as freed
+    memory is not returned to the system), above the interpreter with its libraries imported.
+    """
+    import torch  # noqa: F401
+
+    import curvlab.backprop  # noqa: F401 - imported before the memory baseline
+
+    if "backpack" in spec["libraries"]:
+        import backpack  # noqa: F401
+
+    base = _rss_bytes()  # interpreter and libraries; the problem owns everything above it
+    if spec["mode"] == "memory":
+        spec = {**spec, "libraries": [lib for lib in spec["libraries"] if lib == spec["library"]]}
+        fns = _callables(spec)
+        fn = fns[spec["library"]]
+        with PeakRSS() as rss:
+            for _ in range(2):
+                fn()
+        return {"peak_bytes": rss.peak - base}
+    fns = _callables(spec)
+    names = list(fns)
+    first = {}
+    for name in names:  # warm-up, also the estimate of how many rounds fit
+        start = time.perf_counter()
+        fns[name]()
+        first[name] = time.perf_counter() - start
+    per_round = sum(first.values())
+    rounds = max(spec["repeats"], min(25, int(spec["min_seconds"] / max(per_round, 1e-9))))
+    if per_round * rounds > spec["max_case_seconds"]:
+        rounds = max(1, int(spec["max_case_seconds"] / per_round))
+    raw: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(rounds):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            raw[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(times) for name, times in raw.items()}
+    return {"rounds": rounds, "median_s": medians, "raw_s": raw}
+
+
+def _subprocess(spec: dict, timeout: float) -> dict:
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     try:
@@ -249,6 +272,33 @@ def _run_case(spec: dict, timeout: float) -> dict:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         return {"status": "error", "reason": lines[-1][:300] if lines else f"rc {done.returncode}"}
     return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def _run_case(spec: dict, timeout: float, peak_grad: int | None) -> dict:
+    """Interleaved times and per-library peak memory of a case, as rows per library."""
+    timed = _subprocess({**spec, "mode": "time"}, timeout)
+    if timed["status"] != "ok":
+        return {lib: dict(timed) for lib in spec["libraries"]}
+    t_grad = timed["median_s"]["gradient"]
+    out = {}
+    for lib in spec["libraries"]:
+        row = {
+            "status": "ok",
+            "t_grad": t_grad,
+            "t_quantity": timed["median_s"][lib],
+            "runs": timed["rounds"],
+            "time_ratio": timed["median_s"][lib] / t_grad,
+            "raw_t_grad": timed["raw_s"]["gradient"],
+            "raw_t_quantity": timed["raw_s"][lib],
+        }
+        if spec["memory"]:
+            mem = _subprocess({**spec, "mode": "memory", "library": lib}, timeout)
+            if mem["status"] == "ok" and peak_grad:
+                row["peak_grad_bytes"] = peak_grad
+                row["peak_quantity_bytes"] = mem["peak_bytes"]
+                row["memory_ratio"] = mem["peak_bytes"] / peak_grad
+        out[lib] = row
+    return out
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -313,7 +363,8 @@ def _fmt(row: dict | None) -> str:
         return f"{'—':>17}"
     if row["status"] != "ok":
         return f"{row['status']:>17}"
-    return f"{row['time_ratio']:7.2f}x {row['memory_ratio']:5.2f}xM"
+    memory = row.get("memory_ratio")
+    return f"{row['time_ratio']:7.2f}x " + (f"{memory:5.2f}xM" if memory else "   —  ")
 
 
 def _target(quantity: str, batch: int, ours: dict, theirs: dict | None) -> str:
@@ -324,12 +375,12 @@ def _target(quantity: str, batch: int, ours: dict, theirs: dict | None) -> str:
     t_grad = ours["t_grad"]
     if theirs is not None and theirs.get("status") == "ok":
         extra_ours = ours["t_quantity"] - t_grad
-        extra_theirs = (theirs["time_ratio"] - 1.0) * t_grad
+        extra_theirs = theirs["t_quantity"] - t_grad  # same process, same gradient
         ok = extra_ours <= max(0.5 * extra_theirs, 0.1 * t_grad)
         notes.append("vs-BackPACK " + ("met" if ok else "NOT met"))
     if batch == 512 and quantity in PER_SAMPLE_REDUCTIONS | MC_CURVATURE:
         notes.append("2x-grad " + ("met" if ours["time_ratio"] <= 2.0 else "NOT met"))
-    if quantity in PER_SAMPLE_REDUCTIONS:
+    if quantity in PER_SAMPLE_REDUCTIONS and ours.get("memory_ratio"):
         notes.append("1.5x-mem " + ("met" if ours["memory_ratio"] <= 1.5 else "NOT met"))
     return ", ".join(notes) or "—"
 
@@ -341,88 +392,108 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--quantities", nargs="+", default=list(QUANTITIES), choices=QUANTITIES)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="least number of rounds")
+    parser.add_argument("--min-seconds", type=float, default=20.0, help="least time per case")
+    parser.add_argument("--max-case-seconds", type=float, default=90.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--max-seconds", type=float, default=150.0)
     parser.add_argument("--max-gib", type=float, default=3.0)
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+    parser.add_argument("--out", default=None, help="JSON folder (default benchmarks/results/)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
     libraries = ["curvlab"] + ([args.compare] if args.compare else [])
-    rows = []
     header = f"{'problem':>14} {'N':>4} {'quantity':>16} {'curvlab':>17}"
     if args.compare:
         header += f" {'BackPACK':>17}"
     print(f"time ratio to a gradient / peak memory ratio ({_device()}, {args.threads} thread)")
     print(header + "  target")
     for problem in args.problems:
+        rows: list[dict] = []
         params = _num_params(problem)
         for batch in args.batch_sizes:
             _, _, _, _, classes = build(problem, 1)
             t_grad = _gradient_time(problem, batch, args.threads)
+            base = {
+                "problem": problem,
+                "batch_size": batch,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "min_seconds": args.min_seconds,
+                "max_case_seconds": args.max_case_seconds,
+                "memory": not args.no_memory,
+            }
+            peak_grad = None
+            if not args.no_memory:
+                mem = _subprocess(
+                    {
+                        **base,
+                        "quantity": "BatchL2",
+                        "libraries": [],
+                        "mode": "memory",
+                        "library": "gradient",
+                    },
+                    timeout=600,
+                )
+                peak_grad = mem.get("peak_bytes")
             for quantity in args.quantities:
                 seconds, bytes_ = _estimate(quantity, problem, batch, classes, params, t_grad)
-                row = {"problem": problem, "batch_size": batch, "quantity": quantity}
+                row: dict = {"problem": problem, "batch_size": batch, "quantity": quantity}
+                run = []
                 for library in libraries:
                     if library == "backpack" and quantity not in BACKPACK_NAMES:
                         row[library] = None
-                        continue
-                    if bytes_ > args.max_gib * 2**30:
-                        row[library] = {
-                            "status": "skipped",
-                            "reason": f"dominant tensor ~{bytes_ / 2**30:.1f} GiB",
-                        }
-                        continue
-                    if seconds > args.max_seconds:
-                        row[library] = {
-                            "status": "skipped",
-                            "reason": f"estimated ~{seconds:.0f} s per run",
-                        }
-                        continue
-                    spec = {
-                        "problem": problem,
-                        "batch_size": batch,
-                        "quantity": quantity,
-                        "library": library,
-                        "repeats": args.repeats,
-                        "threads": args.threads,
-                    }
-                    row[library] = _run_case(spec, timeout=max(120.0, 6 * seconds + 60))
+                    elif bytes_ > args.max_gib * 2**30:
+                        reason = f"dominant tensor ~{bytes_ / 2**30:.1f} GiB"
+                        row[library] = {"status": "skipped", "reason": reason}
+                    elif seconds > args.max_seconds:
+                        reason = f"estimated ~{seconds:.0f} s per run"
+                        row[library] = {"status": "skipped", "reason": reason}
+                    else:
+                        run.append(library)
+                if run:
+                    spec = {**base, "quantity": quantity, "libraries": run}
+                    timeout = max(300.0, 4 * args.max_case_seconds + 20 * seconds)
+                    row.update(_run_case(spec, timeout, peak_grad))
                 row["target"] = _target(quantity, batch, row["curvlab"], row.get("backpack"))
                 rows.append(row)
                 line = f"{problem:>14} {batch:>4} {quantity:>16} {_fmt(row['curvlab'])}"
                 if args.compare:
                     line += f" {_fmt(row.get('backpack'))}"
                 print(line + "  " + row["target"], flush=True)
-                _write(args, rows)  # after every row, so that a stopped run keeps its rows
-    print(f"wrote {_write(args, rows)}")
+                _write(args, problem, rows)  # after every row: a stopped run keeps its rows
+        print(f"wrote {_write(args, problem, rows)}")
 
 
-def _write(args: argparse.Namespace, rows: list[dict]) -> Path:
-    """Write the JSON results (device, versions, settings, rows)."""
-    name = "backprop-cpu" + ("-vs-backpack" if args.compare else "") + ".json"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
+def _write(args: argparse.Namespace, problem: str, rows: list[dict]) -> Path:
+    """Write one problem's JSON results (device, versions, settings, rows)."""
+    folder = Path(args.out) if args.out else Path(__file__).parent / "results"
+    out = folder / f"backprop-cpu-{problem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "backprop",
+        "problem": problem,
         "device": _device(),
         "threads": args.threads,
         "repeats": args.repeats,
+        "min_seconds": args.min_seconds,
         "versions": _versions(bool(args.compare)),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
         "notes": (
-            "time_ratio = median time of the quantity's pass / median time of a plain gradient "
-            "in the same process; memory_ratio = peak resident memory during the quantity's "
-            "passes / during the gradient's passes, both above the interpreter with its "
-            "libraries imported (model, data and results count, as in "
-            "torch.cuda.max_memory_allocated; sampled "
-            "every 0.5 ms). BackPACK reports per-sample quantities of "
+            "Per case one process times the plain gradient (forward + loss.backward()), "
+            "curvlab.backprop.compute and BackPACK's `with backpack(ext): loss.backward()` "
+            "interleaved, one run of each per round with the order rotating (BackPACK on its own "
+            "extended copy of the model); t_* are medians over the rounds, raw_t_* every run, "
+            "time_ratio = t_quantity / t_grad of the same process. memory_ratio = peak resident "
+            "memory of two runs of the quantity alone in a fresh process / the same for the "
+            "gradient, both above the interpreter with its libraries imported (model, data and "
+            "results count; sampled every 0.5 ms). BackPACK reports per-sample quantities of "
             "g_n/N; the cost is the same. Loss: CrossEntropyLoss(mean), random data."
         ),
-        "problems": args.problems,
         "batch_sizes": args.batch_sizes,
         "rows": rows,
     }

@@ -96,6 +96,9 @@ class ParamDerivatives:
         param: The parameter (for shape, dtype and device).
         num_samples: ``N`` (after subsampling).
         cache: Shared cache of rule results (one rule call serves all parameters of a module).
+        scale: The factors are ``scale`` times the stored tensors (the streamed path hands over
+            autograd's output gradients unscaled instead of copying them); results scale by
+            ``scale`` (linear) or ``scale ** 2`` (quadratic).
     """
 
     def __init__(
@@ -106,7 +109,9 @@ class ParamDerivatives:
         param: Tensor,
         num_samples: int,
         cache: dict[tuple, dict[str, Any]],
+        scale: float = 1.0,
     ) -> None:
+        self.scale = scale
         self.name = name
         self.uses = uses
         self.factors = factors
@@ -140,6 +145,10 @@ class ParamDerivatives:
     def _zeros(self, *lead: int) -> Tensor:
         return self.param.new_zeros(*lead, *self.shape)
 
+    def _scaled(self, value: Tensor, power: int) -> Tensor:
+        """``value * scale ** power`` (a new tensor unless the scale is one)."""
+        return value if self.scale == 1.0 else value * self.scale**power
+
     def _single_call(self) -> bool:
         return sum(len(owner.calls) for owner, _ in self.uses) == 1
 
@@ -148,14 +157,15 @@ class ParamDerivatives:
         values = self._per_call("jac_t", source, consume=True)
         if not values:
             return self._zeros(self._columns(source), self.num_samples)
-        return sum(values[1:], values[0])
+        out = sum(values[1:], values[0])
+        return out if self.scale == 1.0 else out.mul_(self.scale)
 
     def sum_jac_t(self, source: Any) -> Tensor:
         r""":math:`\sum_n J_n^\top F_{mn}`, ``[M, *p]``."""
         values = self._per_call("sum_jac_t", source)
         if not values:
             return self._zeros(self._columns(source))
-        return sum(values[1:], values[0])
+        return self._scaled(sum(values[1:], values[0]), 1)
 
     def sum_sq(self, source: Any, per_sample: bool) -> Tensor:
         r""":math:`\sum_m (J_n^\top F_{mn})^{\odot 2}`: ``[N, *p]``, or also summed over ``n``.
@@ -166,7 +176,8 @@ class ParamDerivatives:
         if not self.uses:
             return self._zeros(self.num_samples) if per_sample else self._zeros()
         if self._single_call():
-            return self._per_call("sum_sq_jac_t", source, per_sample=per_sample)[0]
+            value = self._per_call("sum_sq_jac_t", source, per_sample=per_sample)[0]
+            return self._scaled(value, 2)
         sq = self.jac_t(source).square().sum(0)
         return sq if per_sample else sq.sum(0)
 
@@ -175,19 +186,22 @@ class ParamDerivatives:
         if not self.uses:
             return self.param.new_zeros(self._columns(source), self.num_samples)
         if self._single_call():
-            return self._per_call("sq_norm_jac_t", source)[0]
+            return self._scaled(self._per_call("sq_norm_jac_t", source)[0], 2)
         return self.jac_t(source).flatten(start_dim=2).square().sum(-1)
 
     def kron(self, source: Any) -> KronSums:
         """Kronecker statistics summed over calls (several calls count as more positions)."""
         values = self._per_call("kron_sums", source)
+        if len(values) == 1:  # no copy
+            v = values[0]
+            return KronSums(v.input_sum, v.input_count, self._scaled(v.output_sum, 2))
         input_sum = None
         if values[0].input_sum is not None:
             input_sum = sum(v.input_sum for v in values)
         return KronSums(
             input_sum,
             sum(v.input_count for v in values),
-            sum(v.output_sum for v in values),
+            self._scaled(sum(v.output_sum for v in values), 2),
         )
 
     def matmul(self, source: Any, vectors: Tensor) -> Tensor:
@@ -226,4 +240,5 @@ class ParamDerivatives:
                 )
                 vjp = owner.rule.sum_jac_t(owner.module, call, scaled, [local])[local]
                 out = out + vjp.reshape(k, m, *self.shape).sum(1)
+        out = self._scaled(out, 2)
         return out[0] if single else out

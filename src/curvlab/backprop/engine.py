@@ -19,6 +19,12 @@ What one call does:
    factor) into the quantities (:mod:`~curvlab.backprop.quantities`). A module used several
    times sums its calls' per-sample contributions.
 
+**Streamed path.** When every quantity needs only the per-sample gradient or MC samples and
+every parametric module has a rule, one call and one output (:func:`_streamable`), steps 2-4
+happen *inside* the backward pass instead (:func:`_compute_streamed`): tensor hooks on the module
+outputs reduce each module's factor as it arrives and let it go, so neither the list of output
+gradients nor the module outputs themselves are kept.
+
 ``compute`` does not touch ``param.grad``.
 """
 
@@ -300,6 +306,10 @@ def compute(
 
     n_total = output.shape[0]
     r = spec.batch_factor(n_total)
+    if subsampling is None and _streamable(quantities, owners, uses, method):
+        return _compute_streamed(
+            model, spec, named, owners, uses, quantities, output, loss, targets, r, generator
+        )
     index = None if subsampling is None else torch.as_tensor(subsampling, dtype=torch.long)
     n = n_total if index is None else len(index)
     select = _selector(index, n_total)
@@ -471,6 +481,202 @@ def compute(
                     f"{q.name} is not available for parameter '{name}' of {culprit}: {err}"
                 ) from err
     return Results(loss.detach(), param_grads, output.detach(), values)
+
+
+def _is_streamed_source(source: Any) -> bool:
+    return source == "grad" or (isinstance(source, int) and not isinstance(source, bool))
+
+
+def _streamable(
+    quantities: list[Quantity],
+    owners: list[Owner],
+    uses: dict[str, list[tuple[Owner, str]]],
+    method: str,
+) -> bool:
+    """Whether :func:`_compute_streamed` applies (otherwise the general path runs).
+
+    It needs quantities of one source each, the per-sample gradient or MC samples, and modules
+    with a per-layer rule, one call and one output, whose parameters no other module holds.
+    """
+    if method != "auto" or not quantities:
+        return False
+    for q in quantities:
+        sources = q.sources()
+        if not q.per_parameter or len(sources) != 1 or not _is_streamed_source(sources[0]):
+            return False
+    for own in owners:
+        if len(own.calls) != 1 or own.generic_names or isinstance(own.rule, FuncRule):
+            return False
+        outputs = own.calls[0].outputs
+        if len(outputs) != 1 or not outputs[0].requires_grad or outputs[0].grad_fn is None:
+            return False
+    return all(len(pairs) <= 1 for pairs in uses.values())
+
+
+def _sinks(outputs: list[Tensor]) -> list[Tensor]:
+    """The outputs with no other one upstream: a backward to them passes through all others.
+
+    Back-propagating from the model output to these (instead of to every output) lets tensor
+    hooks see every output's gradient without autograd returning (and so keeping) them all.
+    """
+    nodes = {o.grad_fn for o in outputs}
+    sinks = []
+    for out in outputs:
+        stack = [f for f, _ in out.grad_fn.next_functions if f is not None]
+        seen: set[Any] = set()
+        upstream = False
+        while stack and not upstream:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in nodes and node is not out.grad_fn:
+                upstream = True
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+        if not upstream:
+            sinks.append(out)
+    return sinks
+
+
+def _compute_streamed(
+    model: nn.Module,
+    spec: LossSpec,
+    named: list[tuple[str, nn.Parameter]],
+    owners: list[Owner],
+    uses: dict[str, list[tuple[Owner, str]]],
+    quantities: list[Quantity],
+    output: Tensor,
+    loss: Tensor,
+    targets: Tensor,
+    r: float,
+    generator: torch.Generator | None,
+) -> Results:
+    r"""First-order and MC quantities reduced *inside* the backward passes.
+
+    A tensor hook on every module output receives its gradient :math:`r\,\partial\ell_n/
+    \partial z_n` while ``torch.autograd.grad(loss, params)`` runs, evaluates that module's
+    quantities at once (e.g. ``BatchL2`` of a Linear layer from :math:`\lVert g_n\rVert^2
+    \lVert x_n\rVert^2`) and lets the output gradient go: no list of output gradients and no
+    ``[N, P]`` tensor is kept. MC quantities back-propagate each sampled column of the loss
+    Hessian's square root once more, only as far as the earliest module output (no parameter
+    gradients), and their hooks reduce the same way.
+    """
+    n = output.shape[0]
+    params = dict(named)
+    ctx = Context(
+        model=model,
+        spec=spec,
+        output=output.detach(),
+        targets=targets,
+        graph_output=output,
+        grad={},
+        r=r,
+        num_samples=n,
+        index=None,
+        owners=owners,
+        param_names=[name for name, _ in named],
+    )
+    by_source: dict[Any, list[Quantity]] = {}
+    for q in quantities:
+        by_source.setdefault(q.sources()[0], []).append(q)
+    owned: dict[int, list[tuple[str, str]]] = {id(own): [] for own in owners}
+    for full, pairs in uses.items():
+        for own, local in pairs:
+            owned[id(own)].append((full, local))
+    partial: dict[str, dict[str, Any]] = {q.name: {} for q in quantities}
+
+    def evaluate(own: Owner, source: Any, factor: Tensor, scale: float = 1.0) -> None:
+        call = own.calls[0]
+        factors = {source: {id(call): (factor,)}}
+        cache: dict[tuple, dict[str, Any]] = {}
+        with torch.no_grad():
+            for q in by_source[source]:
+                for full, _ in owned[id(own)]:
+                    view = ParamDerivatives(
+                        full, uses[full], factors, params[full].detach(), n, cache, scale
+                    )
+                    try:
+                        partial[q.name][full] = q.evaluate_streamed(view, ctx)
+                    except NotImplementedError as err:
+                        raise UnsupportedModuleError(
+                            f"{q.name} is not available for parameter '{full}' of "
+                            f"{type(own.module).__name__} (module '{own.name}'): {err}"
+                        ) from err
+
+    state: dict[str, Any] = {"source": None, "done": set()}
+    columns: dict[int, list[Tensor]] = {}
+
+    def make_hook(own: Owner):
+        def hook(g: Tensor) -> None:
+            source = state["source"]
+            if source is None:
+                return
+            if source == "grad":
+                state["done"].add(id(own))
+                # the factor is g / r: scaled in the results, not copied (g can be large)
+                evaluate(own, source, g.unsqueeze(0), 1.0 / r)
+                return
+            cols = columns.setdefault(id(own), [])
+            cols.append(g.detach())
+            if len(cols) == source:
+                state["done"].add(id(own))
+                del columns[id(own)]
+                evaluate(own, source, torch.stack(cols))
+
+        return hook
+
+    def unreached(source: Any, m: int) -> None:
+        for own in owners:
+            if id(own) not in state["done"]:
+                shape, dtype, device = like[id(own)]
+                evaluate(own, source, torch.zeros(m, *shape, dtype=dtype, device=device))
+
+    outputs = [own.calls[0].outputs[0] for own in owners]
+    handles = [out.register_hook(make_hook(own)) for own, out in zip(owners, outputs, strict=True)]
+    like = {id(own): (o.shape, o.dtype, o.device) for own, o in zip(owners, outputs, strict=True)}
+    mc_sources = [s for s in by_source if s != "grad"]
+    sinks = _sinks(outputs) if mc_sources else []
+    # The hooks live on the autograd nodes: drop the references to the module outputs, so that
+    # autograd frees those it does not save (e.g. a convolution's output before a ReLU).
+    del outputs
+    for own in owners:
+        own.calls[0].outputs = ()
+    try:
+        state["source"] = "grad" if "grad" in by_source else None
+        grads = torch.autograd.grad(
+            loss, [p for _, p in named], allow_unused=True, retain_graph=bool(mc_sources)
+        )
+        if "grad" in by_source:
+            unreached("grad", 1)
+        for k, source in enumerate(mc_sources):
+            sqrt = spec.sampled_sqrt_hessian(output, source, generator)
+            state["source"], state["done"] = source, set()
+            for m in range(sqrt.shape[0]):
+                last = k == len(mc_sources) - 1 and m == sqrt.shape[0] - 1
+                torch.autograd.grad(
+                    output, sinks, grad_outputs=sqrt[m], retain_graph=not last, allow_unused=True
+                )
+            columns.clear()
+            unreached(source, sqrt.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    ctx.grad.update(
+        {
+            name: torch.zeros_like(p) if g is None else g
+            for (name, p), g in zip(named, grads, strict=True)
+        }
+    )
+    values: dict[str, dict[str, Any]] = {}
+    for q in quantities:
+        values[q.name] = {}
+        for name, param in named:
+            if name in partial[q.name]:
+                values[q.name][name] = q.finish_streamed(partial[q.name][name], name, ctx)
+            elif not q.layerwise:  # a parameter no module used
+                view = ParamDerivatives(name, [], {q.sources()[0]: {}}, param.detach(), n, {})
+                values[q.name][name] = q.evaluate(view, ctx)
+    return Results(loss.detach(), ctx.grad, output.detach(), values)
 
 
 def _columns_of(

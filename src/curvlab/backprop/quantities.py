@@ -68,6 +68,18 @@ class Quantity:
         """Value of the quantity for the parameter that ``view`` describes."""
         raise NotImplementedError
 
+    def evaluate_streamed(self, view: ParamDerivatives, ctx: Context) -> Any:
+        """Value computed *inside* the backward pass, when the module's factor arrives.
+
+        ``ctx.grad`` is not filled yet then; a quantity that needs it returns a partial value
+        here and completes it in :meth:`finish_streamed`. The default is :meth:`evaluate`.
+        """
+        return self.evaluate(view, ctx)
+
+    def finish_streamed(self, partial: Any, name: str, ctx: Context) -> Any:
+        """Complete :meth:`evaluate_streamed`'s value after the backward pass (default: as is)."""
+        return partial
+
     def evaluate_model(self, ctx: Context) -> dict[str, Any]:
         """Values for every parameter at once (whole-network recursions only)."""
         raise NotImplementedError
@@ -160,6 +172,14 @@ class Variance(Quantity):
         else:
             mean = view.sum_jac_t("grad")[0] / n
         return (view.sum_sq("grad", per_sample=False) / n - mean.square()).clamp_min(0.0)
+
+    def evaluate_streamed(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        return view.sum_sq("grad", per_sample=False)  # the mean needs ctx.grad: finished later
+
+    def finish_streamed(self, partial: Tensor, name: str, ctx: Context) -> Tensor:  # noqa: D102
+        n = ctx.num_samples
+        mean = ctx.grad[name] / (ctx.r * n)
+        return (partial / n - mean.square()).clamp_min(0.0)
 
 
 # ------------------------------------------------------------------------- GGN and Hessian

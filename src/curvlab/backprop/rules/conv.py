@@ -9,16 +9,18 @@ A convolution is a linear layer applied to the *unfolded* input: patches ``[N, i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.nn import einconv
 
 _CONV_ND = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-CHUNK_ELEMENTS = 2**24
+CHUNK_ELEMENTS = 2**22
 """Budget (tensor elements) for per-sample weight VJPs built at once in reductions."""
 
 
@@ -47,6 +49,21 @@ def unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     Returns:
         ``[N, in * K, T]``, channel index ``c * K + k`` (the order of ``weight.flatten(1)``).
     """
+    arguments = _einconv_arguments(module)
+    if arguments is not None:  # index-based im2col: 1.2-5x faster than F.unfold on CPU
+        return einconv.unfold(x, **{k: v for k, v in arguments.items() if k != "groups"})
+    return torch_unfold(module, x)
+
+
+def _einconv_arguments(module: nn.modules.conv._ConvNd) -> dict | None:
+    """:func:`curvlab.nn.einconv.conv_hyperparameters`, or ``None`` (non-zero padding modes)."""
+    if module.padding_mode != "zeros":
+        return None
+    return einconv.conv_hyperparameters(module)
+
+
+def torch_unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """:func:`unfold` by ``F.pad`` and ``F.unfold`` (or a convolution with one-hot kernels)."""
     pad = _explicit_padding(module)
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -87,6 +104,32 @@ def _grouped(
     return u.reshape(n, g, -1, t), factor.reshape(m, n, g, -1, t)
 
 
+def _grouped_factor(module: nn.modules.conv._ConvNd, factors: tuple[Tensor, ...]) -> Tensor:
+    """The factor as ``[M, N, G, out/G, T]``."""
+    factor = factors[0]
+    m, n = factor.shape[:2]
+    return factor.reshape(m, n, module.groups, module.out_channels // module.groups, -1)
+
+
+def _sample_chunks(
+    module: nn.modules.conv._ConvNd, call: Call, factors: tuple[Tensor, ...], extra: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Patches ``[n, G, in/G * K, T]`` and factor ``[M, n, G, out/G, T]`` by chunks of samples.
+
+    Each chunk's patches and ``extra`` elements per sample (the caller's intermediate) stay
+    within about ``CHUNK_ELEMENTS``, so that the unfolded input of the whole batch is never
+    alive at once.
+    """
+    x = call.args[0]
+    f = _grouped_factor(module, factors)
+    n, t = f.shape[1], f.shape[-1]
+    patches = module.in_channels * math.prod(module.kernel_size) * t
+    step = max(1, CHUNK_ELEMENTS // max(1, patches + extra))
+    for s in range(0, n, step):
+        u = unfold(module, x[s : s + step])
+        yield u.reshape(u.shape[0], module.groups, -1, t), f[:, s : s + step]
+
+
 class ConvRule(Rule):
     """Derivatives of ``nn.Conv1d/2d/3d`` via unfolded inputs (see the module docstring)."""
 
@@ -116,53 +159,66 @@ class ConvRule(Rule):
         return out
 
     def sum_sq_jac_t(self, module, call, factors, names, per_sample):  # noqa: D102
-        u, f = _grouped(module, call, factors)
-        m, n = f.shape[:2]
+        m = factors[0].shape[0]
         out = {}
         if "weight" in names:
-            # per-sample weight VJPs have no factored square: build them in chunks of samples
-            # so that at most ~CHUNK_ELEMENTS are alive at once
-            step = max(1, CHUNK_ELEMENTS // (m * module.weight.numel()))
+            # per-sample weight VJPs have no factored square: build them (and the patches) in
+            # chunks of samples so that at most ~CHUNK_ELEMENTS are alive at once
             parts = []
-            for s in range(0, n, step):
-                w = torch.einsum("mngot,ngit->mngoi", f[:, s : s + step], u[s : s + step])
+            for u, f in _sample_chunks(module, call, factors, m * module.weight.numel()):
+                w = torch.einsum("mngot,ngit->mngoi", f, u)
                 sq = w.square_().sum(0).reshape(-1, *module.weight.shape)
                 parts.append(sq if per_sample else sq.sum(0))
             out["weight"] = torch.cat(parts) if per_sample else sum(parts[1:], parts[0])
         if "bias" in names:
-            sq = f.sum(-1).square().sum(0).reshape(n, -1)
+            f = _grouped_factor(module, factors)
+            sq = f.sum(-1).square().sum(0).reshape(f.shape[1], -1)
             out["bias"] = sq if per_sample else sq.sum(0)
         return out
 
     def sq_norm_jac_t(self, module, call, factors, names):  # noqa: D102
-        u, f = _grouped(module, call, factors)
         out = {}
         if "weight" in names:
-            _, _, _, o, t = f.shape
-            i = u.shape[2]
-            if t * (i + o) < i * o:  # Gram matrices over positions are cheaper
-                gram_u = torch.einsum("ngit,ngis->ngts", u, u)
-                gram_f = torch.einsum("mngot,mngos->mngts", f, f)
-                out["weight"] = (gram_f * gram_u).sum((2, 3, 4))
-            else:
-                w = torch.einsum("mngot,ngit->mngoi", f, u)
-                out["weight"] = w.square().sum((2, 3, 4))
+            f = _grouped_factor(module, factors)
+            m, _, g, o, t = f.shape
+            i = module.weight.shape[1] * math.prod(module.kernel_size)
+            gram = t * (i + o) < i * o  # Gram matrices over positions are cheaper
+            extra = m * g * t * t if gram else m * module.weight.numel()
+            parts = []
+            for u, f in _sample_chunks(module, call, factors, extra):
+                if gram:
+                    gram_u = torch.einsum("ngit,ngis->ngts", u, u)
+                    gram_f = torch.einsum("mngot,mngos->mngts", f, f)
+                    parts.append((gram_f * gram_u).sum((2, 3, 4)))
+                else:
+                    w = torch.einsum("mngot,ngit->mngoi", f, u)
+                    parts.append(w.square_().sum((2, 3, 4)))
+            out["weight"] = torch.cat(parts, dim=1)
         if "bias" in names:
-            out["bias"] = f.sum(-1).square().sum((2, 3))
+            out["bias"] = _grouped_factor(module, factors).sum(-1).square().sum((2, 3))
         return out
 
     def kron_sums(self, module, call, factors, names):  # noqa: D102
-        u, f = _grouped(module, call, factors)
         if module.groups != 1 and "weight" in names:
             raise NotImplementedError(
                 f"Kronecker factors for grouped convolutions (groups={module.groups})"
             )
-        u = u[:, 0].transpose(1, 2).reshape(-1, u.shape[2])  # [N*T, in*K]
-        f = f.flatten(2, 3).transpose(2, 3).reshape(-1, module.out_channels)  # [M*N*T, out]
+        x, f = call.args[0], factors[0]
+        m, n = f.shape[:2]
+        t = math.prod(f.shape[3:])
+        f = f.reshape(m, n, module.out_channels, t).transpose(2, 3)
+        f = f.reshape(-1, module.out_channels)  # [M*N*T, out]
         output_sum = f.T @ f
         out = {}
         if "weight" in names:
-            out["weight"] = KronSums(u.T @ u, u.shape[0], output_sum)
+            arguments = _einconv_arguments(module)
+            if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy)
+                input_sum = einconv.kfac_expand_factor(x, **arguments, reduction="sum")
+            else:
+                u = torch_unfold(module, x)
+                u = u.transpose(1, 2).reshape(-1, u.shape[1])  # [N*T, in*K]
+                input_sum = u.T @ u
+            out["weight"] = KronSums(input_sum, n * t, output_sum)
         if "bias" in names:
-            out["bias"] = KronSums(None, u.shape[0], output_sum)
+            out["bias"] = KronSums(None, n * t, output_sum)
         return out

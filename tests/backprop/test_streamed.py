@@ -1,0 +1,256 @@
+"""The streamed path (quantities reduced inside the backward pass) against the general path.
+
+``subsampling=range(N)`` selects every sample but forces the general path (all output
+gradients first, then the rules), so the two must agree to float64 round-off.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from curvlab.backprop import (
+    GGNMP,
+    KFAC,
+    BatchDiagGGN,
+    BatchGrad,
+    BatchL2,
+    DiagGGN,
+    SqrtGGN,
+    SumGradSquared,
+    Variance,
+    compute,
+    engine,
+)
+from curvlab.backprop.rules.conv import ConvRule
+from curvlab.backprop.rules.linear import LinearRule
+from tests.backprop.problems import PROBLEMS, build
+
+FIRST_ORDER = [BatchGrad, BatchL2, SumGradSquared, Variance]
+MC = [
+    lambda: DiagGGN(mc_samples=1),
+    lambda: DiagGGN(mc_samples=3),
+    lambda: BatchDiagGGN(mc_samples=1),
+    lambda: SqrtGGN(mc_samples=2),
+    lambda: KFAC(),
+    lambda: KFAC(mc_samples=2),
+]
+STREAMED = [
+    ("mlp", "mse-mean"),
+    ("mlp", "ce-sum"),
+    ("mlp-activations", "ce-mean"),
+    ("cnn2d", "ce-mean"),
+    ("cnn1d-grouped", "bce-mean"),
+    ("cnn3d", "mse-sum"),
+    ("pooling", "ce-smooth"),
+    ("residual-conv-batchnorm", "ce-mean"),
+    ("layernorm-mlp", "mse-mean"),
+    ("embedding-batchnorm-groupnorm", "ce-mean"),
+    ("sequence", "ce-mean"),
+]
+
+
+def _problem(name: str):
+    return next(p for p in PROBLEMS if p.name == name)
+
+
+class _Spy:
+    """Counts calls of the streamed path."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = engine._compute_streamed
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_compute_streamed", spy)
+
+
+def _both(model, loss_func, x, y, make, seed: int = 5):
+    """Streamed and general results of the same quantity (same MC samples)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = make()
+        try:
+            streamed = compute(
+                model, loss_func, x, y, [q], generator=torch.Generator().manual_seed(seed)
+            )
+        except Exception as err:  # noqa: BLE001 - the general path must raise the same
+            with pytest.raises(type(err)):
+                compute(model, loss_func, x, y, [make()], subsampling=list(range(x.shape[0])))
+            return None, None, q
+        general = compute(
+            model,
+            loss_func,
+            x,
+            y,
+            [make()],
+            subsampling=list(range(x.shape[0])),
+            generator=torch.Generator().manual_seed(seed),
+        )
+    return streamed, general, q
+
+
+def _assert_close(a, b) -> None:
+    if isinstance(a, tuple):
+        assert len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            _assert_close(u, v)
+        return
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("problem", "loss"), STREAMED)
+@pytest.mark.parametrize("make", FIRST_ORDER + MC)
+def test_streamed_equals_general_path(problem, loss, make, monkeypatch):
+    spy = _Spy(monkeypatch)
+    model, loss_func, x, y = build(_problem(problem), loss)
+    streamed, general, q = _both(model, loss_func, x, y, make)
+    if streamed is None:
+        return  # both paths reject it (e.g. KFAC of a grouped convolution)
+    assert spy.calls == 1
+    torch.testing.assert_close(streamed.loss, general.loss, rtol=1e-12, atol=1e-12)
+    for name in general.grad:
+        torch.testing.assert_close(streamed.grad[name], general.grad[name])
+    assert streamed[q.name].keys() == general[q.name].keys()
+    for name, value in general[q.name].items():
+        _assert_close(streamed[q.name][name], value)
+
+
+def test_streamed_ggn_product_mc(monkeypatch):
+    spy = _Spy(monkeypatch)
+    model, loss_func, x, y = build(_problem("cnn2d"), "ce-mean")
+    streamed, general, q = _both(model, loss_func, x, y, lambda: GGNMP(mc_samples=2))
+    assert spy.calls == 1
+    for name, p in model.named_parameters():
+        v = torch.randn(3, *p.shape, dtype=p.dtype)
+        torch.testing.assert_close(streamed[q.name][name](v), general[q.name][name](v))
+
+
+@pytest.mark.parametrize("problem", ["residual-shared", "attention-layernorm", "conv-transpose"])
+def test_shared_and_generic_modules_use_the_general_path(problem, monkeypatch):
+    spy = _Spy(monkeypatch)
+    model, loss_func, x, y = build(_problem(problem), "ce-mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compute(model, loss_func, x, y, [BatchL2()])
+    assert spy.calls == 0
+
+
+class _Branches(nn.Module):
+    """Two parallel input branches (two sinks), modules that the loss does not see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Conv1d(1, 2, 3)
+        self.unused = nn.Linear(5, 2)
+        self.head = nn.Linear(4 + 2 * 3, 3)
+        self.frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.unused(x)  # called, but the loss does not depend on it
+        h = torch.cat([torch.tanh(self.a(x)), self.b(x[:, None, :5]).flatten(1)], dim=1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("make", FIRST_ORDER + MC)
+def test_streamed_branches_and_unreached_modules(make, monkeypatch):
+    spy = _Spy(monkeypatch)
+    torch.manual_seed(0)
+    model = _Branches().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    streamed, general, q = _both(model, nn.CrossEntropyLoss(), x, y, make)
+    assert spy.calls == 1
+    assert streamed[q.name].keys() == general[q.name].keys()
+    for name, value in general[q.name].items():
+        _assert_close(streamed[q.name][name], value)
+    value = streamed[q.name]["unused.weight"]
+    assert all(not v.any() for v in (value if isinstance(value, tuple) else (value,))[-1:])
+
+
+def test_sinks_are_the_earliest_outputs():
+    torch.manual_seed(0)
+    a, b, c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    za = a(x)
+    zb = b(torch.relu(za))
+    zc = c(x)  # a second branch from the input
+    sinks = engine._sinks([za, zb, zc])
+    assert [id(s) for s in sinks] == [id(za), id(zc)]
+
+
+def _track_factors(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Per evaluation, how many factors of *earlier* modules are still alive."""
+    seen: list[weakref.ref] = []
+    alive: list[int] = []
+    original = engine.ParamDerivatives
+
+    class Tracking(original):
+        def __init__(self, name, uses, factors, *args, **kwargs):
+            super().__init__(name, uses, factors, *args, **kwargs)
+            mine = {id(call) for owner, _ in uses for call in owner.calls}
+            current = [
+                t for per in factors.values() for k, fs in per.items() if k in mine for t in fs
+            ]
+            others = [w() for w in seen]
+            alive.append(
+                sum(1 for t in others if t is not None and all(t is not c for c in current))
+            )
+            for t in current:
+                if all(w() is not t for w in seen):
+                    seen.append(weakref.ref(t))
+
+    monkeypatch.setattr(engine, "ParamDerivatives", Tracking)
+    return alive
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(6, 8)]
+    for _ in range(4):
+        layers += [nn.ReLU(), nn.Linear(8, 8)]
+    model = nn.Sequential(*layers, nn.ReLU(), nn.Linear(8, 3)).double()
+    return model, torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+
+@pytest.mark.parametrize(
+    "make", [BatchL2, SumGradSquared, Variance, lambda: DiagGGN(mc_samples=1), KFAC]
+)
+def test_streamed_path_frees_each_factor(make, monkeypatch):
+    """No list of output gradients: a module's factor is gone when the next one arrives."""
+    alive = _track_factors(monkeypatch)
+    model, x, y = _deep_mlp()
+    compute(model, nn.CrossEntropyLoss(), x, y, [make()])
+    assert len(alive) >= 6
+    assert max(alive) == 0
+
+
+def test_general_path_keeps_factors(monkeypatch):
+    """The check above detects kept factors (the general path holds them all)."""
+    alive = _track_factors(monkeypatch)
+    model, x, y = _deep_mlp()
+    compute(model, nn.CrossEntropyLoss(), x, y, [BatchL2()], subsampling=list(range(16)))
+    assert max(alive) > 0
+
+
+@pytest.mark.parametrize(
+    "make", [BatchL2, SumGradSquared, Variance, lambda: DiagGGN(mc_samples=1), KFAC]
+)
+def test_reductions_never_form_per_sample_gradients(make, monkeypatch):
+    """Linear and Conv reductions use factored forms, never the ``[N, P]`` ``jac_t``."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-sample gradients formed")
+
+    monkeypatch.setattr(LinearRule, "jac_t", forbidden)
+    monkeypatch.setattr(ConvRule, "jac_t", forbidden)
+    model, loss_func, x, y = build(_problem("cnn2d"), "ce-mean")
+    compute(model, loss_func, x, y, [make()])
