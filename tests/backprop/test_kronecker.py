@@ -9,7 +9,7 @@ from torch.func import functional_call, jacrev
 
 from curvlab.backprop import KFAC, KFLR, KFRA, compute
 from tests import reference
-from tests.backprop.problems import LOSSES, PROBLEMS, build
+from tests.backprop.problems import LOSSES, PROBLEMS, build, make_targets
 
 SEQUENTIAL = ["mlp", "mlp-activations", "cnn2d", "cnn3d"]
 
@@ -112,12 +112,7 @@ def _mlp_data(loss: str, n: int):
     x = torch.randn(n, 2, 3, dtype=torch.float64)
     with torch.no_grad():
         out = model(x)
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        y = torch.randint(0, 3, (n,))
-    elif isinstance(loss_func, nn.BCEWithLogitsLoss):
-        y = torch.rand_like(out)
-    else:
-        y = torch.randn_like(out)
+    y = make_targets(loss_func, out)
     return model, loss_func, x, y
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from curvlab.backprop import BL89, DiagHessian, HesScale, compute
 from tests import reference
-from tests.backprop.problems import LOSSES
+from tests.backprop.problems import LOSSES, make_targets
 
 
 def _mlp(act: type[nn.Module]) -> nn.Sequential:
@@ -41,12 +41,7 @@ def _case(model_name: str, act: type[nn.Module], loss: str, seed: int = 0, n: in
     x = torch.randn(n, *shape, dtype=torch.float64)
     with torch.no_grad():
         out = model(x)
-    if isinstance(loss_func, nn.CrossEntropyLoss):
-        y = torch.randint(0, 3, (n,))
-    elif isinstance(loss_func, nn.BCEWithLogitsLoss):
-        y = torch.rand_like(out)
-    else:
-        y = torch.randn_like(out)
+    y = make_targets(loss_func, out)
     return model, loss_func, x, y
 
 
