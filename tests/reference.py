@@ -287,3 +287,32 @@ def kfra_output_factors(model: nn.Sequential, loss_func, inputs: Tensor, targets
             )(x)
             b = b * (first.T @ first) / x.shape[0]
     return factors
+
+
+def kfra_dense_ggns(model: nn.Sequential, loss_func, inputs: Tensor, targets: Tensor):
+    """KFRA's batch-averaged GGN w.r.t. every layer output of a ``Sequential``, by Jacobians.
+
+    ``G_out = r Σ_n H_n``; below layer ``i``: ``(1/N) Σ_n J_nᵀ G J_n`` with ``J_n`` the full
+    Jacobian of layer ``i`` at sample ``n`` (flattened). Returns ``{i: G w.r.t. output of i}``.
+    """
+    layers = list(model)
+    n = inputs.shape[0]
+    r = 1.0 / n if loss_func.reduction == "mean" else 1.0
+    with torch.no_grad():
+        acts = [inputs]
+        for layer in layers:
+            acts.append(layer(acts[-1]))
+    out = acts[-1]
+    g = r * sum(
+        loss_hessian_wrt_output(loss_func, out[k : k + 1], targets[k : k + 1]) for k in range(n)
+    )
+    ggns = {}
+    for i in range(len(layers) - 1, -1, -1):
+        ggns[i] = g
+        x = acts[i]
+        jacs = [
+            torch.func.jacrev(layers[i])(x[k : k + 1]).reshape(acts[i + 1][0].numel(), -1)
+            for k in range(n)
+        ]
+        g = sum(j.T @ g @ j for j in jacs) / n
+    return ggns

@@ -85,17 +85,17 @@ class ResidualConv(nn.Module):
 
 
 class TransposedConvNet(nn.Module):
-    """ConvTranspose1d and ConvTranspose2d (generic path) between Conv layers."""
+    """ConvTranspose1d (padding with output padding) and a grouped, dilated ConvTranspose2d."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up1 = nn.ConvTranspose1d(2, 2, 3, stride=2, output_padding=1)
-        self.up2 = nn.ConvTranspose2d(1, 2, 2, stride=2)
-        self.head = nn.Linear(2 * 10 + 2 * 4 * 4, 3)
+        self.up1 = nn.ConvTranspose1d(2, 2, 3, stride=2, padding=1, output_padding=1)
+        self.up2 = nn.ConvTranspose2d(2, 4, 2, stride=(2, 1), groups=2, dilation=(1, 2))
+        self.head = nn.Linear(2 * 8 + 4 * 4 * 4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        a = torch.tanh(self.up1(x))  # [N, 2, 10]
-        b = self.up2(x[:, :1, :4].reshape(-1, 1, 2, 2))  # [N, 2, 4, 4]
+        a = torch.tanh(self.up1(x))  # [N, 2, 8]
+        b = self.up2(x.reshape(-1, 2, 2, 2))  # [N, 4, 4, 4]
         return self.head(torch.cat([a.flatten(1), b.flatten(1)], dim=1))
 
 
@@ -199,6 +199,29 @@ def _transposed():
     return TransposedConvNet(), torch.randn(3, 2, 4)
 
 
+def _transposed3d():
+    model = nn.Sequential(
+        nn.ConvTranspose3d(
+            1, 2, (2, 2, 3), stride=(2, 1, 2), padding=(0, 1, 1), output_padding=(1, 0, 1)
+        ),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(40, 3),
+    )
+    return model, torch.randn(3, 1, 2, 3, 1)
+
+
+def _grouped2d():
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 2, groups=2, stride=2, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, groups=3, padding="same"),
+        nn.Flatten(),
+        nn.Linear(54, 3),
+    )
+    return model, torch.randn(3, 4, 4, 4)
+
+
 def _residual():
     return Residual(), torch.randn(4, 5)
 
@@ -232,6 +255,8 @@ PROBLEMS = [
     Problem("pooling", _pooling),
     Problem("residual-conv-batchnorm", _residual_conv),
     Problem("conv-transpose", _transposed),
+    Problem("conv-transpose-3d", _transposed3d),
+    Problem("cnn2d-grouped", _grouped2d),
 ]
 
 LOSSES = {

@@ -104,16 +104,16 @@ def _named(name: str):
 
 
 def test_generic_path_warns_naming_modules():
-    model, loss_func, x, y = build(_named("conv-transpose"), "ce-mean")
+    model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
     from curvlab.backprop import engine
 
     engine._WARNED.clear()
-    with pytest.warns(GenericPathWarning, match=r"ConvTranspose1d \('up1'\)"):
+    with pytest.warns(GenericPathWarning, match=r"MultiheadAttention \('attn'\)"):
         compute(model, loss_func, x, y, [BatchGrad()])
 
 
 def test_generic_path_warns_once():
-    model, loss_func, x, y = build(_named("conv-transpose"), "ce-mean")
+    model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
     compute_quietly = functools.partial(compute, model, loss_func, x, y, [BatchGrad()])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -132,20 +132,26 @@ def test_hessian_fallback_names_the_obstacle():
         compute(model, loss_func, x, y, [DiagHessian()])
 
 
-def test_kfac_on_module_without_rule_names_it():
-    model, loss_func, x, y = build(_named("conv-transpose"), "ce-mean")
+def test_kfac_on_large_generic_parameter_names_it(monkeypatch):
+    """A module without a Kronecker rule gets whole GGN blocks, within MAX_FULL_BLOCK."""
+    from curvlab.backprop import engine
+
+    model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
+    monkeypatch.setattr(engine, "MAX_FULL_BLOCK", 40)  # in_proj_weight has 48 entries
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(
-            UnsupportedModuleError, match=r"ConvTranspose1d \(module 'up1'\) for KFAC"
+            UnsupportedModuleError,
+            match=r"MultiheadAttention \(module 'attn'\).*'in_proj_weight' \(48 entries\)",
         ):
             compute(model, loss_func, x, y, [KFAC()])
 
 
-def test_kfac_on_grouped_conv_names_it():
-    model, loss_func, x, y = build(_named("cnn1d-grouped"), "ce-mean")
-    with pytest.raises(UnsupportedModuleError, match=r"Conv1d \(module '0'\).*groups=2"):
-        compute(model, loss_func, x, y, [KFLR()])
+def test_kfac_covers_grouped_and_transposed_convolutions():
+    for problem in ("cnn1d-grouped", "conv-transpose"):
+        model, loss_func, x, y = build(_named(problem), "ce-mean")
+        results = compute(model, loss_func, x, y, [KFAC()])
+        assert list(results["KFAC"]) == [name for name, _ in model.named_parameters()]
 
 
 @pytest.mark.parametrize("quantity", [KFRA(), BL89(), HesScale()])

@@ -2,34 +2,74 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from curvlab.backprop import KFAC, KFLR, KFRA, compute
+from curvlab.backprop import (
+    KFAC,
+    KFLR,
+    KFRA,
+    GenericPathWarning,
+    UnsupportedModuleError,
+    compute,
+)
 from tests import reference
 from tests.backprop.problems import LOSSES, PROBLEMS, build, make_targets
 
-SEQUENTIAL = ["mlp", "mlp-activations", "cnn2d", "cnn3d"]
+SEQUENTIAL = ["mlp", "mlp-activations", "cnn2d", "cnn3d", "conv-transpose-3d", "cnn2d-grouped"]
+LAYERS = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d)
 
 
 def _layers(model: nn.Sequential) -> list[int]:
-    return [i for i, m in enumerate(model) if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))]
+    return [i for i, m in enumerate(model) if isinstance(m, LAYERS)]
+
+
+def _groups(layer: nn.Module) -> int:
+    return getattr(layer, "groups", 1)
 
 
 def _input_factor(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A = mean over samples and positions of u u^T, u read off the weight Jacobian."""
+    """A = mean over samples and positions of u u^T, u read off the weight Jacobian.
+
+    ``u`` at output position ``t`` is the derivative of output channel ``o`` (the first of its
+    group) w.r.t. the row of the weight matrix that produces ``o``: ``weight[o]`` for
+    ``Linear``/``Conv``, ``weight[:, o]`` (channels of the group) for ``ConvTranspose``.
+    Returns ``[in*K, in*K]``, or ``[G, in/G*K, in/G*K]`` for a grouped layer.
+    """
     weight = layer.weight.detach()
+    transposed = getattr(layer, "transposed", False)
 
     def out(w):
         return functional_call(layer, {"weight": w}, (x,))
 
-    jac = jacrev(out)(weight)  # [N, O, *T, O, *w_in]
+    jac = jacrev(out)(weight)  # [N, O, *T, *w]
     n, o = jac.shape[:2]
-    jac = jac.reshape(n, o, -1, o, weight[0].numel())
-    patches = jac[:, 0, :, 0, :].reshape(-1, weight[0].numel())  # [N*T, in*K]
-    return patches.T @ patches / patches.shape[0]
+    g = _groups(layer)
+    jac = jac.reshape(n, o, -1, *weight.shape)
+    factors = []
+    for group in range(g):
+        first = group * (o // g)
+        if transposed:  # weight [in, out/G, *K]: row of output channel `first`
+            rows = slice(group * (weight.shape[0] // g), (group + 1) * (weight.shape[0] // g))
+            u = jac[:, first, :, rows, 0]
+        else:  # weight [out, in/G, *K]
+            u = jac[:, first, :, first]
+        u = u.reshape(-1, u[0, 0].numel())  # [N*T, in/G*K]
+        factors.append(u.T @ u / u.shape[0])
+    return factors[0] if g == 1 else torch.stack(factors)
+
+
+def _grouped(b: torch.Tensor, groups: int) -> torch.Tensor:
+    """Diagonal blocks ``[G, out/G, out/G]`` of an output factor (itself for one group)."""
+    if groups == 1:
+        return b
+    o = b.shape[0] // groups
+    return torch.stack([b[i * o : (i + 1) * o, i * o : (i + 1) * o] for i in range(groups)])
 
 
 def _output_factor(model: nn.Sequential, k: int, loss_func, x, y) -> torch.Tensor:
@@ -53,7 +93,10 @@ def test_kflr_output_factor(problem, loss):
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
     actual = torch.cat([ours[f"{k}.weight"][1].flatten() for k in _layers(model)])
     expected = torch.cat(
-        [_output_factor(model, k, loss_func, x, y).flatten() for k in _layers(model)]
+        [
+            _grouped(_output_factor(model, k, loss_func, x, y), _groups(model[k])).flatten()
+            for k in _layers(model)
+        ]
     )
     torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-10)
 
@@ -74,6 +117,49 @@ def test_kflr_bias_factor_is_output_factor(loss):
     model, loss_func, x, y = _case("mlp", loss)
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
     assert all(torch.equal(ours[f"{k}.bias"][0], ours[f"{k}.weight"][1]) for k in (0, 2))
+
+
+@pytest.mark.parametrize("loss", ["mse-mean", "ce-sum"])
+def test_grouped_conv_bias_factor_is_whole_output_factor(loss):
+    model, loss_func, x, y = _case("cnn2d-grouped", loss)
+    ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
+    (b,) = ours["0.bias"]
+    torch.testing.assert_close(b, _output_factor(model, 0, loss_func, x, y), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(_grouped(b, 2), ours["0.weight"][1], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse-sum", "ce-mean", "bce-mean"])
+def test_conv_transpose_kronecker_order(loss):
+    """One sample, one output pixel: torch.kron(B, A) is the GGN block of W viewed [out, in*K]."""
+    torch.manual_seed(3)
+    layer = nn.ConvTranspose2d(2, 3, 1)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(1, 2, 1, 1, dtype=torch.float64)
+    loss_func = LOSSES[loss]()
+    y = make_targets(loss_func, model(x).detach())
+    a, b = compute(model, loss_func, x, y, [KFLR()])["KFLR"]["0.weight"]
+    block = reference.ggn(model, loss_func, x, y)[:6, :6]  # row-major over W [in, out]
+    order = torch.arange(6).reshape(2, 3).T.flatten()  # row-major over W^T [out, in]
+    torch.testing.assert_close(torch.kron(b, a), block[order][:, order], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse-mean", "ce-sum", "bce-mean"])
+def test_generic_module_gets_its_whole_ggn_block(loss):
+    """Modules without a Kronecker rule (attention, layer norm): (B,) is the exact GGN block."""
+    model, loss_func, x, y = _case("attention-layernorm", loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GenericPathWarning)
+        ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
+    ggn = reference.ggn(model, loss_func, x, y)
+    start = 0
+    for name, param in model.named_parameters():
+        size = param.numel()
+        block = ggn[start : start + size, start : start + size]
+        start += size
+        if name.startswith("head."):
+            continue
+        (b,) = ours[name]
+        torch.testing.assert_close(b, block, rtol=1e-8, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -153,3 +239,66 @@ def test_embedding_kronecker_order(loss):
     a, b = compute(model, loss_func, x, y, [KFLR()])["KFLR"]["0.weight"]
     block = reference.ggn(model, loss_func, x, y)[:12, :12]
     torch.testing.assert_close(torch.kron(a, b), block, rtol=1e-8, atol=1e-12)
+
+
+def _kfra_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.ConvTranspose2d(2, 2, 2, groups=2),
+        nn.Sigmoid(),
+        nn.Conv2d(2, 4, 2, groups=2),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
+
+
+def _kfra_cnn_data(loss: str, n: int):
+    torch.manual_seed(5)
+    model = _kfra_cnn()
+    loss_func = LOSSES[loss]()
+    x = torch.randn(n, 1, 4, 4, dtype=torch.float64)
+    y = make_targets(loss_func, model(x).detach())
+    return model, loss_func, x, y
+
+
+@pytest.mark.parametrize("loss", ["mse-mean", "ce-sum", "bce-mean"])
+def test_kfra_through_convolutions_and_pooling(loss):
+    """B of Conv/ConvTranspose layers: positions' diagonal blocks of the batch-averaged GGN."""
+    model, loss_func, x, y = _kfra_cnn_data(loss, 4)
+    results = compute(model, loss_func, x, y, [KFRA(), KFLR()])
+    ggns = reference.kfra_dense_ggns(model, loss_func, x, y)
+    for k in (0, 3, 5, 8):
+        layer = model[k]
+        with torch.no_grad():
+            out_shape = model[: k + 1](x[:1]).shape[1:]
+        g = ggns[k]
+        if isinstance(layer, nn.Linear):
+            b = g
+        else:
+            c, t = out_shape[0], math.prod(out_shape[1:])
+            b = torch.einsum("atbt->ab", g.reshape(c, t, c, t))
+        a_kfra, b_kfra = results["KFRA"][f"{k}.weight"]
+        torch.testing.assert_close(b_kfra, _grouped(b, _groups(layer)), rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(a_kfra, results["KFLR"][f"{k}.weight"][0])
+        torch.testing.assert_close(results["KFRA"][f"{k}.bias"][0], b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse-sum", "ce-mean"])
+def test_kfra_equals_kflr_for_one_sample_in_a_cnn(loss):
+    model, loss_func, x, y = _kfra_cnn_data(loss, 1)
+    results = compute(model, loss_func, x, y, [KFRA(), KFLR()])
+    for name in results["KFLR"]:
+        for ours, exact in zip(results["KFRA"][name], results["KFLR"][name], strict=True):
+            torch.testing.assert_close(ours, exact, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_kfra_names_too_large_activation(monkeypatch):
+    from curvlab.backprop import recursions
+
+    model, loss_func, x, y = _kfra_cnn_data("ce-mean", 2)
+    monkeypatch.setattr(recursions, "KFRA_MAX_FEATURES", 16)
+    with pytest.raises(UnsupportedModuleError, match=r"Conv2d \(module '5'\).*18 features"):
+        compute(model, loss_func, x, y, [KFRA()])

@@ -190,7 +190,15 @@ class ParamDerivatives:
         return self.jac_t(source).flatten(start_dim=2).square().sum(-1)
 
     def kron(self, source: Any) -> KronSums:
-        """Kronecker statistics summed over calls (several calls count as more positions)."""
+        r"""Kronecker statistics summed over calls (several calls count as more positions).
+
+        A parameter of a module without a Kronecker rule (a generic module) gets its whole
+        GGN block as a single output-side factor, :math:`\sum_{m,n} v_{mn} v_{mn}^\top` with
+        :math:`v_{mn} = J_n^\top F_{mn}` flattened, as normalization layers do.
+        """
+        if any(owner.kron_rule is None for owner, _ in self.uses):
+            vjp = self.jac_t(source).flatten(end_dim=1).flatten(start_dim=1)  # [M*N, P]
+            return KronSums(None, self.num_samples, vjp.T @ vjp)
         values = self._per_call("kron_sums", source)
         if len(values) == 1:  # no copy
             v = values[0]

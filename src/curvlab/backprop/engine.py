@@ -173,13 +173,7 @@ def _choose_rules(owners: list[Owner], method: str, quantities: list[Quantity]) 
         else:
             own.rule = rule
         if own.kron_rule is None:
-            for q in quantities:
-                if q.layerwise and q.per_parameter:
-                    raise UnsupportedModuleError(
-                        f"curvlab has no rule for {type(own.module).__name__} (module "
-                        f"'{own.name}') for {q.name}, an approximation defined layer by layer; "
-                        f"exact quantities remain available ({EXACT_QUANTITIES})"
-                    )
+            _check_full_blocks(own, quantities)
     new = sorted({type(o.module).__name__ for o in generic} - _WARNED)
     if method == "auto" and new:
         _WARNED.update(new)
@@ -190,6 +184,28 @@ def _choose_rules(owners: list[Owner], method: str, quantities: list[Quantity]) 
             GenericPathWarning,
             stacklevel=3,
         )
+
+
+MAX_FULL_BLOCK = 2**13
+"""Largest parameter (elements) whose whole GGN block stands in for Kronecker factors."""
+
+
+def _check_full_blocks(own: Owner, quantities: list[Quantity]) -> None:
+    """Layer-wise quantities of a module without a Kronecker rule need small parameters."""
+    layerwise = [q.name for q in quantities if q.layerwise and q.per_parameter]
+    if not layerwise:
+        return
+    params = dict(own.module.named_parameters(remove_duplicate=False))
+    for local in own.local_names:
+        size = params[local].numel()
+        if size > MAX_FULL_BLOCK:
+            raise UnsupportedModuleError(
+                f"curvlab has no Kronecker rule for {type(own.module).__name__} (module "
+                f"'{own.name}'), so {', '.join(layerwise)} would give parameter '{local}' "
+                f"({size} entries) its whole {size} x {size} GGN block, more than "
+                f"MAX_FULL_BLOCK={MAX_FULL_BLOCK} entries allow; exact quantities remain "
+                f"available ({EXACT_QUANTITIES})"
+            )
 
 
 def _check_versions(records: dict[str, list[Call]], modules: dict[str, nn.Module]) -> None:

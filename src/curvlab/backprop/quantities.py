@@ -354,13 +354,17 @@ class KFAC(_MCQuantity):
 class KFRA(Quantity):
     r"""Kronecker factors with recursive batch averages (Botev et al., 2017).
 
-    ``A`` as in :class:`KFLR`; ``B`` is the batch-averaged GGN w.r.t. the layer output,
-    propagated backward through ``nn.Sequential`` models with batch-averaged Jacobians:
-    :math:`\bar G_{\mathrm{out}} = r \sum_n H_n`, through ``Linear``
-    :math:`\bar G_x = W^\top \bar G_y W`, through an elementwise activation
-    :math:`\bar G_h = \bar G_a \odot \frac{1}{N}\sum_n \phi'(h_n) \phi'(h_n)^\top`. Equals KFLR
-    for the last layer. Supported: ``nn.Sequential`` of Linear, elementwise activations,
-    Dropout, Identity, Flatten (at the bottom of the chain).
+    ``A`` as in :class:`KFLR`; ``B`` comes from the batch-averaged GGN :math:`\bar G` w.r.t. each
+    activation (flattened per sample), propagated backward through an ``nn.Sequential``:
+    :math:`\bar G_{\mathrm{out}} = r \sum_n H_n`, and below a module with per-sample input
+    Jacobian :math:`J_n`, :math:`\bar G_x = \frac1N \sum_n J_n^\top \bar G_y J_n` (one
+    Jacobian for modules linear in their input — Linear, Conv, ConvTranspose, average pooling,
+    Flatten; :math:`\bar G_a \odot \frac1N\sum_n \phi'(h_n)\phi'(h_n)^\top` for an
+    elementwise activation; per-sample Jacobians for max pooling and other parameter-free
+    modules). A layer's ``B`` sums the diagonal blocks of :math:`\bar G_y` over the positions that
+    share its weight (KFLR's layout, grouped layers per group). Equals KFLR for one sample.
+    Activations are dense ``[D, D]`` matrices, so ``D`` is capped by
+    ``recursions.KFRA_MAX_FEATURES`` (a larger one raises, naming the module).
     """
 
     layerwise = True

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.pooling import (
     _AdaptiveAvgPoolNd,
@@ -26,8 +27,10 @@ from torch.nn.modules.pooling import (
 from curvlab.backprop.derivatives import Context
 from curvlab.backprop.errors import UnsupportedModuleError
 from curvlab.backprop.hessian import ELEMENTWISE, PIECEWISE_LINEAR
+from curvlab.backprop.rules import find_rule
 from curvlab.backprop.rules.base import Call
-from curvlab.backprop.rules.conv import unfold
+from curvlab.backprop.rules.conv import grouped_output_sum, unfold
+from curvlab.backprop.rules.norm import NormRule
 
 _PASS_THROUGH = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
 
@@ -103,6 +106,116 @@ def _names(name: str, module: nn.Module) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------- KFRA
+KFRA_MAX_FEATURES = 2**13
+"""Largest activation (features per sample) whose dense batch-averaged GGN KFRA propagates."""
+
+_LINEAR_PARAMETER_FREE = (
+    _AvgPoolNd,
+    _AdaptiveAvgPoolNd,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+)
+"""Parameter-free modules that are linear in their input (one Jacobian for every sample)."""
+
+
+def _sandwich(module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor:
+    r""":math:`J^\top \bar G J` for the input Jacobian :math:`J` of ``module`` at one sample ``x``.
+
+    Two batched VJPs: rows of :math:`\bar G J` from the rows of :math:`\bar G`, then rows of
+    :math:`J^\top (\bar G J)` (symmetric) from the columns of :math:`\bar G J`.
+    """
+    with torch.enable_grad():
+        _, pullback = torch.func.vjp(module, x.unsqueeze(0))
+    out_shape = module(x.unsqueeze(0)).shape
+
+    def rows(m: Tensor) -> Tensor:
+        (vjp,) = torch.func.vmap(pullback)(m.reshape(m.shape[0], *out_shape))
+        return vjp.reshape(m.shape[0], -1)
+
+    g_j = rows(g_bar)  # [D_out, D_in]
+    return rows(g_j.T.contiguous())  # [D_in, D_in]
+
+
+def _kfra_step(name: str, module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor:
+    r"""The batch-averaged GGN w.r.t. the module input, :math:`\frac1N\sum_n J_n^\top \bar G J_n`."""
+    if x[0].numel() > KFRA_MAX_FEATURES:
+        raise _unsupported(
+            "KFRA",
+            name,
+            module,
+            f"its input has {x[0].numel()} features per sample, more than KFRA_MAX_FEATURES="
+            f"{KFRA_MAX_FEATURES} for the dense batch-averaged GGN",
+        )
+    if isinstance(module, nn.Linear) and x.dim() == 2:
+        w = module.weight.detach()
+        return w.T @ g_bar @ w
+    if isinstance(module, ELEMENTWISE):
+        first = _derivatives(module, x)[0].flatten(start_dim=1)
+        return g_bar * (first.T @ first / first.shape[0])
+    if isinstance(module, nn.Dropout) and not module.training:
+        return g_bar
+    rule = find_rule(module)
+    linear = isinstance(module, _LINEAR_PARAMETER_FREE) or (
+        rule is not None and rule.linear_in_input
+    )
+    if linear:  # one Jacobian for all samples
+        return _sandwich(module, x[0], g_bar)
+    random_or_batch = isinstance(module, (nn.modules.dropout._DropoutNd, _BatchNorm))
+    if not _has_params(module) and not (random_or_batch and module.training):
+        # per-sample Jacobians (max pooling, other nonlinear modules), averaged
+        return sum(_sandwich(module, xn, g_bar) for xn in x) / x.shape[0]
+    raise _unsupported(
+        "KFRA",
+        name,
+        module,
+        "KFRA propagates through modules linear in their input, elementwise activations and "
+        "parameter-free modules that treat samples independently (no dropout or batch norm in "
+        "training mode)",
+    )
+
+
+def _kfra_factors(
+    name: str, module: nn.Module, call: Call, x: Tensor, g_bar: Tensor
+) -> dict[str, tuple[Tensor, ...]]:
+    """``(A, B)`` per weight and ``(B,)`` per bias of a layer with a Kronecker rule."""
+    rule = find_rule(module)
+    if rule is None or not rule.kronecker or isinstance(rule, NormRule):
+        raise _unsupported(
+            "KFRA",
+            name,
+            module,
+            "KFRA has Kronecker factors for Linear, Conv, ConvTranspose and Embedding layers",
+        )
+    names = _names(name, module)
+    local = list(names)
+    out_shape = call.outputs[0].shape[1:] if call.outputs else None
+    if out_shape is None:
+        out_shape = module(x[:1]).shape[1:]
+    channels_last = isinstance(module, (nn.Linear, nn.Embedding))
+    c = out_shape[-1] if channels_last else out_shape[0]
+    t = math.prod(out_shape) // c
+    if channels_last:
+        b = g_bar.reshape(t, c, t, c).diagonal(dim1=0, dim2=2).sum(-1)
+    else:
+        b = g_bar.reshape(c, t, c, t).diagonal(dim1=1, dim2=3).sum(-1)
+    zeros = x.new_zeros(1, x.shape[0], *out_shape)
+    sums = rule.kron_sums(module, Call(args=(x,)), (zeros,), local)
+    results: dict[str, tuple[Tensor, ...]] = {}
+    for loc, full in names.items():
+        s = sums[loc]
+        if s.input_sum is None:
+            results[full] = (b,)
+        else:
+            groups = getattr(module, "groups", 1)
+            b_w = b if groups == 1 else grouped_output_sum(b, groups)
+            results[full] = (s.input_sum / s.input_count, b_w)
+    return results
+
+
 def kfra(ctx: Context) -> dict[str, Any]:
     r"""KFRA factors (see :class:`~curvlab.backprop.quantities.KFRA`)."""
     chain = _chain(ctx, "KFRA")
@@ -117,28 +230,10 @@ def kfra(ctx: Context) -> dict[str, Any]:
     for i in range(len(chain) - 1, lowest - 1, -1):
         name, module, call = chain[i]
         x = call.args[0]
-        if isinstance(module, nn.Linear):
-            if x.dim() != 2:
-                raise _unsupported("KFRA", name, module, "inputs with more than two dimensions")
-            names = _names(name, module)
-            if "weight" in names:
-                results[names["weight"]] = (x.T @ x / x.shape[0], g_bar)
-            if "bias" in names:
-                results[names["bias"]] = (g_bar,)
-            g_bar = module.weight.detach().T @ g_bar @ module.weight.detach()
-        elif isinstance(module, ELEMENTWISE):
-            first, _ = _derivatives(module, x)
-            g_bar = g_bar * (first.T @ first / first.shape[0])
-        elif isinstance(module, (nn.Identity, nn.Dropout)) and not module.training:
-            continue
-        else:
-            raise _unsupported(
-                "KFRA",
-                name,
-                module,
-                "KFRA supports Linear, elementwise activations, "
-                "Dropout (eval) and Identity above the lowest Linear",
-            )
+        if _has_params(module):
+            results.update(_kfra_factors(name, module, call, x, g_bar))
+        if i > lowest:
+            g_bar = _kfra_step(name, module, x, g_bar)
     return dict(sorted(results.items(), key=lambda kv: ctx.param_names.index(kv[0])))
 
 

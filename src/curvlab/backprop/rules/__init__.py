@@ -12,6 +12,7 @@ from torch import nn
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
 from curvlab.backprop.rules.conv import ConvRule
+from curvlab.backprop.rules.conv_transpose import ConvTransposeRule
 from curvlab.backprop.rules.linear import LinearRule
 from curvlab.backprop.rules.norm import EmbeddingRule, NormRule
 
@@ -20,6 +21,9 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
     nn.Conv3d: ConvRule(),
+    nn.ConvTranspose1d: ConvTransposeRule(),
+    nn.ConvTranspose2d: ConvTransposeRule(),
+    nn.ConvTranspose3d: ConvTransposeRule(),
     nn.BatchNorm1d: NormRule(linear_in_input=True),
     nn.BatchNorm2d: NormRule(linear_in_input=True),
     nn.BatchNorm3d: NormRule(linear_in_input=True),
@@ -38,4 +42,13 @@ def find_rule(module: nn.Module) -> Rule | None:
     return None
 
 
-__all__ = ["RULES", "Call", "ConvRule", "KronSums", "LinearRule", "Rule", "find_rule"]
+__all__ = [
+    "RULES",
+    "Call",
+    "ConvRule",
+    "ConvTransposeRule",
+    "KronSums",
+    "LinearRule",
+    "Rule",
+    "find_rule",
+]

@@ -3,7 +3,10 @@ r"""Rule for ``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, g
 A convolution is a linear layer applied to the *unfolded* input: patches ``[N, in * K, T]``
 (``K = prod(kernel_size)``, ``T`` output positions), with the weight viewed as
 ``[out, in / groups * K]`` per group. Per-sample gradients are
-:math:`\sum_t g_{nt} u_{nt}^\top`; Kronecker factors use the patches as inputs.
+:math:`\sum_t g_{nt} u_{nt}^\top`; Kronecker factors use the patches as inputs. A grouped
+convolution is ``G`` independent layers: its weight gets one factor pair per group, stacked as
+``A`` ``[G, in/G * K, in/G * K]`` and ``B`` ``[G, out/G, out/G]`` (the weight block is then
+block-diagonal over groups).
 """
 
 from __future__ import annotations
@@ -199,10 +202,6 @@ class ConvRule(Rule):
         return out
 
     def kron_sums(self, module, call, factors, names):  # noqa: D102
-        if module.groups != 1 and "weight" in names:
-            raise NotImplementedError(
-                f"Kronecker factors for grouped convolutions (groups={module.groups})"
-            )
         x, f = call.args[0], factors[0]
         m, n = f.shape[:2]
         t = math.prod(f.shape[3:])
@@ -211,14 +210,26 @@ class ConvRule(Rule):
         output_sum = f.T @ f
         out = {}
         if "weight" in names:
+            g = module.groups
             arguments = _einconv_arguments(module)
             if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy)
                 input_sum = einconv.kfac_expand_factor(x, **arguments, reduction="sum")
             else:
-                u = torch_unfold(module, x)
-                u = u.transpose(1, 2).reshape(-1, u.shape[1])  # [N*T, in*K]
-                input_sum = u.T @ u
-            out["weight"] = KronSums(input_sum, n * t, output_sum)
+                u = torch_unfold(module, x)  # [N, in * K, T]
+                u = u.reshape(n, g, -1, t).permute(1, 2, 0, 3).flatten(2)  # [G, in/G * K, N*T]
+                input_sum = torch.bmm(u, u.transpose(1, 2))
+                input_sum = input_sum[0] if g == 1 else input_sum
+            if g == 1:
+                out["weight"] = KronSums(input_sum, n * t, output_sum)
+            else:
+                out["weight"] = KronSums(input_sum, n * t, grouped_output_sum(output_sum, g))
         if "bias" in names:
             out["bias"] = KronSums(None, n * t, output_sum)
         return out
+
+
+def grouped_output_sum(output_sum: Tensor, groups: int) -> Tensor:
+    """The diagonal blocks ``[G, out/G, out/G]`` of ``[out, out]``: one per group of channels."""
+    o = output_sum.shape[0] // groups
+    blocks = output_sum.reshape(groups, o, groups, o)
+    return blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
