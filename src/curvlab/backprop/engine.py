@@ -457,18 +457,17 @@ def compute(
                 call.kwargs = tree_map(
                     lambda a: select(a) if isinstance(a, Tensor) else a, call.kwargs
                 )
-    ctx = Context(
-        model=model,
-        spec=spec,
-        output=output.detach(),
-        targets=targets,
-        graph_output=output,
+    ctx = _context(
+        model,
+        spec,
+        output,
+        targets,
+        r,
+        n,
+        owners,
+        named,
         grad=param_grads,
-        r=r,
-        num_samples=n,
         index=index,
-        owners=owners,
-        param_names=[name for name, _ in named],
         hessian_fallback=hessian_fallback,
         records=records,
         output_grads={
@@ -497,6 +496,33 @@ def compute(
                     f"{q.name} is not available for parameter '{name}' of {culprit}: {err}"
                 ) from err
     return Results(loss.detach(), param_grads, output.detach(), values)
+
+
+def _context(
+    model: nn.Module,
+    spec: LossSpec,
+    output: Tensor,
+    targets: Tensor,
+    r: float,
+    n: int,
+    owners: list[Owner],
+    named: list[tuple[str, nn.Parameter]],
+    **extra: Any,
+) -> Context:
+    """The :class:`Context` of one pass (``extra``: the optional fields)."""
+    return Context(
+        model=model,
+        spec=spec,
+        output=output.detach(),
+        targets=targets,
+        graph_output=output,
+        r=r,
+        num_samples=n,
+        index=extra.pop("index", None),
+        owners=owners,
+        param_names=[name for name, _ in named],
+        **extra,
+    )
 
 
 def _is_streamed_source(source: Any) -> bool:
@@ -579,19 +605,7 @@ def _compute_streamed(
     """
     n = output.shape[0]
     params = dict(named)
-    ctx = Context(
-        model=model,
-        spec=spec,
-        output=output.detach(),
-        targets=targets,
-        graph_output=output,
-        grad={},
-        r=r,
-        num_samples=n,
-        index=None,
-        owners=owners,
-        param_names=[name for name, _ in named],
-    )
+    ctx = _context(model, spec, output, targets, r, n, owners, named, grad={})
     by_source: dict[Any, list[Quantity]] = {}
     for q in quantities:
         by_source.setdefault(q.sources()[0], []).append(q)
@@ -619,6 +633,7 @@ def _compute_streamed(
                             f"{type(own.module).__name__} (module '{own.name}'): {err}"
                         ) from err
 
+    sizes = {id(own): sum(params[full].numel() for full, _ in owned[id(own)]) for own in owners}
     state: dict[str, Any] = {"source": None, "done": set()}
     columns: dict[int, list[Tensor]] = {}
 
@@ -629,8 +644,11 @@ def _compute_streamed(
                 return
             if source == "grad":
                 state["done"].add(id(own))
-                # the factor is g / r: scaled in the results, not copied (g can be large)
-                evaluate(own, source, g.unsqueeze(0), 1.0 / r)
+                # the factor is g / r: divide the smaller of g and the module's parameters
+                if r != 1.0 and g.numel() < sizes[id(own)]:
+                    evaluate(own, source, (g / r).unsqueeze(0))
+                else:
+                    evaluate(own, source, g.unsqueeze(0), 1.0 / r)
                 return
             cols = columns.setdefault(id(own), [])
             cols.append(g.detach())
