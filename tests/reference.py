@@ -201,10 +201,7 @@ def diagonal_recursion(
     layers = list(model)
     n_total = inputs.shape[0]
     r = 1.0 / n_total if loss_func.reduction == "mean" else 1.0
-    with torch.no_grad():
-        acts = [inputs]
-        for layer in layers:
-            acts.append(layer(acts[-1]))
+    acts = _activations(layers, inputs)
     parametric = [i for i, m in enumerate(layers) if any(True for _ in m.parameters())]
     total = {
         i: torch.zeros(sum(p.numel() for p in layers[i].parameters()), dtype=inputs.dtype)
@@ -256,6 +253,15 @@ def diagonal_recursion(
     return torch.cat([total[i] for i in parametric])
 
 
+def _activations(layers: list[nn.Module], inputs: Tensor) -> list[Tensor]:
+    """The input and every layer's output of a chain, without a graph."""
+    with torch.no_grad():
+        acts = [inputs]
+        for layer in layers:
+            acts.append(layer(acts[-1]))
+    return acts
+
+
 def kfra_output_factors(model: nn.Sequential, loss_func, inputs: Tensor, targets: Tensor):
     """KFRA's ``B`` for each ``Linear`` of an MLP, by explicit batch-averaged matrices.
 
@@ -264,10 +270,7 @@ def kfra_output_factors(model: nn.Sequential, loss_func, inputs: Tensor, targets
     """
     layers = list(model)
     r = 1.0 / inputs.shape[0] if loss_func.reduction == "mean" else 1.0
-    with torch.no_grad():
-        acts = [inputs]
-        for layer in layers:
-            acts.append(layer(acts[-1]))
+    acts = _activations(layers, inputs)
     out = acts[-1]
     b = sum(
         loss_hessian_wrt_output(loss_func, out[n : n + 1], targets[n : n + 1])
@@ -298,10 +301,7 @@ def kfra_dense_ggns(model: nn.Sequential, loss_func, inputs: Tensor, targets: Te
     layers = list(model)
     n = inputs.shape[0]
     r = 1.0 / n if loss_func.reduction == "mean" else 1.0
-    with torch.no_grad():
-        acts = [inputs]
-        for layer in layers:
-            acts.append(layer(acts[-1]))
+    acts = _activations(layers, inputs)
     out = acts[-1]
     g = r * sum(
         loss_hessian_wrt_output(loss_func, out[k : k + 1], targets[k : k + 1]) for k in range(n)

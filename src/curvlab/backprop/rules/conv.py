@@ -12,7 +12,7 @@ block-diagonal over groups).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,51 @@ def _sample_chunks(
         yield u.reshape(u.shape[0], module.groups, -1, t), f[:, s : s + step]
 
 
+def chunked_squares(
+    chunks: Iterator[tuple[Tensor, Tensor]],
+    shape: torch.Size,
+    per_sample: bool,
+    transposed: bool = False,
+) -> Tensor:
+    r""":math:`\sum_m (\sum_t f_{mnt} u_{nt}^\top)^{\odot 2}` from chunks of samples.
+
+    Args:
+        chunks: Pairs ``u`` ``[n, G, I, T]`` and ``f`` ``[M, n, G, O, T]`` (chunks of samples).
+        shape: The weight's shape, a view of ``[G, O, I]`` (``[G, I, O]`` if ``transposed``).
+        per_sample: Keep the sample dimension (``[N, *shape]``), else sum it (``shape``).
+        transposed: The weight's per-group layout is ``[I, O]``.
+    """
+    equation = "mngot,ngit->mngio" if transposed else "mngot,ngit->mngoi"
+    parts = []
+    for u, f in chunks:
+        sq = torch.einsum(equation, f, u).square_().sum(0).reshape(-1, *shape)
+        parts.append(sq if per_sample else sq.sum(0))
+    return torch.cat(parts) if per_sample else sum(parts[1:], parts[0])
+
+
+def chunked_sq_norms(
+    chunks: Callable[[int], Iterator[tuple[Tensor, Tensor]]], m: int, g: int, i: int, o: int, t: int
+) -> Tensor:
+    r""":math:`\lVert \sum_t f_{mnt} u_{nt}^\top \rVert^2`, ``[M, N]``, from chunks of samples.
+
+    By Gram matrices over the ``T`` positions when :math:`T (I + O) < I O`, else by building the
+    per-sample products; ``chunks(extra)`` yields ``u`` ``[n, G, I, T]`` and ``f``
+    ``[M, n, G, O, T]`` with ``extra`` elements per sample of intermediate budgeted.
+    """
+    gram = t * (i + o) < i * o
+    extra = m * g * t * t if gram else m * g * o * i
+    parts = []
+    for u, f in chunks(extra):
+        if gram:
+            gram_u = torch.einsum("ngit,ngis->ngts", u, u)
+            gram_f = torch.einsum("mngot,mngos->mngts", f, f)
+            parts.append((gram_f * gram_u).sum((2, 3, 4)))
+        else:
+            w = torch.einsum("mngot,ngit->mngoi", f, u)
+            parts.append(w.square_().sum((2, 3, 4)))
+    return torch.cat(parts, dim=1)
+
+
 class ConvRule(Rule):
     """Derivatives of ``nn.Conv1d/2d/3d`` via unfolded inputs (see the module docstring)."""
 
@@ -167,12 +212,8 @@ class ConvRule(Rule):
         if "weight" in names:
             # per-sample weight VJPs have no factored square: build them (and the patches) in
             # chunks of samples so that at most ~CHUNK_ELEMENTS are alive at once
-            parts = []
-            for u, f in _sample_chunks(module, call, factors, m * module.weight.numel()):
-                w = torch.einsum("mngot,ngit->mngoi", f, u)
-                sq = w.square_().sum(0).reshape(-1, *module.weight.shape)
-                parts.append(sq if per_sample else sq.sum(0))
-            out["weight"] = torch.cat(parts) if per_sample else sum(parts[1:], parts[0])
+            chunks = _sample_chunks(module, call, factors, m * module.weight.numel())
+            out["weight"] = chunked_squares(chunks, module.weight.shape, per_sample)
         if "bias" in names:
             f = _grouped_factor(module, factors)
             sq = f.sum(-1).square().sum(0).reshape(f.shape[1], -1)
@@ -182,21 +223,11 @@ class ConvRule(Rule):
     def sq_norm_jac_t(self, module, call, factors, names):  # noqa: D102
         out = {}
         if "weight" in names:
-            f = _grouped_factor(module, factors)
-            m, _, g, o, t = f.shape
+            m, _, g, o, t = _grouped_factor(module, factors).shape
             i = module.weight.shape[1] * math.prod(module.kernel_size)
-            gram = t * (i + o) < i * o  # Gram matrices over positions are cheaper
-            extra = m * g * t * t if gram else m * module.weight.numel()
-            parts = []
-            for u, f in _sample_chunks(module, call, factors, extra):
-                if gram:
-                    gram_u = torch.einsum("ngit,ngis->ngts", u, u)
-                    gram_f = torch.einsum("mngot,mngos->mngts", f, f)
-                    parts.append((gram_f * gram_u).sum((2, 3, 4)))
-                else:
-                    w = torch.einsum("mngot,ngit->mngoi", f, u)
-                    parts.append(w.square_().sum((2, 3, 4)))
-            out["weight"] = torch.cat(parts, dim=1)
+            out["weight"] = chunked_sq_norms(
+                lambda extra: _sample_chunks(module, call, factors, extra), m, g, i, o, t
+            )
         if "bias" in names:
             out["bias"] = _grouped_factor(module, factors).sum(-1).square().sum((2, 3))
         return out

@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
-from curvlab.backprop.rules.conv import CHUNK_ELEMENTS, grouped_output_sum
+from curvlab.backprop.rules.conv import (
+    CHUNK_ELEMENTS,
+    chunked_sq_norms,
+    chunked_squares,
+    grouped_output_sum,
+)
 from curvlab.nn import einconv
 
 _CONV_T_ND = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -147,12 +152,8 @@ class ConvTransposeRule(Rule):
         m = f.shape[0]
         out = {}
         if "weight" in names:
-            parts = []
-            for x, v in _sample_chunks(module, call, f, m * module.weight.numel()):
-                w = torch.einsum("ngij,mngaj->mngia", x, v)
-                sq = w.square_().sum(0).reshape(-1, *module.weight.shape)
-                parts.append(sq if per_sample else sq.sum(0))
-            out["weight"] = torch.cat(parts) if per_sample else sum(parts[1:], parts[0])
+            chunks = _sample_chunks(module, call, f, m * module.weight.numel())
+            out["weight"] = chunked_squares(chunks, module.weight.shape, per_sample, True)
         if "bias" in names:
             sq = f.flatten(start_dim=3).sum(-1).square().sum(0)
             out["bias"] = sq if per_sample else sq.sum(0)
@@ -167,19 +168,10 @@ class ConvTransposeRule(Rule):
             g = module.groups
             i = module.in_channels // g
             a = module.out_channels // g * math.prod(module.kernel_size)
-            j = math.prod(call.args[0].shape[2:])
-            gram = j * (i + a) < i * a  # Gram matrices over input pixels are cheaper
-            extra = m * g * j * j if gram else m * module.weight.numel()
-            parts = []
-            for x, v in _sample_chunks(module, call, f, extra):
-                if gram:
-                    gram_x = torch.einsum("ngij,ngik->ngjk", x, x)
-                    gram_v = torch.einsum("mngaj,mngak->mngjk", v, v)
-                    parts.append((gram_v * gram_x).sum((2, 3, 4)))
-                else:
-                    w = torch.einsum("ngij,mngaj->mngia", x, v)
-                    parts.append(w.square_().sum((2, 3, 4)))
-            out["weight"] = torch.cat(parts, dim=1)
+            j = math.prod(call.args[0].shape[2:])  # positions: input pixels
+            out["weight"] = chunked_sq_norms(
+                lambda extra: _sample_chunks(module, call, f, extra), m, g, i, a, j
+            )
         if "bias" in names:
             out["bias"] = f.flatten(start_dim=3).sum(-1).square().sum(-1)
         return out
