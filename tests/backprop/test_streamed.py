@@ -136,6 +136,31 @@ def test_streamed_ggn_product_mc(monkeypatch):
         torch.testing.assert_close(streamed[q.name][name](v), general[q.name][name](v))
 
 
+@pytest.mark.parametrize(
+    "makes",
+    [
+        [SumGradSquared, Variance],  # one shared partial: Variance must not overwrite it
+        [Variance, SumGradSquared, BatchL2],
+        [BatchGrad, Variance, SumGradSquared, BatchL2],  # the factor, not the values, rescaled
+    ],
+)
+@pytest.mark.parametrize(("problem", "loss"), [("mlp", "ce-mean"), ("cnn2d", "mse-mean")])
+def test_quantities_requested_together_equal_each_alone(makes, problem, loss, monkeypatch):
+    spy = _Spy(monkeypatch)
+    model, loss_func, x, y = build(_problem(problem), loss)
+    together = compute(model, loss_func, x, y, [make() for make in makes])
+    general = compute(
+        model, loss_func, x, y, [make() for make in makes], subsampling=list(range(x.shape[0]))
+    )
+    assert spy.calls == 1
+    for make in makes:
+        alone = compute(model, loss_func, x, y, [make()])
+        name = make().name
+        for param, value in alone[name].items():
+            _assert_close(together[name][param], value)
+            _assert_close(general[name][param], value)
+
+
 @pytest.mark.parametrize("problem", ["residual-shared", "attention-layernorm"])
 def test_shared_and_generic_modules_use_the_general_path(problem, monkeypatch):
     spy = _Spy(monkeypatch)

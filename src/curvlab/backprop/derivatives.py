@@ -149,6 +149,24 @@ class ParamDerivatives:
         """``value * scale ** power`` (a new tensor unless the scale is one)."""
         return value if self.scale == 1.0 else value * self.scale**power
 
+    def _single_scaled(self, primitive: str, source: Any, power: int, **kwargs: Any) -> Tensor:
+        """The one call's rule result times ``scale ** power``.
+
+        Rescaled in place, once per cached result, so that no second tensor of the result's
+        size is allocated; a result that shares memory with a factor (which may be autograd's
+        own gradient) is copied instead.
+        """
+        value = self._per_call(primitive, source, **kwargs)[0]
+        if self.scale == 1.0:
+            return value
+        key = ("scaled", id(value))
+        if key not in self.cache:
+            factors = self.factors[source][id(self.uses[0][0].calls[0])]
+            shared = any(_same_memory(value, f) for f in factors)
+            scale = self.scale**power
+            self.cache[key] = value * scale if shared else value.mul_(scale)
+        return self.cache[key]
+
     def _single_call(self) -> bool:
         return sum(len(owner.calls) for owner, _ in self.uses) == 1
 
@@ -176,8 +194,7 @@ class ParamDerivatives:
         if not self.uses:
             return self._zeros(self.num_samples) if per_sample else self._zeros()
         if self._single_call():
-            value = self._per_call("sum_sq_jac_t", source, per_sample=per_sample)[0]
-            return self._scaled(value, 2)
+            return self._single_scaled("sum_sq_jac_t", source, 2, per_sample=per_sample)
         sq = self.jac_t(source).square().sum(0)
         return sq if per_sample else sq.sum(0)
 
@@ -186,7 +203,7 @@ class ParamDerivatives:
         if not self.uses:
             return self.param.new_zeros(self._columns(source), self.num_samples)
         if self._single_call():
-            return self._scaled(self._per_call("sq_norm_jac_t", source)[0], 2)
+            return self._single_scaled("sq_norm_jac_t", source, 2)
         return self.jac_t(source).flatten(start_dim=2).square().sum(-1)
 
     def kron(self, source: Any) -> KronSums:
@@ -250,3 +267,8 @@ class ParamDerivatives:
                 out = out + vjp.reshape(k, m, *self.shape).sum(1)
         out = self._scaled(out, 2)
         return out[0] if single else out
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors share storage (a view of the other, or the same tensor)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -31,6 +31,7 @@ gradients nor the module outputs themselves are kept.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -97,13 +98,19 @@ def _record_calls(model: nn.Module, every_module: bool) -> tuple[dict[str, list[
         records[name] = calls
 
         def hook(mod, args, kwargs, output, calls=calls):
-            leaves, _ = tree_flatten(output)
-            outputs = tuple(o for o in leaves if isinstance(o, Tensor))
-            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+            if not kwargs and isinstance(output, Tensor) and all(type(a) is Tensor for a in args):
+                # the common case, without the pytree traversals (a measurable cost per call)
+                outputs, inputs = (output,), list(args)
+                stored_args, stored_kwargs = tuple(a.detach() for a in args), {}
+            else:
+                leaves, _ = tree_flatten(output)
+                outputs = tuple(o for o in leaves if isinstance(o, Tensor))
+                inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)]
+                stored_args, stored_kwargs = _detach(args), _detach(kwargs)
             calls.append(
                 Call(
-                    _detach(args),
-                    _detach(kwargs),
+                    stored_args,
+                    stored_kwargs,
                     outputs,
                     versions=[o._version for o in outputs],
                     input_nodes=[a.grad_fn for a in inputs],
@@ -633,7 +640,7 @@ def _compute_streamed(
                             f"{type(own.module).__name__} (module '{own.name}'): {err}"
                         ) from err
 
-    sizes = {id(own): sum(params[full].numel() for full, _ in owned[id(own)]) for own in owners}
+    per_sample_values = any(q.per_sample_values for q in by_source.get("grad", []))
     state: dict[str, Any] = {"source": None, "done": set()}
     columns: dict[int, list[Tensor]] = {}
 
@@ -644,8 +651,9 @@ def _compute_streamed(
                 return
             if source == "grad":
                 state["done"].add(id(own))
-                # the factor is g / r: divide the smaller of g and the module's parameters
-                if r != 1.0 and g.numel() < sizes[id(own)]:
+                # the factor is g / r: rescale the values in place (no new tensor) unless
+                # they are per-sample parameter-shaped, and so larger than g
+                if r != 1.0 and per_sample_values:
                     evaluate(own, source, (g / r).unsqueeze(0))
                 else:
                     evaluate(own, source, g.unsqueeze(0), 1.0 / r)
@@ -702,11 +710,17 @@ def _compute_streamed(
         }
     )
     values: dict[str, dict[str, Any]] = {}
+    # quantities that finish their partial value may overwrite it: copy one that is shared
+    shared = Counter(id(v) for part in partial.values() for v in part.values())
     for q in quantities:
         values[q.name] = {}
+        finishes = type(q).finish_streamed is not Quantity.finish_streamed
         for name, param in named:
             if name in partial[q.name]:
-                values[q.name][name] = q.finish_streamed(partial[q.name][name], name, ctx)
+                value = partial[q.name][name]
+                if finishes and shared[id(value)] > 1 and isinstance(value, Tensor):
+                    value = value.clone()
+                values[q.name][name] = q.finish_streamed(value, name, ctx)
             elif not q.layerwise:  # a parameter no module used
                 view = ParamDerivatives(name, [], {q.sources()[0]: {}}, param.detach(), n, {})
                 values[q.name][name] = q.evaluate(view, ctx)

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -50,10 +51,14 @@ class Quantity:
             recursions); they need a per-layer rule and are not available on the generic path.
         per_parameter: ``False`` for quantities computed by a whole-network recursion
             (:meth:`evaluate_model`).
+        per_sample_values: ``True`` if the value holds a parameter-shaped tensor per sample
+            (``[N, *p]``): the streamed path then rescales each module's output gradient, which
+            is smaller, instead of the value.
     """
 
     layerwise: ClassVar[bool] = False
     per_parameter: ClassVar[bool] = True
+    per_sample_values: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -77,7 +82,11 @@ class Quantity:
         return self.evaluate(view, ctx)
 
     def finish_streamed(self, partial: Any, name: str, ctx: Context) -> Any:
-        """Complete :meth:`evaluate_streamed`'s value after the backward pass (default: as is)."""
+        """Complete :meth:`evaluate_streamed`'s value after the backward pass (default: as is).
+
+        ``partial`` belongs to this quantity alone (the engine copies a tensor that two
+        quantities returned), so it may be overwritten.
+        """
         return partial
 
     def evaluate_model(self, ctx: Context) -> dict[str, Any]:
@@ -125,6 +134,8 @@ class BatchGrad(Quantity):
     Scaling: none (``grad == r * BatchGrad.sum(0)`` without subsampling).
     """
 
+    per_sample_values: ClassVar[bool] = True
+
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
         return ("grad",)
 
@@ -166,20 +177,32 @@ class Variance(Quantity):
         return ("grad",)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
-        n = ctx.num_samples
+        sum_sq = view.sum_sq("grad", per_sample=False)  # may be another quantity's value
         if ctx.index is None:  # the gradient is r * sum_n g_n: no second contraction
-            mean = ctx.grad[view.name] / (ctx.r * n)
-        else:
-            mean = view.sum_jac_t("grad")[0] / n
-        return (view.sum_sq("grad", per_sample=False) / n - mean.square()).clamp_min(0.0)
+            return _variance(sum_sq, ctx.grad[view.name], ctx.r, ctx.num_samples)
+        return _variance(sum_sq, view.sum_jac_t("grad")[0], 1.0, ctx.num_samples)
 
     def evaluate_streamed(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
         return view.sum_sq("grad", per_sample=False)  # the mean needs ctx.grad: finished later
 
     def finish_streamed(self, partial: Tensor, name: str, ctx: Context) -> Tensor:  # noqa: D102
-        n = ctx.num_samples
-        mean = ctx.grad[name] / (ctx.r * n)
-        return (partial / n - mean.square()).clamp_min(0.0)
+        return _variance(partial, ctx.grad[name], ctx.r, ctx.num_samples, in_place=True)
+
+
+def _variance(sum_sq: Tensor, total: Tensor, r: float, n: int, in_place: bool = False) -> Tensor:
+    r""":math:`\frac{1}{N}\bigl(S - \frac{1}{N} (T / r)^{\odot 2}\bigr)`, clamped at zero.
+
+    ``S`` is :math:`\sum_n g_n^{\odot 2}` and ``T / r`` is :math:`\sum_n g_n`. ``in_place``
+    overwrites ``S`` (no new parameter-sized tensor: allocating one is a visible share of the
+    cost on the CPU); otherwise one new tensor.
+    """
+    scale = -1.0 / (n * r * r)
+    out = (
+        sum_sq.addcmul_(total, total, value=scale)
+        if in_place
+        else torch.addcmul(sum_sq, total, total, value=scale)
+    )
+    return out.div_(n).clamp_min_(0.0)
 
 
 # ------------------------------------------------------------------------- GGN and Hessian

@@ -62,10 +62,15 @@ class LinearRule(Rule):
         x, g = _flat(module, call, factors)
         t = x.shape[1]
         out = {}
+        if t == 1:  # reductions without temporaries; the bias shares the output-side norms
+            g_norms = torch.linalg.vector_norm(g[:, :, 0], dim=-1).square_()  # [M, N]
+            if "weight" in names:
+                out["weight"] = g_norms * torch.linalg.vector_norm(x[:, 0], dim=-1).square_()
+            if "bias" in names:
+                out["bias"] = g_norms
+            return out
         if "weight" in names:
-            if t == 1:
-                out["weight"] = g[:, :, 0].square().sum(-1) * x[:, 0].square().sum(-1)
-            elif t * (module.in_features + module.out_features) < (
+            if t * (module.in_features + module.out_features) < (
                 module.in_features * module.out_features
             ):
                 gram_x = torch.einsum("nti,nsi->nts", x, x)
