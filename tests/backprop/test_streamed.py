@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from curvlab.backprop import (
     GGNMP,
     KFAC,
+    KFLR,
     BatchDiagGGN,
     BatchGrad,
     BatchL2,
@@ -39,6 +40,7 @@ MC = [
     lambda: KFAC(),
     lambda: KFAC(mc_samples=2),
 ]
+EXACT = [DiagGGN, BatchDiagGGN, SqrtGGN, KFLR]
 STREAMED = [
     ("mlp", "mse-mean"),
     ("mlp", "ce-sum"),
@@ -110,7 +112,7 @@ def _assert_close(a, b) -> None:
 
 
 @pytest.mark.parametrize(("problem", "loss"), STREAMED)
-@pytest.mark.parametrize("make", FIRST_ORDER + MC)
+@pytest.mark.parametrize("make", FIRST_ORDER + MC + EXACT)
 def test_streamed_equals_general_path(problem, loss, make, monkeypatch):
     spy = _Spy(monkeypatch)
     model, loss_func, x, y = build(_problem(problem), loss)
@@ -188,7 +190,7 @@ class _Branches(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("make", FIRST_ORDER + MC)
+@pytest.mark.parametrize("make", FIRST_ORDER + MC + EXACT)
 def test_streamed_branches_and_unreached_modules(make, monkeypatch):
     spy = _Spy(monkeypatch)
     torch.manual_seed(0)

@@ -19,11 +19,12 @@ What one call does:
    factor) into the quantities (:mod:`~curvlab.backprop.quantities`). A module used several
    times sums its calls' per-sample contributions.
 
-**Streamed path.** When every quantity needs only the per-sample gradient or MC samples and
-every parametric module has a rule, one call and one output (:func:`_streamable`), steps 2-4
+**Streamed path.** When every quantity needs only the per-sample gradient, MC samples or the
+exact loss-Hessian square root (GGN quantities) and every parametric module has a rule, one call and one output (:func:`_streamable`), steps 2-4
 happen *inside* the backward pass instead (:func:`_compute_streamed`): tensor hooks on the module
 outputs reduce each module's factor as it arrives and let it go, so neither the list of output
-gradients nor the module outputs themselves are kept.
+gradients nor the module outputs themselves are kept. Square-root columns go back one plain
+backward pass each (no vmapped backward, whose batched kernels are slow on the CPU).
 
 ``compute`` does not touch ``param.grad``.
 """
@@ -533,7 +534,7 @@ def _context(
 
 
 def _is_streamed_source(source: Any) -> bool:
-    return source == "grad" or (isinstance(source, int) and not isinstance(source, bool))
+    return source in ("grad", "exact") or (isinstance(source, int) and not isinstance(source, bool))
 
 
 def _streamable(
@@ -544,7 +545,8 @@ def _streamable(
 ) -> bool:
     """Whether :func:`_compute_streamed` applies (otherwise the general path runs).
 
-    It needs quantities of one source each, the per-sample gradient or MC samples, and modules
+    It needs quantities of one source each (the per-sample gradient, MC samples or the exact
+    loss-Hessian square root), and modules
     with a per-layer rule, one call and one output, whose parameters no other module holds.
     """
     if method != "auto" or not quantities:
@@ -600,15 +602,16 @@ def _compute_streamed(
     r: float,
     generator: torch.Generator | None,
 ) -> Results:
-    r"""First-order and MC quantities reduced *inside* the backward passes.
+    r"""First-order, MC and exact GGN quantities reduced *inside* the backward passes.
 
     A tensor hook on every module output receives its gradient :math:`r\,\partial\ell_n/
     \partial z_n` while ``torch.autograd.grad(loss, params)`` runs, evaluates that module's
     quantities at once (e.g. ``BatchL2`` of a Linear layer from :math:`\lVert g_n\rVert^2
     \lVert x_n\rVert^2`) and lets the output gradient go: no list of output gradients and no
-    ``[N, P]`` tensor is kept. MC quantities back-propagate each sampled column of the loss
-    Hessian's square root once more, only as far as the earliest module output (no parameter
-    gradients), and their hooks reduce the same way.
+    ``[N, P]`` tensor is kept. MC and exact GGN quantities back-propagate each column of the
+    (sampled or exact) loss Hessian's square root once more, only as far as the earliest module
+    output (no parameter gradients); each hook keeps its module's columns until the last one
+    arrives, then reduces them the same way.
     """
     n = output.shape[0]
     params = dict(named)
@@ -641,7 +644,7 @@ def _compute_streamed(
                         ) from err
 
     per_sample_values = any(q.per_sample_values for q in by_source.get("grad", []))
-    state: dict[str, Any] = {"source": None, "done": set()}
+    state: dict[str, Any] = {"source": None, "done": set(), "columns": 0}
     columns: dict[int, list[Tensor]] = {}
 
     def make_hook(own: Owner):
@@ -660,7 +663,7 @@ def _compute_streamed(
                 return
             cols = columns.setdefault(id(own), [])
             cols.append(g.detach())
-            if len(cols) == source:
+            if len(cols) == state["columns"]:
                 state["done"].add(id(own))
                 del columns[id(own)]
                 evaluate(own, source, torch.stack(cols))
@@ -691,8 +694,11 @@ def _compute_streamed(
         if "grad" in by_source:
             unreached("grad", 1)
         for k, source in enumerate(mc_sources):
-            sqrt = spec.sampled_sqrt_hessian(output, source, generator)
-            state["source"], state["done"] = source, set()
+            if source == "exact":
+                sqrt = spec.sqrt_hessian(output, targets)
+            else:
+                sqrt = spec.sampled_sqrt_hessian(output, source, generator)
+            state["source"], state["done"], state["columns"] = source, set(), sqrt.shape[0]
             for m in range(sqrt.shape[0]):
                 last = k == len(mc_sources) - 1 and m == sqrt.shape[0] - 1
                 torch.autograd.grad(

@@ -65,6 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from curvlab.linalg.gram import gram
+
 __all__ = [
     "Padding",
     "conv",
@@ -609,7 +611,7 @@ def kfac_expand_factor(
     out_sub = g + c + "".join(net.kernel_letters) + n + "".join(net.out_letters)
     u = _contract(",".join(net.subscripts) + "->" + out_sub, *net.operands)
     u = u.reshape(groups, -1, x.shape[0] * math.prod(a.output_size for a in axes))
-    factor = torch.bmm(u, u.transpose(1, 2))
+    factor = gram(u)
     if _check_reduction(reduction) == "mean":
         factor = factor / u.shape[2]
     return factor[0] if groups == 1 else factor

@@ -27,10 +27,12 @@ from torch import Tensor, nn
 from curvlab.backprop.rules.base import Call, KronSums, Rule
 from curvlab.backprop.rules.conv import (
     CHUNK_ELEMENTS,
+    channel_gram,
     chunked_sq_norms,
     chunked_squares,
     grouped_output_sum,
 )
+from curvlab.linalg.gram import gram
 from curvlab.nn import einconv
 
 _CONV_T_ND = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -182,8 +184,7 @@ class ConvTransposeRule(Rule):
         m, n = f.shape[:2]
         out_size = tuple(f.shape[3:])
         t = math.prod(out_size)
-        s = f.reshape(m, n, module.out_channels, t).transpose(2, 3).reshape(-1, module.out_channels)
-        output_sum = s.T @ s  # [out, out]
+        output_sum = channel_gram(f.reshape(m * n, module.out_channels, t))  # [out, out]
         out = {}
         if "weight" in names:
             g = module.groups
@@ -194,7 +195,7 @@ class ConvTransposeRule(Rule):
             for start in range(0, n, step):
                 u = spread_input(module, x[start : start + step], out_size)  # [n, in * K, Q]
                 u = u.reshape(u.shape[0], g, -1, t).permute(1, 2, 0, 3).flatten(2)
-                input_sum = input_sum + torch.bmm(u, u.transpose(1, 2))  # [G, in/G * K, ...]
+                input_sum = input_sum + gram(u)  # [G, in/G * K, in/G * K]
             if g == 1:
                 weight = KronSums(input_sum[0], n * t, output_sum)
             else:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.linalg.gram import gram
 
 
 def _flat(module: nn.Linear, call: Call, factors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -96,10 +97,10 @@ class LinearRule(Rule):
         x, g = _flat(module, call, factors)
         x = x.reshape(-1, module.in_features)
         g = g.reshape(-1, module.out_features)
-        output_sum = g.T @ g
+        output_sum = gram(g.T)
         out = {}
         if "weight" in names:
-            out["weight"] = KronSums(x.T @ x, x.shape[0], output_sum)
+            out["weight"] = KronSums(gram(x.T), x.shape[0], output_sum)
         if "bias" in names:
             out["bias"] = KronSums(None, x.shape[0], output_sum)
         return out
