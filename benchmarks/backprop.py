@@ -441,7 +441,13 @@ def main() -> None:
                 peak_grad = mem.get("peak_bytes")
             for quantity in args.quantities:
                 seconds, bytes_ = _estimate(quantity, problem, batch, classes, params, t_grad)
-                row: dict = {"problem": problem, "batch_size": batch, "quantity": quantity}
+                row: dict = {
+                    "problem": problem,
+                    "batch_size": batch,
+                    "quantity": quantity,
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "commit": _commit(),
+                }
                 run = []
                 for library in libraries:
                     if library == "backpack" and quantity not in BACKPACK_NAMES:
@@ -468,11 +474,40 @@ def main() -> None:
         print(f"wrote {_write(args, problem, rows)}")
 
 
+def _commit() -> str | None:
+    """The checked-out commit of this repository (``None`` outside a git checkout)."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return result.stdout.strip() or None
+
+
 def _write(args: argparse.Namespace, problem: str, rows: list[dict]) -> Path:
-    """Write one problem's JSON results (device, versions, settings, rows)."""
+    """Write one problem's JSON results (device, versions, settings, rows).
+
+    Rows of an existing file for (batch size, quantity) pairs that this run did not measure are
+    kept (each row carries its own date and commit), so that a run of a few rows updates them.
+    """
     folder = Path(args.out) if args.out else Path(__file__).parent / "results"
     out = folder / f"backprop-cpu-{problem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    measured = {(row["batch_size"], row["quantity"]) for row in rows}
+    kept = []
+    if out.exists():
+        try:
+            previous = json.loads(out.read_text()).get("rows", [])
+        except (OSError, ValueError):
+            previous = []
+        kept = [r for r in previous if (r["batch_size"], r["quantity"]) not in measured]
+    order = {q: i for i, q in enumerate(QUANTITIES)}
+    rows = sorted(kept + rows, key=lambda r: (r["batch_size"], order.get(r["quantity"], 99)))
     payload = {
         "benchmark": "backprop",
         "problem": problem,
@@ -494,7 +529,7 @@ def _write(args: argparse.Namespace, problem: str, rows: list[dict]) -> Path:
             "results count; sampled every 0.5 ms). BackPACK reports per-sample quantities of "
             "g_n/N; the cost is the same. Loss: CrossEntropyLoss(mean), random data."
         ),
-        "batch_sizes": args.batch_sizes,
+        "batch_sizes": sorted({r["batch_size"] for r in rows}),
         "rows": rows,
     }
     out.write_text(json.dumps(payload, indent=1))
