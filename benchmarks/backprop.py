@@ -502,10 +502,12 @@ def _write(args: argparse.Namespace, problem: str, rows: list[dict]) -> Path:
     kept = []
     if out.exists():
         try:
-            previous = json.loads(out.read_text()).get("rows", [])
+            payload = json.loads(out.read_text())
         except (OSError, ValueError):
-            previous = []
-        kept = [r for r in previous if (r["batch_size"], r["quantity"]) not in measured]
+            payload = {}
+        for r in payload.get("rows", []):
+            if (r["batch_size"], r["quantity"]) not in measured:
+                kept.append({"date": payload.get("date"), **r})  # older rows: the file's date
     order = {q: i for i, q in enumerate(QUANTITIES)}
     rows = sorted(kept + rows, key=lambda r: (r["batch_size"], order.get(r["quantity"], 99)))
     payload = {
