@@ -701,8 +701,10 @@ def _compute_streamed(
             state["source"], state["done"], state["columns"] = source, set(), sqrt.shape[0]
             for m in range(sqrt.shape[0]):
                 last = k == len(mc_sources) - 1 and m == sqrt.shape[0] - 1
+                # the scalar <output, column> as root: passing grad_outputs makes torch import
+                # sympy for a shape check (~35 MB resident, once per process)
                 torch.autograd.grad(
-                    output, sinks, grad_outputs=sqrt[m], retain_graph=not last, allow_unused=True
+                    (output * sqrt[m]).sum(), sinks, retain_graph=not last, allow_unused=True
                 )
             columns.clear()
             unreached(source, sqrt.shape[0])
