@@ -20,7 +20,8 @@ What one call does:
    times sums its calls' per-sample contributions.
 
 **Streamed path.** When every quantity needs only the per-sample gradient, MC samples or the
-exact loss-Hessian square root (GGN quantities) and every parametric module has a rule, one call and one output (:func:`_streamable`), steps 2-4
+exact loss-Hessian square root (GGN quantities) and every parametric module has a rule, one
+call and one output (:func:`_streamable`), steps 2-4
 happen *inside* the backward pass instead (:func:`_compute_streamed`): tensor hooks on the module
 outputs reduce each module's factor as it arrives and let it go, so neither the list of output
 gradients nor the module outputs themselves are kept. Square-root columns go back one plain
@@ -228,6 +229,20 @@ def _check_versions(records: dict[str, list[Call]], modules: dict[str, nn.Module
                     )
 
 
+def _backward_column(
+    output: Tensor, inputs: Sequence[Tensor], column: Tensor, retain_graph: bool
+) -> Sequence[Tensor | None]:
+    r"""Back-propagate one column ``[*output.shape]`` to ``inputs``.
+
+    The root is the scalar :math:`\langle \text{output}, \text{column} \rangle`: passing
+    ``grad_outputs`` instead makes torch import sympy for a shape check (~35 MB resident, once
+    per process).
+    """
+    return torch.autograd.grad(
+        (output * column).sum(), inputs, retain_graph=retain_graph, allow_unused=True
+    )
+
+
 def _batched_backward(
     output: Tensor, inputs: list[Tensor], factor: Tensor
 ) -> Sequence[Tensor | None]:
@@ -235,9 +250,7 @@ def _batched_backward(
     if not inputs:
         return []
     if factor.shape[0] == 1:  # one column: a plain backward avoids vmap's overhead
-        grads = torch.autograd.grad(
-            output, inputs, grad_outputs=factor[0], retain_graph=True, allow_unused=True
-        )
+        grads = _backward_column(output, inputs, factor[0], retain_graph=True)
         return [None if g is None else g.unsqueeze(0) for g in grads]
     try:
         return torch.autograd.grad(
@@ -701,11 +714,7 @@ def _compute_streamed(
             state["source"], state["done"], state["columns"] = source, set(), sqrt.shape[0]
             for m in range(sqrt.shape[0]):
                 last = k == len(mc_sources) - 1 and m == sqrt.shape[0] - 1
-                # the scalar <output, column> as root: passing grad_outputs makes torch import
-                # sympy for a shape check (~35 MB resident, once per process)
-                torch.autograd.grad(
-                    (output * sqrt[m]).sum(), sinks, retain_graph=not last, allow_unused=True
-                )
+                _backward_column(output, sinks, sqrt[m], retain_graph=not last)
             columns.clear()
             unreached(source, sqrt.shape[0])
     finally:
