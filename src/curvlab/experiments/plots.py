@@ -1,12 +1,25 @@
 """PNG figures like the exact Gauss-Newton paper's Figures 1, 2, 3 and 5, drawn from a results store.
 
-Each curve is the mean over seeds; with more than one seed a band shows the minimum and maximum.
+Each curve is the mean over the seeds that reached that point; with more than one seed a band
+shows the minimum and maximum. What a reader of each figure can rely on:
+
+* every panel has both axis labels, and one legend below the panels names every optimizer that
+  ran, marking those with a diverged seed (``X`` on the curve: its last finite value);
+* a loss panel is drawn on a log scale when its values span a decade or more;
+* loss and loss-change axes are clipped to a robust range (Tukey's far-out fences,
+  :func:`robust_limits`), so that one diverged run cannot flatten the others; values beyond it
+  are drawn as triangles on the axis edge and counted in the panel;
+* the title names the data, the model and the seeds used (``seed 1``, ``seeds 0, 1, 2``).
+
 ``curvlab plot runs/NAME`` redraws them from ``results.jsonl`` alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -14,168 +27,416 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from curvlab.experiments.store import ResultsStore  # noqa: E402
 
 LABELS = {"gn": "Exact GN", "adam": "Adam", "sgd": "SGD"}
 COLORS = {"gn": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
+#: Colors for optimizers without an entry in :data:`COLORS`, in order of appearance.
+EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 FIGURES = {
     "fullbatch": "fig1_fullbatch.png",
     "minibatch": "fig2_minibatch.png",
     "loss-change": "fig3_loss_change.png",
     "no-bottleneck": "fig5_no_bottleneck.png",
 }
+LOSS_LABELS = {"ce": "cross-entropy loss", "mse": "squared-error loss"}
+#: A loss panel is drawn on a log scale when its largest value is at least this times its smallest.
+LOG_SCALE_RATIO = 10.0
+#: Tukey's far-out fences: the axis shows ``[q25 - k IQR, q75 + k IQR]`` with ``k`` this.
+FENCE = 3.0
 
 
 class NoResultsError(ValueError):
     """The folder holds no results to plot."""
 
 
-def _curves(records: list[dict], phase: str, key: str, x_key: str) -> dict[str, tuple]:
-    """Per optimizer: x, mean, min, max of ``key`` over seeds (only x values every seed has)."""
+@dataclass(frozen=True)
+class Curve:
+    """One optimizer's values in one panel, aggregated over seeds.
+
+    Attributes:
+        x: Steps or epochs ``[T]``, increasing.
+        mean: Mean over the seeds with a finite value at each ``x`` ``[T]``.
+        low: Minimum over those seeds ``[T]``.
+        high: Maximum over those seeds ``[T]``.
+    """
+
+    x: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+@dataclass(frozen=True)
+class Line:
+    """A curve as drawn: the mean over the seeds that did not diverge, or one diverged seed."""
+
+    optimizer: str
+    curve: Curve
+    diverged_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    """What one panel shows: ``key`` of the ``phase`` records against ``x_key``."""
+
+    phase: str
+    key: str
+    x_key: str
+    title: str
+    xlabel: str
+    ylabel: str
+    kind: str  # "loss" (log scale if it spans decades, robust limits), "accuracy", "change"
+
+
+def _order(optimizer: str) -> tuple[int, str]:
+    return (list(LABELS).index(optimizer) if optimizer in LABELS else len(LABELS), optimizer)
+
+
+def _colors(optimizers: Iterable[str]) -> dict[str, str]:
+    """A color per optimizer, in legend order; unknown ones get :data:`EXTRA_COLORS` in turn."""
+    names = sorted(set(optimizers), key=_order)
+    extra = iter(EXTRA_COLORS * (1 + len(names) // len(EXTRA_COLORS)))
+    return {o: COLORS.get(o) or next(extra) for o in names}
+
+
+def curves(records: Iterable[dict], phase: str, key: str, x_key: str) -> dict[str, Curve]:
+    """Per optimizer, ``key`` of the ``phase`` records against ``x_key``, over seeds.
+
+    Non-finite and missing values are left out, so a seed that diverged ends at its last finite
+    value and the curve goes on with the other seeds.
+    """
     by_opt: dict[str, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        if r.get("phase") == phase and r.get(key) is not None:
-            by_opt[r["optimizer"]][r["seed"]][r[x_key]] = r[key]
+        value = r.get(key)
+        if r.get("phase") != phase or value is None or not math.isfinite(value):
+            continue
+        by_opt[r["optimizer"]][r["seed"]][float(r[x_key])] = float(value)
     out = {}
     for opt, seeds in by_opt.items():
-        xs = sorted(set.intersection(*(set(v) for v in seeds.values())))
-        if not xs:
-            continue
-        values = np.array([[seeds[s][x] for x in xs] for s in seeds], dtype=float)
-        out[opt] = (np.array(xs), values.mean(0), values.min(0), values.max(0))
+        xs = sorted(set().union(*(set(v) for v in seeds.values())))
+        columns = [[s[x] for s in seeds.values() if x in s] for x in xs]
+        out[opt] = Curve(
+            x=np.array(xs),
+            mean=np.array([np.mean(c) for c in columns]),
+            low=np.array([min(c) for c in columns]),
+            high=np.array([max(c) for c in columns]),
+        )
     return out
 
 
-def _panel(ax, curves: dict[str, tuple], title: str, xlabel: str, log: bool = False) -> None:
-    for opt in sorted(curves, key=lambda o: list(LABELS).index(o) if o in LABELS else 99):
-        x, mean, low, high = curves[opt]
-        color = COLORS.get(opt)
-        ax.plot(x, mean, label=LABELS.get(opt, opt), color=color, lw=1.6)
-        if (high > low).any():
-            ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    if log and any((c[1] > 0).all() for c in curves.values()):
+def robust_limits(values: np.ndarray, log: bool = False) -> tuple[float, float] | None:
+    """Axis limits that keep the bulk of ``values`` readable, or ``None`` to autoscale.
+
+    Limits are Tukey's far-out fences ``[q25 - k IQR, q75 + k IQR]`` (``k`` = :data:`FENCE`)
+    of the values (of their ``log10`` when ``log``), shrunk to the data range, with a 5 % margin.
+    ``None`` when no value lies beyond the fences.
+
+    Args:
+        values: Finite values ``[M]`` (positive when ``log``).
+        log: Compute the fences in log space.
+    """
+    v = np.log10(values) if log else np.asarray(values, dtype=float)
+    if v.size < 4:
+        return None
+    q25, q75 = np.percentile(v, [25, 75])
+    spread = q75 - q25
+    low, high = max(v.min(), q25 - FENCE * spread), min(v.max(), q75 + FENCE * spread)
+    if spread <= 0 or (low <= v.min() and high >= v.max()):
+        return None
+    margin = 0.05 * (high - low)
+    low, high = low - margin, high + margin
+    return (10**low, 10**high) if log else (low, high)
+
+
+def _draw(ax: Axes, lines: list[Line], spec: PanelSpec, colors: dict[str, str]) -> None:
+    """Draw the lines; log scale and robust limits as :data:`LOG_SCALE_RATIO` and :data:`FENCE`."""
+    values = np.concatenate([line.curve.mean for line in lines]) if lines else np.array([])
+    log = (
+        spec.kind == "loss"
+        and values.size > 0
+        and values.min() > 0
+        and values.max() >= LOG_SCALE_RATIO * values.min()
+    )
+    limits = robust_limits(values, log=log) if spec.kind in ("loss", "change") else None
+    for line in sorted(lines, key=lambda li: (_order(li.optimizer), li.diverged_seed or -1)):
+        c, color = line.curve, colors[line.optimizer]
+        marker = "o" if len(c.x) < 3 else None
+        if line.diverged_seed is None:
+            ax.plot(c.x, c.mean, color=color, lw=1.6, marker=marker, ms=4)
+            if (c.high > c.low).any():
+                ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.2, lw=0)
+            continue
+        ax.plot(c.x, c.mean, color=color, lw=1.0, ls="--", marker=marker, ms=3)
+        end = c.mean[-1] if limits is None else min(max(c.mean[-1], limits[0]), limits[1])
+        ax.plot(c.x[-1], end, marker="X", ms=9, color=color, mec="k", mew=0.6, clip_on=False)
+    if log:
         ax.set_yscale("log")
+    outside = 0 if limits is None else _clip(ax, lines, colors, limits)
+    if spec.kind == "change":
+        ax.axhline(0.0, color="k", lw=0.6)
+    ax.set_title(spec.title)
+    note = f"\n{outside} value{'s' * (outside != 1)} beyond the axis (\u25b2 \u25bc)"
+    ax.set_xlabel(spec.xlabel + (note if outside else ""))
+    ax.set_ylabel(spec.ylabel)
     ax.grid(alpha=0.3)
 
 
-def _legend(axes) -> None:
-    """One legend, in the first panel, with every optimizer that appears anywhere."""
+def _clip(ax: Axes, lines: list[Line], colors: dict[str, str], limits: tuple[float, float]) -> int:
+    """Set the y limits; values beyond them become triangles on the edge. Returns their count."""
+    low, high = limits
+    ax.set_ylim(low, high)
+    outside = 0
+    for line in lines:
+        c = line.curve
+        for mask, edge, marker in ((c.mean > high, high, "^"), (c.mean < low, low, "v")):
+            if mask.any():
+                outside += int(mask.sum())
+                ax.plot(
+                    c.x[mask],
+                    np.full(mask.sum(), edge),
+                    ls="none",
+                    marker=marker,
+                    ms=5,
+                    color=colors[line.optimizer],
+                    clip_on=False,
+                )
+    return outside
+
+
+def _legend(fig: Figure, colors: dict, diverged: dict, bands: bool) -> None:
+    """One legend below the panels, with every optimizer that ran."""
     handles, labels = [], []
-    for ax in np.ravel(axes):
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(h)
-                labels.append(label)
-    if handles:
-        np.ravel(axes)[0].legend(handles, labels, fontsize=8)
+    for opt, color in colors.items():
+        seeds = sorted(diverged.get(opt, ()))
+        label = LABELS.get(opt, opt)
+        if seeds:
+            label += f" (diverged, dashed: {seed_text(seeds)})"
+        handles.append(
+            Line2D(
+                [], [], color=color, lw=1.6, marker="X" if seeds else None, mec="k", mew=0.6, ms=8
+            )
+        )
+        labels.append(label)
+    if bands:
+        handles.append(Patch(color="0.5", alpha=0.3, lw=0))
+        labels.append("min-max over seeds")
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False
+    )
 
 
-def _subtitle(header: dict) -> str:
-    c = header["config"]
+def seed_text(seeds: Iterable[int]) -> str:
+    """``"seed 1"``, ``"seeds 0, 1, 2"``; runs of four or more become ``"seeds 0-9"``."""
+    seeds = sorted(set(seeds))
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        if j - i >= 3:
+            parts.append(f"{seeds[i]}-{seeds[j]}")
+        else:
+            parts.extend(str(s) for s in seeds[i : j + 1])
+        i = j + 1
+    return f"seed{'s' * (len(seeds) != 1)} {', '.join(parts)}"
+
+
+def _subtitle(config: dict, seeds: Iterable[int]) -> str:
+    c = config
     return (
         f"{c['dataset']}, RevMLP hidden {c['hidden']}, {c['depth']} blocks"
         f"{'' if c['inverted_bottleneck'] else ', no inverted bottleneck'}, loss {c['loss']}"
-        f", seeds {len(c['seeds'])}"
+        f", {seed_text(seeds)}"
     )
 
 
-def _finish(fig, header: dict, title: str, path: Path) -> Path:
-    _legend(fig.axes)
-    fig.suptitle(f"{title} ({_subtitle(header)})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def figure(
+    records: list[dict],
+    config: dict,
+    title: str,
+    panels: list[PanelSpec],
+    diverged: Iterable[dict] = (),
+    smooth: bool = False,
+) -> Figure:
+    """One row of panels with a shared legend and a title naming the run and its seeds.
+
+    Args:
+        records: ``eval`` or ``update`` records.
+        config: The run's config (the header's ``"config"``).
+        title: Figure title, before the run description.
+        panels: What each panel shows.
+        diverged: ``diverged`` records (``phase``, ``optimizer``, ``seed``).
+        smooth: Replace each curve of the panels after the first by its moving average
+            (Figure 3).
+    """
+    phases = {p.phase for p in panels}
+    ran = [r for r in records if r.get("phase") in phases]
+    failed = {(d["phase"], d["optimizer"], d["seed"]) for d in diverged if d.get("phase") in phases}
+    by_optimizer: dict[str, set[int]] = defaultdict(set)
+    for _, opt, seed in failed:
+        by_optimizer[opt].add(seed)
+    colors = _colors([r["optimizer"] for r in ran] + [opt for _, opt, _ in failed])
+    seeds = {r["seed"] for r in ran} | {seed for *_, seed in failed}
+    width = 5.5 if len(panels) < 3 else 4.0
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels), 4.2), layout="constrained", squeeze=False
+    )
+    bands = False
+    for i, (ax, spec) in enumerate(zip(axes[0], panels)):
+        lines = _lines(ran, failed, spec)
+        if smooth and i > 0:
+            lines = [Line(li.optimizer, moving_average(li.curve), li.diverged_seed) for li in lines]
+        bands |= any((li.curve.high > li.curve.low).any() for li in lines)
+        _draw(ax, lines, spec, colors)
+    _legend(fig, colors, by_optimizer, bands)
+    fig.suptitle(f"{title} ({_subtitle(config, seeds or config.get('seeds', ()))})", fontsize=10)
+    return fig
 
 
-def plot_fullbatch(records: list[dict], header: dict, path: Path, title: str) -> Path:
-    """Figure 1: full-batch train loss and accuracy (and test, for reference) per step."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, key, name, log in zip(
-        axes,
-        ("train_loss", "train_acc", "test_loss", "test_acc"),
-        ("train loss", "train accuracy", "test loss", "test accuracy"),
-        (True, False, True, False),
-    ):
-        _panel(ax, _curves(records, "fullbatch", key, "step"), name, "update (= epoch)", log)
-    return _finish(fig, header, title, path)
+def _lines(records: list[dict], failed: set[tuple], spec: PanelSpec) -> list[Line]:
+    """The panel's mean over the seeds that did not diverge, and one line per diverged seed."""
+
+    def key(r: dict) -> tuple:
+        return (r["phase"], r["optimizer"], r["seed"])
+
+    kept = [r for r in records if key(r) not in failed]
+    lines = [Line(opt, c) for opt, c in curves(kept, spec.phase, spec.key, spec.x_key).items()]
+    for phase, opt, seed in sorted(failed):
+        if phase == spec.phase:
+            mine = [r for r in records if key(r) == (phase, opt, seed)]
+            for c in curves(mine, spec.phase, spec.key, spec.x_key).values():
+                lines.append(Line(opt, c, seed))
+    return lines
 
 
-def plot_minibatch(records: list[dict], header: dict, path: Path, title: str) -> Path:
+def moving_average(curve: Curve, points: int = 25) -> Curve:
+    """The mean curve averaged over windows of ``len(x) // points`` values (no band)."""
+    width = max(1, len(curve.x) // points)
+    mean = np.convolve(curve.mean, np.ones(width) / width, mode="valid")
+    return Curve(curve.x[width - 1 :], mean, mean, mean)
+
+
+def _loss_label(config: dict) -> str:
+    return LOSS_LABELS.get(config.get("loss"), "loss")
+
+
+def fullbatch_figure(records, config, diverged=(), title="Figure 1: full batch") -> Figure:
+    """Figure 1: full-batch train loss and accuracy (and test, for reference) per update."""
+    loss, x = _loss_label(config), "update (= epoch)"
+    panels = [
+        PanelSpec("fullbatch", "train_loss", "step", "train loss", x, loss, "loss"),
+        PanelSpec("fullbatch", "train_acc", "step", "train accuracy", x, "accuracy", "accuracy"),
+        PanelSpec("fullbatch", "test_loss", "step", "test loss", x, loss, "loss"),
+        PanelSpec("fullbatch", "test_acc", "step", "test accuracy", x, "accuracy", "accuracy"),
+    ]
+    return figure(records, config, title, panels, diverged)
+
+
+def minibatch_figure(records, config, diverged=(), title="Figure 2: mini-batch") -> Figure:
     """Figure 2: mini-batch train loss, test loss and test accuracy per epoch."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, name, log in zip(
-        axes,
-        ("train_loss", "test_loss", "test_acc"),
-        ("train loss", "test loss", "test accuracy"),
-        (True, True, False),
-    ):
-        _panel(ax, _curves(records, "minibatch", key, "epoch"), name, "epoch", log)
-    return _finish(fig, header, title, path)
+    loss = _loss_label(config)
+    panels = [
+        PanelSpec("minibatch", "train_loss", "epoch", "train loss", "epoch", loss, "loss"),
+        PanelSpec("minibatch", "test_loss", "epoch", "test loss", "epoch", loss, "loss"),
+        PanelSpec(
+            "minibatch", "test_acc", "epoch", "test accuracy", "epoch", "accuracy", "accuracy"
+        ),
+    ]
+    return figure(records, config, title, panels, diverged)
 
 
-def plot_loss_change(updates: list[dict], header: dict, path: Path) -> Path:
-    """Figure 3: per-update % change of the mini-batch loss (raw and a moving average)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    curves = _curves(updates, "minibatch", "loss_change_pct", "step")
-    _panel(axes[0], curves, "% change of the mini-batch loss per update", "update")
-    smooth = {}
-    for opt, (x, mean, _, _) in curves.items():
-        width = max(1, len(x) // 25)
-        kernel = np.ones(width) / width
-        m = np.convolve(mean, kernel, mode="valid")
-        smooth[opt] = (x[width - 1 :], m, m, m)
-    _panel(axes[1], smooth, "moving average", "update")
-    for ax in axes:
-        ax.axhline(0.0, color="k", lw=0.6)
-    return _finish(fig, header, "Figure 3: loss change per update", path)
-
-
-def plot_no_bottleneck(records: list[dict], header: dict, path: Path) -> Path:
-    """Figure 5: both phases without the inverted bottleneck."""
-    panels = (
-        ("fullbatch", "train_loss", "step", "full batch: train loss", "update", True),
-        ("minibatch", "train_loss", "epoch", "mini-batch: train loss", "epoch", True),
-        ("minibatch", "test_loss", "epoch", "mini-batch: test loss", "epoch", True),
-        ("minibatch", "test_acc", "epoch", "mini-batch: test accuracy", "epoch", False),
+def loss_change_figure(updates, config, diverged=()) -> Figure:
+    """Figure 3: per-update % change of the mini-batch loss (raw, and a moving average)."""
+    ylabel = "change of the batch loss (%)"
+    panels = [
+        PanelSpec(
+            "minibatch",
+            "loss_change_pct",
+            "step",
+            "% change of the mini-batch loss per update",
+            "update",
+            ylabel,
+            "change",
+        ),
+        PanelSpec(
+            "minibatch", "loss_change_pct", "step", "moving average", "update", ylabel, "change"
+        ),
+    ]
+    return figure(
+        updates, config, "Figure 3: loss change per update", panels, diverged, smooth=True
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
-    for ax, (phase, key, x_key, name, xlabel, log) in zip(axes, panels):
-        _panel(ax, _curves(records, phase, key, x_key), name, xlabel, log)
-    return _finish(fig, header, "Figure 5: no inverted bottleneck", path)
 
 
-def plot_run(folder: str | Path) -> list[Path]:
-    """Draw every figure the run's results support; returns the PNG paths.
+def no_bottleneck_figure(records, config, diverged=()) -> Figure:
+    """Figure 5: both phases without the inverted bottleneck."""
+    loss = _loss_label(config)
+    panels = [
+        PanelSpec(
+            "fullbatch", "train_loss", "step", "full batch: train loss", "update", loss, "loss"
+        ),
+        PanelSpec(
+            "minibatch", "train_loss", "epoch", "mini-batch: train loss", "epoch", loss, "loss"
+        ),
+        PanelSpec(
+            "minibatch", "test_loss", "epoch", "mini-batch: test loss", "epoch", loss, "loss"
+        ),
+        PanelSpec(
+            "minibatch",
+            "test_acc",
+            "epoch",
+            "mini-batch: test accuracy",
+            "epoch",
+            "accuracy",
+            "accuracy",
+        ),
+    ]
+    return figure(records, config, "Figure 5: no inverted bottleneck", panels, diverged)
+
+
+def run_figures(folder: str | Path) -> dict[str, Figure]:
+    """Every figure the run's results support, keyed by file name (see :data:`FIGURES`).
 
     Raises:
         NoResultsError: no ``results.jsonl`` or no evaluation in it.
     """
     store = ResultsStore(folder)
-    header = store.header()
     records = store.evaluations()
-    if header is None or not records:
+    if store.header() is None or not records:
         raise NoResultsError(f"no results to plot in {store.path}")
-    header = {**header, "config": store.config()}  # the latest, if the run was extended
-    folder = Path(folder)
-    experiment = header["config"]["experiment"]
+    config = store.config()  # the latest, if the run was extended
+    diverged = [r for r in store.records() if r.get("type") == "diverged"]
     phases = {r["phase"] for r in records}
-    paths = []
-    if experiment == "no-bottleneck":
-        paths.append(plot_no_bottleneck(records, header, folder / FIGURES["no-bottleneck"]))
-        return paths
+    if config["experiment"] == "no-bottleneck":
+        return {FIGURES["no-bottleneck"]: no_bottleneck_figure(records, config, diverged)}
+    out = {}
     if "fullbatch" in phases:
-        title = "Figure 1: full batch"
-        paths.append(plot_fullbatch(records, header, folder / FIGURES["fullbatch"], title))
+        out[FIGURES["fullbatch"]] = fullbatch_figure(records, config, diverged)
     if "minibatch" in phases:
-        title = "Figure 2: mini-batch"
-        paths.append(plot_minibatch(records, header, folder / FIGURES["minibatch"], title))
+        out[FIGURES["minibatch"]] = minibatch_figure(records, config, diverged)
     updates = store.updates()
     if updates:
-        paths.append(plot_loss_change(updates, header, folder / FIGURES["loss-change"]))
+        out[FIGURES["loss-change"]] = loss_change_figure(updates, config, diverged)
+    return out
+
+
+def plot_run(folder: str | Path) -> list[Path]:
+    """Draw every figure the run's results support as PNGs in ``folder``; returns their paths.
+
+    Raises:
+        NoResultsError: no ``results.jsonl`` or no evaluation in it.
+    """
+    paths = []
+    for name, fig in run_figures(folder).items():
+        path = Path(folder) / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 
