@@ -1,4 +1,7 @@
-"""The ``curvlab`` command: run, resume, plot, summarize and sweep the paper's experiments.
+"""The curvlab command: run, resume, plot, summarize and sweep the paper's experiments.
+
+Every option's help text shows its default; where the bundled subset uses a smaller one, both.
+Bad values exit with code 2 and a message naming the option. See docs/experiments.md.
 
 Examples::
 
@@ -12,79 +15,250 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from curvlab.experiments.config import EXPERIMENTS, OPTIMIZERS, make_config
+from curvlab import __version__
+from curvlab.experiments.config import (
+    BUNDLED_DEFAULTS,
+    EXPERIMENTS,
+    OPTIMIZERS,
+    ExperimentConfig,
+    default_lr,
+    make_config,
+)
+
+#: The defaults of every setting on the full datasets.
+_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(ExperimentConfig)
+    if f.default is not dataclasses.MISSING
+}
 
 
-def _csv(kind):
+def _positive_int(text: str) -> int:
+    """``argparse`` type: an integer > 0 (argparse names the option in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """``argparse`` type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _number_above_one(text: str) -> float:
+    """``argparse`` type: a number > 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}") from None
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}")
+    return value
+
+
+def _csv(kind: Callable, what: str, check: Callable | None = None):
+    """``argparse`` type: a non-empty comma-separated list of ``kind`` values."""
+
     def parse(text: str) -> tuple:
         try:
-            return tuple(kind(v) for v in text.split(",") if v)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty list {text!r}")
+        if check is not None and not all(check(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
 
     return parse
 
 
+def _default(name: str, bundled: bool = True) -> str:
+    """The ``(default: ...)`` note of a setting, with the bundled subset's value when it differs."""
+    full = _DEFAULTS[name]
+    if bundled and name in BUNDLED_DEFAULTS and BUNDLED_DEFAULTS[name] != full:
+        return f"(default: {BUNDLED_DEFAULTS[name]} with --dataset bundled, else {full})"
+    return f"(default: {full})"
+
+
 def _rates(text: str) -> dict[str, float]:
+    """``argparse`` type of ``--lr``: ``NAME=VALUE`` pairs, every value > 0."""
     rates = {}
     for item in text.split(","):
-        name, sep, value = item.partition("=")
+        name, sep, value = item.strip().partition("=")
         if not sep or name not in OPTIMIZERS:
             raise argparse.ArgumentTypeError(
-                f"--lr expects NAME=VALUE pairs with NAME in {OPTIMIZERS}, got {item!r}"
+                f"expected NAME=VALUE pairs with NAME in {OPTIMIZERS}, got {item!r}"
             )
         try:
             rates[name] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--lr: {value!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not rates[name] > 0:
+            raise argparse.ArgumentTypeError(
+                f"the learning rate of {name} must be > 0, got {value}"
+            )
     return rates
 
 
 def _add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", choices=EXPERIMENTS, help="named after the paper's figures")
     p.add_argument(
-        "--dataset", default="bundled", choices=("bundled", "fashion-mnist", "mnist", "cifar10")
+        "experiment", choices=EXPERIMENTS, help="named after the paper's figures (required)"
     )
-    p.add_argument("--data", dest="data_path", help="folder of the dataset files")
-    p.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (default 42)")
-    p.add_argument("--steps", type=int, help="full-batch updates")
-    p.add_argument("--epochs", type=int, help="mini-batch epochs")
-    p.add_argument("--subset", type=int, help="full-batch training-set size (paper: 1024)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="mini-batch size")
-    p.add_argument("--hidden", type=int, help="expansion width (paper: 8000)")
-    p.add_argument("--depth", type=int, help="number of reversible blocks (paper: 4)")
+    p.add_argument(
+        "--dataset",
+        default="bundled",
+        choices=("bundled", "fashion-mnist", "mnist", "cifar10"),
+        help="training and test data; bundled: the Fashion-MNIST subset inside the package "
+        "(default: bundled)",
+    )
+    p.add_argument(
+        "--data",
+        dest="data_path",
+        metavar="DIR",
+        help="folder of the dataset files (default: $CURVLAB_DATA, then the system folder, e.g. "
+        "/usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_csv(int, "comma-separated non-negative integers", lambda v: v >= 0),
+        metavar="LIST",
+        help="comma-separated seeds, one run per seed and optimizer (default: 42)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        metavar="N",
+        help=f"full-batch updates (one per epoch) {_default('steps')}",
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, metavar="N", help=f"mini-batch epochs {_default('epochs')}"
+    )
+    p.add_argument(
+        "--subset",
+        type=_positive_int,
+        metavar="N",
+        help=f"full-batch training-set size, class-balanced (paper: 1024) {_default('subset')}",
+    )
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=_positive_int,
+        metavar="N",
+        help=f"mini-batch size {_default('batch_size')}",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_positive_int,
+        metavar="N",
+        help=f"expansion width of every branch (paper: 8000) {_default('hidden')}",
+    )
+    p.add_argument(
+        "--depth",
+        type=_positive_int,
+        metavar="N",
+        help="number of reversible blocks (default: 4, 12 with --dataset cifar10)",
+    )
     p.add_argument(
         "--norm",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="LayerNorm in the branches",
+        help="LayerNorm in the branches (default: off)",
     )
-    p.add_argument("--loss", choices=("ce", "mse"))
+    p.add_argument("--loss", choices=("ce", "mse"), help=f"training loss {_default('loss')}")
     p.add_argument(
         "--ce-hessian",
         dest="ce_hessian",
         choices=("identity", "exact"),
-        help="CE function-space step: the authors' identity Hessian or the Newton step",
+        help="CE function-space step: the authors' identity Hessian or the Newton step "
+        f"{_default('ce_hessian')}",
     )
-    p.add_argument("--scheme", dest="gn_scheme", choices=("right-inverse", "pinv", "paper"))
-    p.add_argument("--solver", dest="gn_solver", choices=("cholesky", "eigh", "svd", "damped"))
-    p.add_argument("--damping", dest="gn_damping", type=float, help="damping of the Gram solves")
+    p.add_argument(
+        "--scheme",
+        dest="gn_scheme",
+        choices=("right-inverse", "pinv", "paper"),
+        help="ExactGN scheme (default: right-inverse, paper for no-bottleneck)",
+    )
+    p.add_argument(
+        "--solver",
+        dest="gn_solver",
+        choices=("cholesky", "eigh", "svd", "damped"),
+        help=f"ExactGN's Gram solver {_default('gn_solver')}",
+    )
+    p.add_argument(
+        "--damping",
+        dest="gn_damping",
+        type=_non_negative_float,
+        metavar="X",
+        help=f"damping of the Gram solves {_default('gn_damping')}",
+    )
     p.add_argument(
         "--output-damping",
         dest="gn_output_damping",
-        type=float,
-        help="Levenberg-Marquardt damping of the exact CE Newton step (with --ce-hessian exact)",
+        type=_non_negative_float,
+        metavar="X",
+        help="Levenberg-Marquardt damping of the exact CE Newton step (with --ce-hessian exact) "
+        f"{_default('gn_output_damping')}",
     )
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="full-batch evaluation period")
-    p.add_argument("--evals-per-epoch", dest="evals_per_epoch", type=int)
-    p.add_argument("--eval-train-size", dest="eval_train_size", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--eval-every",
+        dest="eval_every",
+        type=_positive_int,
+        metavar="N",
+        help=f"full-batch evaluation (and checkpoint) period in updates {_default('eval_every')}",
+    )
+    p.add_argument(
+        "--evals-per-epoch",
+        dest="evals_per_epoch",
+        type=_positive_int,
+        metavar="N",
+        help=f"mini-batch evaluations (and checkpoints) per epoch {_default('evals_per_epoch')}",
+    )
+    p.add_argument(
+        "--eval-train-size",
+        dest="eval_train_size",
+        type=_positive_int,
+        metavar="N",
+        help=f"training samples used to report the train loss {_default('eval_train_size')}",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: CUDA when available (default: auto)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (default: progress bars)"
+    )
+    p.add_argument(
+        "--diverge-factor",
+        dest="diverge_factor",
+        type=_number_above_one,
+        metavar="X",
+        help="a run whose loss exceeds X times its initial loss is recorded as diverged and "
+        f"stopped {_default('diverge_factor')}",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="results folder (default: runs/EXPERIMENT-DATASET; sweep: "
+        "runs/sweep-EXPERIMENT-DATASET-OPTIMIZER)",
+    )
 
 
 def _config(args: argparse.Namespace, **extra):
@@ -108,6 +282,7 @@ def _config(args: argparse.Namespace, **extra):
         "evals_per_epoch",
         "eval_train_size",
         "device",
+        "diverge_factor",
         "optimizers",
     )
     overrides = {k: getattr(args, k, None) for k in names}
@@ -115,19 +290,28 @@ def _config(args: argparse.Namespace, **extra):
     return make_config(args.experiment, args.dataset, **overrides)
 
 
+def _status(row: dict) -> str:
+    """``ok``, or which seeds diverged and after how many updates."""
+    if not row["diverged"]:
+        return "ok"
+    where = ", ".join(f"seed {seed} after {step}" for seed, step in row["diverged"].items())
+    return f"diverged ({len(row['diverged'])} of {row['seeds']} seeds: {where} updates)"
+
+
 def _print_summary(folder: Path) -> None:
     from curvlab.experiments.plots import summary
 
     rows = summary(folder)
     print(
-        "| phase | optimizer | step | epoch | train loss | train acc | test loss | test acc | time s |"
+        "| phase | optimizer | step | epoch | train loss | train acc | test loss | test acc "
+        "| time s | status |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['phase']} | {r['optimizer']} | {r['step']} | {r['epoch']:.2f} | "
             f"{r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
-            f"{r['test_acc']:.4f} | {r['time_s']:.1f} |"
+            f"{r['test_acc']:.4f} | {r['time_s']:.1f} | {_status(r)} |"
         )
 
 
@@ -178,49 +362,100 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             rows.append({"lr": rate, **row})
             print(
                 f"{args.optimizer} lr={rate:g} {row['phase']}: train loss "
-                f"{row['train_loss']:.4f}, test acc {row['test_acc']:.4f}"
+                f"{row['train_loss']:.4f}, test acc {row['test_acc']:.4f}, {_status(row)}"
             )
-    finite = [r for r in rows if r["train_loss"] == r["train_loss"]]
-    best = min(finite, key=lambda r: r["train_loss"]) if finite else None
+    trained = [r for r in rows if not r["diverged"] and r["train_loss"] == r["train_loss"]]
+    best = min(trained, key=lambda r: r["train_loss"]) if trained else None
     (out / "sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
     if best:
-        print(f"best {args.optimizer} lr by final train loss: {best['lr']:g}")
+        print(
+            f"best {args.optimizer} lr by final train loss (diverged runs excluded): {best['lr']:g}"
+        )
     print(f"wrote {out / 'sweep.json'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``curvlab`` command."""
-    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="curvlab",
+        description=__doc__.split("\n\n")[0],
+        epilog="Run 'curvlab COMMAND --help' for a command's options. See docs/experiments.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"curvlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run (or resume) an experiment of the exact-GN paper")
+    rates = default_lr(4)
+    lr_default = ", ".join(
+        f"{phase}: " + ",".join(f"{k}={v:g}" for k, v in rates[phase].items()) for phase in rates
+    )
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) an experiment of the exact-GN paper",
+        description="Run an experiment, or resume it where it stopped: the same command again "
+        "continues a killed run; more --steps, --epochs, --optimizers or --seeds extend a "
+        "finished one.",
+    )
     _add_config_arguments(run)
-    run.add_argument("--optimizers", type=_csv(str), help=f"subset of {','.join(OPTIMIZERS)}")
-    run.add_argument("--lr", type=_rates, help="learning rates, e.g. gn=2,adam=1e-3")
-    run.add_argument("--out", help="results folder (default runs/EXPERIMENT-DATASET)")
-    run.add_argument("--no-plot", action="store_true", help="do not draw the figures at the end")
+    run.add_argument(
+        "--optimizers",
+        type=_csv(
+            str, f"a comma-separated subset of {','.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS
+        ),
+        metavar="LIST",
+        help=f"optimizers to run, one after the other (default: {','.join(OPTIMIZERS)})",
+    )
+    run.add_argument(
+        "--lr",
+        type=_rates,
+        metavar="NAME=X,...",
+        help="learning rates of both phases, e.g. gn=2,adam=1e-3 (default: "
+        f"{lr_default}; gn scales with --depth as 0.5 and 0.1 times it)",
+    )
+    run.add_argument(
+        "--no-plot", action="store_true", help="do not draw the figures at the end (default: draw)"
+    )
     run.set_defaults(func=_cmd_run)
 
     plot = sub.add_parser("plot", help="redraw the figures of a results folder")
-    plot.add_argument("folder")
+    plot.add_argument("folder", help="a run folder holding results.jsonl")
     plot.set_defaults(func=_cmd_plot)
 
     summ = sub.add_parser("summary", help="final metrics of a results folder as a Markdown table")
-    summ.add_argument("folder")
+    summ.add_argument("folder", help="a run folder holding results.jsonl")
     summ.set_defaults(func=_cmd_summary)
 
     sweep = sub.add_parser("sweep", help="learning-rate sweep of one optimizer")
     _add_config_arguments(sweep)
-    sweep.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
-    sweep.add_argument("--lrs", required=True, type=_csv(float), help="e.g. 1e-4,1e-3,1e-2")
-    sweep.add_argument("--out", help="sweep folder (one sub-folder per learning rate)")
+    sweep.add_argument("--optimizer", required=True, choices=OPTIMIZERS, help="(required)")
+    sweep.add_argument(
+        "--lrs",
+        required=True,
+        type=_csv(float, "comma-separated positive numbers", lambda v: v > 0),
+        metavar="LIST",
+        help="learning rates, e.g. 1e-4,1e-3,1e-2 (required)",
+    )
     sweep.set_defaults(func=_cmd_sweep)
     return parser
 
 
+def _data_hint(message: str) -> str:
+    """A data loader's message in the CLI's terms (``--data`` for the loaders' ``root``)."""
+    for api, cli in (
+        ("pass root=<directory with the files>", "pass --data <directory with the files>"),
+        ("as root, or set", "as --data, or set"),
+        ("no root given", "no --data given"),
+    ):
+        message = message.replace(api, cli)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``curvlab`` console script."""
+    """Entry point of the ``curvlab`` console script.
+
+    Returns:
+        0 on success, 2 for bad input (a message names it), 130 when interrupted.
+    """
     from curvlab.data.errors import DataFileError, DataNotFoundError
     from curvlab.experiments.plots import NoResultsError
     from curvlab.experiments.store import ConfigMismatchError
@@ -228,17 +463,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        DataFileError,
-        DataNotFoundError,
-        ConfigMismatchError,
-        NoResultsError,
-        ValueError,
-    ) as error:
+    except DataNotFoundError as error:
+        print(f"curvlab: error: {_data_hint(str(error))}", file=sys.stderr)
+        return 2
+    except (DataFileError, ConfigMismatchError, NoResultsError, ValueError) as error:
         print(f"curvlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("curvlab: interrupted; run the same command again to resume", file=sys.stderr)
+        # a new line first: the cursor is still on the progress bar's line
+        print("\ncurvlab: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 

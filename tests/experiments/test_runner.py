@@ -121,6 +121,7 @@ def test_run_recorded_before_a_new_setting_existed_resumes(tmp_path):
     del old["gn_output_damping"]  # as written by a version without that setting
     store = ResultsStore(tmp_path)
     store.open(old)
+    store.save_checkpoint(store.checkpoint_path("fullbatch", "gn", 42), {"step": 0})
     store.open(config.to_dict(), defaults={"gn_output_damping": 0.0})
     with pytest.raises(ConfigMismatchError, match="gn_output_damping"):
         store.open(config.to_dict(), defaults={"gn_output_damping": 0.5})

@@ -38,7 +38,8 @@ class ExperimentConfig:
         inverted_bottleneck: ``False`` for the paper's Figure 5 model.
         loss: ``ce`` or ``mse``.
         ce_hessian: ``identity`` (authors) or ``exact`` (true Newton step in function space).
-        gn_scheme: ExactGN scheme; ``gn_solver``, ``gn_rtol``, ``gn_atol``, ``gn_damping`` its solver.
+        gn_scheme: ExactGN scheme; ``gn_solver``, ``gn_rtol``, ``gn_atol``, ``gn_damping`` its
+            solver.
         gn_output_damping: Levenberg-Marquardt damping of the exact CE function-space step.
         lr: Learning rate per optimizer, for the full-batch and mini-batch phases.
         eval_every: Evaluate every this many full-batch updates.
@@ -47,6 +48,8 @@ class ExperimentConfig:
         record_updates: Record the per-update % change of the mini-batch loss (Figure 3).
         phases: ``fullbatch`` and/or ``minibatch``.
         device: ``cpu``, ``cuda`` or ``auto``.
+        diverge_factor: A run whose loss exceeds this many times its initial loss (the first
+            batch's, before the first update) is recorded as diverged and stopped.
     """
 
     experiment: str
@@ -78,10 +81,52 @@ class ExperimentConfig:
     record_updates: bool = False
     phases: tuple[str, ...] = ("fullbatch",)
     device: str = "auto"
+    diverge_factor: float = 1e3
 
     def to_dict(self) -> dict:
         """JSON-ready dict of the config."""
         return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Check every setting that does not depend on the data.
+
+        Raises:
+            ValueError: names the first setting out of range and what it expects.
+        """
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, choices in (
+            ("optimizers", OPTIMIZERS),
+            ("phases", ("fullbatch", "minibatch")),
+        ):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"{name} is empty; choose from {choices}")
+            bad = sorted(set(values) - set(choices))
+            if bad:
+                raise ValueError(f"unknown {name} {bad}; choose from {choices}")
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one seed, e.g. (42,)")
+        bad_seeds = [
+            s for s in self.seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0
+        ]
+        if bad_seeds:
+            raise ValueError(f"seeds must be non-negative integers, got {bad_seeds}")
+        if self.loss not in ("ce", "mse"):
+            raise ValueError(f"loss must be 'ce' or 'mse', got {self.loss!r}")
+        if self.ce_hessian not in ("identity", "exact"):
+            raise ValueError(f"ce_hessian must be 'identity' or 'exact', got {self.ce_hessian!r}")
+        for name in ("gn_damping", "gn_output_damping", "gn_atol"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.diverge_factor > 1:
+            raise ValueError(f"diverge_factor must be > 1, got {self.diverge_factor!r}")
+        for phase, rates in self.lr.items():
+            for name, rate in rates.items():
+                if not rate > 0:
+                    raise ValueError(f"lr[{phase!r}][{name!r}] must be > 0, got {rate!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
@@ -111,8 +156,21 @@ def default_lr(depth: int) -> dict[str, dict[str, float]]:
     }
 
 
-# Scaled-down settings for the bundled subset: `make demo` finishes in a few minutes on 2 cores.
-_BUNDLED = {
+#: Settings that must be positive integers.
+_POSITIVE = (
+    "subset",
+    "steps",
+    "epochs",
+    "batch_size",
+    "hidden",
+    "depth",
+    "eval_every",
+    "evals_per_epoch",
+    "eval_train_size",
+)
+
+#: Scaled-down settings for the bundled subset: `make demo` finishes in a minute on 2 cores.
+BUNDLED_DEFAULTS = {
     "subset": 512,
     "steps": 30,
     "epochs": 6,
@@ -127,13 +185,14 @@ def make_config(experiment: str, dataset: str = "bundled", **overrides) -> Exper
     """Build the named experiment's config for a dataset, then apply ``overrides``.
 
     Raises:
-        ValueError: unknown experiment, optimizer or phase, or an override that is not a field.
+        ValueError: unknown experiment, an override that is not a field, or a setting out of
+            range (see :meth:`ExperimentConfig.check`).
     """
     if experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {experiment!r}; choose one of {EXPERIMENTS}")
     values: dict = {"experiment": experiment, "dataset": dataset}
     if dataset == "bundled":
-        values.update(_BUNDLED)
+        values.update(BUNDLED_DEFAULTS)
     if dataset == "cifar10":
         values["depth"] = 12  # the authors' CIFAR-10 configs
     if experiment in ("minibatch", "loss-change"):
@@ -156,13 +215,5 @@ def make_config(experiment: str, dataset: str = "bundled", **overrides) -> Exper
         lr[phase].update(rates)
     values["lr"] = lr
     config = ExperimentConfig(**values)
-    bad = set(config.optimizers) - set(OPTIMIZERS)
-    if bad:
-        raise ValueError(f"unknown optimizers {sorted(bad)}; choose from {OPTIMIZERS}")
-    if not set(config.phases) <= {"fullbatch", "minibatch"}:
-        raise ValueError(f"unknown phases {config.phases}")
-    if config.loss not in ("ce", "mse") or config.ce_hessian not in ("identity", "exact"):
-        raise ValueError(
-            f"loss must be ce|mse and ce_hessian identity|exact, got {config.loss}, {config.ce_hessian}"
-        )
+    config.check()
     return config

@@ -441,8 +441,26 @@ def plot_run(folder: str | Path) -> list[Path]:
 
 
 def summary(folder: str | Path) -> list[dict]:
-    """Last evaluation of every (phase, optimizer), averaged over seeds, for tables."""
-    records = ResultsStore(folder).evaluations()
+    """Last evaluation of every (phase, optimizer), averaged over seeds, for tables.
+
+    Every row holds ``phase``, ``optimizer``, ``seeds`` (how many), ``step``, the means of
+    ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` and ``time_s``, and
+    ``diverged``: ``{seed: step}`` of the seeds whose run diverged (stopped after ``step``
+    updates; empty when none did). A diverged seed's metrics are its last evaluation before it
+    stopped.
+
+    Raises:
+        NoResultsError: the folder or its ``results.jsonl`` does not exist, or holds no evaluation.
+    """
+    store = ResultsStore(folder)
+    if not store.folder.is_dir():
+        raise NoResultsError(f"no results in {store.folder}: the folder does not exist")
+    if not store.path.is_file():
+        raise NoResultsError(f"no results in {store.folder}: {store.path} does not exist")
+    records = store.evaluations()
+    if not records:
+        raise NoResultsError(f"no results in {store.folder}: {store.path} holds no evaluation")
+    diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
     last: dict[tuple, dict] = {}
     for r in records:
         key = (r["phase"], r["optimizer"], r["seed"])
@@ -456,5 +474,10 @@ def summary(folder: str | Path) -> list[dict]:
         row = {"phase": phase, "optimizer": opt, "seeds": len(rs), "step": rs[0]["step"]}
         for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "time_s"):
             row[key] = float(np.mean([r[key] for r in rs]))
+        row["diverged"] = {
+            r["seed"]: diverged[(phase, opt, r["seed"])]
+            for r in rs
+            if (phase, opt, r["seed"]) in diverged
+        }
         rows.append(row)
     return rows

@@ -4,8 +4,12 @@ Full-batch and mini-batch training of a RevMLP with exact Gauss-Newton, Adam and
 data, initialization and evaluation.
 
 Results go to :class:`~curvlab.experiments.store.ResultsStore` as they are produced; after every
-evaluation the model, optimizer and position are checkpointed, so a killed run started again with
-the same command resumes where it stopped.
+evaluation the model, optimizer and position are checkpointed (after the records, which are on
+disk first), so a killed run started again with the same command resumes where it stopped.
+
+A run diverges when its loss or parameters become non-finite, or when its loss exceeds
+``diverge_factor`` (default 1e3) times its initial value; a ``"diverged"`` record says when and
+why, and that (phase, optimizer, seed) stops there.
 """
 
 from __future__ import annotations
@@ -119,6 +123,19 @@ def _finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def divergence(loss: float, initial: float, factor: float) -> str | None:
+    r"""Why a run whose loss is ``loss`` (initially ``initial``) has diverged, or ``None``.
+
+    A run diverges when its loss is not finite, or when it exceeds ``factor`` times the initial
+    loss (losses are non-negative, so the bound is :math:`\ell > c\,\ell_0`).
+    """
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if loss > factor * initial:
+        return f"loss {loss:.4g} exceeds {factor:g} times the initial loss {initial:.4g}"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available."""
     if name == "auto":
@@ -136,6 +153,7 @@ class Runner:
     """
 
     def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True) -> None:
+        config.check()
         self.config = config
         self.store = ResultsStore(out)
         self.progress = progress
@@ -144,6 +162,7 @@ class Runner:
     def run(self) -> ResultsStore:
         """Run (or resume) everything; returns the store."""
         data = load_data(self.config, self.device)  # first: a missing file leaves no folder behind
+        self.check(data)  # and a setting the data cannot satisfy leaves none either
         defaults = ExperimentConfig(self.config.experiment).to_dict()
         self.store.open(self.config.to_dict(), defaults)
         for phase in self.config.phases:
@@ -151,6 +170,19 @@ class Runner:
                 for name in self.config.optimizers:
                     self._run_one(phase, name, seed, data)
         return self.store
+
+    def check(self, data: Data) -> None:
+        """Check the settings that depend on the data, before anything is written.
+
+        Raises:
+            ValueError: ``subset`` (full batch) or ``batch_size`` (mini-batch) exceeds the
+                training images.
+        """
+        c, available = self.config, len(data.train_x)
+        if "fullbatch" in c.phases and c.subset > available:
+            raise ValueError(f"subset={c.subset} exceeds the {available} training images")
+        if "minibatch" in c.phases and c.batch_size > available:
+            raise ValueError(f"batch_size={c.batch_size} exceeds the {available} training images")
 
     # ------------------------------------------------------------------ one training run
     def _model(self, seed: int, data: Data) -> RevMLP:
@@ -170,10 +202,6 @@ class Runner:
     def _train_set(self, phase: str, seed: int, data: Data) -> tuple[Tensor, Tensor]:
         if phase == "minibatch":
             return data.train_x, data.train_y
-        if self.config.subset > len(data.train_x):
-            raise ValueError(
-                f"subset={self.config.subset} exceeds the {len(data.train_x)} training images"
-            )
         index = balanced_indices(data.train_y.cpu().numpy(), self.config.subset, seed)
         index = torch.as_tensor(index, device=self.device)
         return data.train_x[index], data.train_y[index]
@@ -186,21 +214,20 @@ class Runner:
             eval_every = c.eval_every
         else:
             steps_per_epoch = len(train_x) // c.batch_size
-            if steps_per_epoch == 0:
-                raise ValueError(
-                    f"batch_size={c.batch_size} exceeds the {len(train_x)} training images"
-                )
             total = c.epochs * steps_per_epoch
             eval_every = max(1, steps_per_epoch // max(1, c.evals_per_epoch))
         model = self._model(seed, data)
         optimizer = build_optimizer(name, model, c.lr[phase][name], c)
         checkpoint = self.store.checkpoint_path(phase, name, seed)
-        step, train_time = 0, 0.0
+        step, train_time, initial = 0, 0.0, None
         if checkpoint.exists():
             state = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            if state.get("diverged"):
+                return  # recorded as diverged: more steps or epochs do not restart it
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, train_time = state["step"], state["train_time"]
+            initial = state.get("initial_loss")
         if step >= total:
             return
         eval_x, eval_y = train_x[: c.eval_train_size], train_y[: c.eval_train_size]
@@ -227,11 +254,14 @@ class Runner:
                 x, y = train_x, train_y
             started = time.perf_counter()
             before = update(optimizer, model, x, y, c.loss)
-            if not math.isfinite(before) or not _finite(model):
-                message = f"non-finite loss or parameters after update {step + 1}"
-                self.store.append({"type": "diverged", **base, "step": step, "message": message})
-                self._checkpoint(checkpoint, model, optimizer, total, train_time)
-                tqdm.write(f"{phase} {name} seed {seed} diverged: {message}")
+            if initial is None:
+                initial = before
+            reason, at = divergence(before, initial, c.diverge_factor), step
+            if reason is None and not _finite(model):
+                reason, at = "non-finite parameters", step + 1
+            if reason is not None:
+                self._record_divergence(base, at, reason, before, initial)
+                self._checkpoint(checkpoint, model, optimizer, at, train_time, initial, True)
                 break
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -252,22 +282,59 @@ class Runner:
                     }
                 )
             if step % eval_every == 0 or step == total:
-                self._evaluate(model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data)
-                self._checkpoint(checkpoint, model, optimizer, step, train_time)
+                loss = self._evaluate(
+                    model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data
+                )
+                reason = divergence(loss, initial, c.diverge_factor)
+                if reason is not None:
+                    self._record_divergence(base, step, reason, loss, initial)
+                diverged = reason is not None
+                self._checkpoint(checkpoint, model, optimizer, step, train_time, initial, diverged)
+                if diverged:
+                    break
         bar.close()
 
-    def _checkpoint(self, path, model, optimizer, step: int, train_time: float) -> None:
+    def _record_divergence(
+        self, base: dict, step: int, reason: str, loss: float, initial: float
+    ) -> None:
+        """Append a ``diverged`` record (the caller then checkpoints the run as finished)."""
+        self.store.append(
+            {
+                "type": "diverged",
+                **base,
+                "step": step,
+                "loss": loss if math.isfinite(loss) else None,
+                "initial_loss": initial,
+                "message": f"{reason} after {step} updates",
+            }
+        )
+        label = f"{base['phase']} {base['optimizer']} seed {base['seed']}"
+        tqdm.write(f"{label} diverged: {reason} after {step} updates")
+
+    def _checkpoint(
+        self,
+        path: Path,
+        model: RevMLP,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        train_time: float,
+        initial_loss: float | None,
+        diverged: bool = False,
+    ) -> None:
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
             "train_time": train_time,
+            "initial_loss": initial_loss,
+            "diverged": diverged,
         }
         self.store.save_checkpoint(path, state)
 
     def _evaluate(
         self, model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data
-    ) -> None:
+    ) -> float:
+        """Append an ``eval`` record; returns its training loss."""
         train_loss, train_acc = evaluate(model, eval_x, eval_y, self.config.loss)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, self.config.loss)
         self.store.append(
@@ -283,3 +350,4 @@ class Runner:
                 "time_s": train_time,
             }
         )
+        return train_loss
