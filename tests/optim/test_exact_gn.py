@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from curvlab.nn import RevMLP
 from curvlab.optim import ExactGN, NoExactRightInverseError
+from curvlab.optim.exact_gn import DEFAULT_CE_OUTPUT_DAMPING
 from curvlab.optim.function_space import as_targets, loss_value, newton_step
 from tests.reference import jacobian, loss_hessian_wrt_output
 
@@ -30,10 +31,13 @@ def dense_output_change(model, x, directions, loss):
     return moved - moved.mean(1, keepdim=True) if loss == "ce" else moved
 
 
-def function_space_step(model, x, y, loss, identity_hessian=False):
+def function_space_step(model, x, y, loss, output_damping=None):
+    """The step ExactGN(loss=loss) takes by default (CE: damped by DEFAULT_CE_OUTPUT_DAMPING)."""
+    if output_damping is None:
+        output_damping = DEFAULT_CE_OUTPUT_DAMPING if loss == "ce" else 0.0
     with torch.no_grad():
         out = model(x)
-    return newton_step(out, as_targets(y, K, loss, out), loss, identity_hessian)
+    return newton_step(out, as_targets(y, K, loss, out), loss, output_damping=output_damping)
 
 
 # (n, d, h, depth): first block full rank when d/2 >= n (+bias); rank-deficient otherwise.
@@ -143,6 +147,16 @@ def test_paper_scheme_raw_scale_is_2L_for_mse():
     assert torch.allclose(
         dense_output_change(model, x, directions, "mse"), 6 * step, atol=1e-6, rtol=0
     )
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_tracked_residual_of_the_raw_paper_step_is_zero_where_every_block_is_exact(loss):
+    """normalize=False scales the step by 2L (MSE) or L (CE); the residual is measured against
+    the scaled step, so an exact step reports 0, not 2L - 1."""
+    model, x, y = make_problem(8, 20, 24, 3)  # every block full rank
+    opt = ExactGN(model, lr=1e-3, loss=loss, scheme="paper", normalize=False, track_residual=True)
+    opt.step(x, y)
+    assert opt.last_info.residual < 1e-10
 
 
 def test_paper_scheme_residual_is_reported_when_first_block_is_rank_deficient():

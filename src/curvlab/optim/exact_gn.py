@@ -34,6 +34,14 @@ Cholesky solve for all full-rank blocks and an in-place ``addmm_`` per branch, a
 steps; ``"pinv"`` adds a backward sweep with :math:`k` cotangents, the NTK's lower block triangle
 and an :math:`N k \times N k` Cholesky (4-6 Adam steps at ``N = 256``). Measurements and the math
 in full: ``docs/exact_gn.md``, ``benchmarks/exact_gn.py``.
+
+Safeguards: the batch is checked first (:mod:`curvlab.optim.batch`: shapes, label range, NaN/Inf,
+each error naming the argument). After the update, one forward pass on the same batch measures the
+loss; a step that makes it non-finite or raises it above ``max_loss_ratio`` times
+:math:`\max(L_\text{before}, L_0)` (:math:`L_0` the loss of a zero output: :math:`\log k` for
+cross-entropy, :math:`\operatorname{mean}(y^2)` for MSE) is undone, the parameters restored
+bit for bit from a copy, and :class:`DivergedStepError` names the likely cause.
+``max_loss_ratio=None`` switches the check off (no forward pass, no copy).
 """
 
 from __future__ import annotations
@@ -48,14 +56,40 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from curvlab.nn.reversible import InvertedBottleneck, RevMLP
+from curvlab.optim.batch import check_inputs, check_targets
 from curvlab.optim.function_space import LOSSES, as_targets, loss_value, newton_step
 from curvlab.optim.gram import SOLVERS, GramInverse, default_rtol
 
 SCHEMES = ("right-inverse", "pinv", "paper")
 
+DEFAULT_CE_OUTPUT_DAMPING = 0.1
+r"""Default :math:`\lambda` of the cross-entropy step :math:`(H_n + \lambda I)^{-1} g_n`.
+
+Chosen on the bundled Fashion-MNIST subset (``benchmarks/exact_gn_ce_defaults.py``,
+``docs/exact_gn.md``): the undamped Newton step diverged in every run there.
+"""
+
 
 class NoExactRightInverseError(ValueError):
     """Raised when no block of the network can carry an exact share of the GN step."""
+
+
+class DivergedStepError(FloatingPointError):
+    """A step made the loss or the parameters non-finite, or raised the loss by orders of magnitude.
+
+    The step has been undone: the parameters hold exactly their values from before it. The
+    message names the likely cause (learning rate, the cross-entropy step's damping or
+    ``identity_hessian``, the Gram solves' damping).
+
+    Attributes:
+        loss_before: Batch loss before the step.
+        loss_after: Batch loss after it (``nan`` when the parameters were not finite).
+    """
+
+    def __init__(self, message: str, loss_before: float, loss_after: float) -> None:
+        super().__init__(message)
+        self.loss_before = loss_before
+        self.loss_after = loss_after
 
 
 @dataclass
@@ -139,6 +173,7 @@ class StepInfo:
     loss_before: float
     blocks_used: list[int] = field(default_factory=list)
     residual: float | None = None
+    loss_after: float | None = None  # measured by the divergence check; None when it is off
 
 
 def _activation_slope(activation: nn.Module, pre: Tensor) -> Tensor | None:
@@ -172,16 +207,27 @@ class ExactGN(torch.optim.Optimizer):
         atol: Absolute singular-value threshold.
         damping: :math:`\lambda` added to every Gram matrix / the NTK; required by ``"damped"``.
         identity_hessian: CE only: the authors' :math:`H = I` variant (:math:`s = p - y`).
-        output_damping: CE only: Levenberg-Marquardt damping :math:`\lambda` of the function-space
-            step, :math:`s = (H + \lambda I)^{-1} g`; bounds the true Newton step, which grows like
-            :math:`1/p_y` on confidently wrong samples (see :mod:`curvlab.optim.function_space`).
+        output_damping: CE with the true Hessian only: Levenberg-Marquardt damping :math:`\lambda`
+            of the function-space step, :math:`s = (H + \lambda I)^{-1} g`; bounds the Newton
+            step, which grows like :math:`1/p_y` on confidently wrong samples (see
+            :mod:`curvlab.optim.function_space`). ``None`` (default):
+            :data:`DEFAULT_CE_OUTPUT_DAMPING` for cross-entropy, 0 otherwise; ``0.0`` gives the
+            undamped Newton step.
         normalize: Divide the ``"paper"`` scheme's sum of block solutions by :math:`L` (and drop
             the authors' factor 2 for MSE); ``False`` reproduces their raw step.
         track_residual: After each step, measure
-            :math:`\|J\Delta\theta + \alpha s\| / \|\alpha s\|` with a Jacobian-vector product (one
-            extra forward pass) and store it in :attr:`last_info`.
+            :math:`\|J\Delta\theta + \alpha c\, s\| / \|\alpha c\, s\|` with a Jacobian-vector
+            product (one extra forward pass) and store it in :attr:`last_info`; :math:`c` is the
+            scheme's scale (1, or the authors' raw factor with ``normalize=False``), so an exact
+            step reports 0.
+        max_loss_ratio: Undo a step and raise :class:`DivergedStepError` when the batch loss
+            after it is non-finite or exceeds ``max_loss_ratio`` times
+            :math:`\max(L_\text{before}, L_0)`, :math:`L_0` the loss of a zero output. Costs one
+            forward pass on the batch and a copy of the moved parameters per step; ``None``
+            switches the check off (the step's coefficients are still checked to be finite).
 
-    ``step(inputs, targets)`` returns the batch loss before the step.
+    ``step(inputs, targets)`` returns the batch loss before the step; :attr:`last_info` holds the
+    loss after it (when checked), the blocks used and the residual.
     """
 
     def __init__(
@@ -195,9 +241,10 @@ class ExactGN(torch.optim.Optimizer):
         atol: float = 0.0,
         damping: float = 0.0,
         identity_hessian: bool = False,
-        output_damping: float = 0.0,
+        output_damping: float | None = None,
         normalize: bool = True,
         track_residual: bool = False,
+        max_loss_ratio: float | None = 100.0,
     ) -> None:
         if not isinstance(model, RevMLP):
             raise TypeError(
@@ -214,12 +261,17 @@ class ExactGN(torch.optim.Optimizer):
             raise ValueError("solver='damped' needs damping > 0")
         if identity_hessian and loss != "ce":
             raise ValueError("identity_hessian applies to loss='ce' only")
-        if output_damping and (loss != "ce" or identity_hessian):
+        true_ce = loss == "ce" and not identity_hessian
+        if output_damping is None:
+            output_damping = DEFAULT_CE_OUTPUT_DAMPING if true_ce else 0.0
+        if output_damping and not true_ce:
             raise ValueError("output_damping applies to loss='ce' with the true Hessian only")
         if output_damping < 0:
             raise ValueError(f"output_damping must be >= 0, got {output_damping}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if max_loss_ratio is not None and not max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio must be > 1 or None (no check), got {max_loss_ratio}")
         super().__init__([p for p in model.parameters() if p.requires_grad], {"lr": lr})
         self.model = model
         self.loss = loss
@@ -232,55 +284,190 @@ class ExactGN(torch.optim.Optimizer):
         self.output_damping = output_damping
         self.normalize = normalize
         self.track_residual = track_residual
+        self.max_loss_ratio = max_loss_ratio
         self.last_info: StepInfo | None = None
         self._projection_pinv: tuple[tuple, Tensor] | None = None
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def step(self, inputs: Tensor, targets: Tensor) -> float:  # type: ignore[override]
-        """Perform one Gauss-Newton update on the batch and return the loss before it."""
-        lrs = {group["lr"] for group in self.param_groups}
-        if len(lrs) != 1:
-            raise ValueError(
-                f"ExactGN needs one learning rate for all parameters, got {sorted(lrs)}"
-            )
-        lr = lrs.pop()
-        model = self.model
-        x = model.flatten_input(inputs)
-        branches, body_out = self._linearize(x)
-        outputs = body_out @ model.projection
-        target_values = as_targets(targets, model.num_classes, self.loss, outputs)
+        """Perform one Gauss-Newton update on the batch and return the loss before it.
+
+        Args:
+            inputs: ``[N, *]`` floating inputs flattening to ``[N, d]`` (model's dtype).
+            targets: ``[N]`` integer class labels, or ``[N, k]`` values (MSE) / probabilities (CE).
+
+        Raises:
+            TypeError, ValueError: a bad batch; the message names the argument
+                (:mod:`curvlab.optim.batch`).
+            DivergedStepError: the step diverged and was undone.
+            NoExactRightInverseError: a block scheme found no full-rank block.
+        """
+        lr = self._learning_rate()
+        x, target_values, branches, outputs = self._prepare(inputs, targets, "ExactGN.step")
         loss_before = float(loss_value(outputs, target_values, self.loss))
         if not math.isfinite(loss_before):
-            raise FloatingPointError(f"ExactGN: the loss before the step is {loss_before}")
+            raise FloatingPointError(
+                f"ExactGN.step: the loss before the step is {loss_before} for finite outputs "
+                f"(max |output| {float(outputs.abs().max()):.3g}): {self._parameter_state()}"
+            )
         step = newton_step(
             outputs, target_values, self.loss, self.identity_hessian, self.output_damping
         )
         coefficients, used = self._coefficients(branches, step)
-        scale = 1.0
-        if self.scheme == "paper" and not self.normalize:
-            scale = len(model.body.blocks) * (2.0 if self.loss == "mse" else 1.0)
+        scale = self._raw_scale()
         info = StepInfo(loss_before=loss_before, blocks_used=used)
         if self.track_residual:
             directions = self._directions_from(branches, coefficients)
-            directions = {p: d * scale for p, d in directions.items()}
             info.residual = self._relative_residual(x, directions, step)
+        if not all(bool(torch.isfinite(c).all()) for c in coefficients.values()):
+            raise DivergedStepError(
+                "ExactGN: the step's coefficients are not finite; nothing was changed. "
+                + self._causes(step, lr),
+                loss_before,
+                math.nan,
+            )
+        saved = None
+        if self.max_loss_ratio is not None:
+            saved = {p: p.detach().clone() for p in self._moved_parameters(branches, coefficients)}
         self._apply(branches, coefficients, alpha=-lr * scale)
+        if saved is not None:
+            info.loss_after = self._check_step(x, target_values, loss_before, step, saved, lr)
         self.last_info = info
         return loss_before
 
     def directions(self, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """The update direction ``D`` (``Δθ = -lr·D``) by parameter name, without stepping."""
         with torch.no_grad():
-            x = self.model.flatten_input(inputs)
-            branches, body_out = self._linearize(x)
-            outputs = body_out @ self.model.projection
-            y = as_targets(targets, self.model.num_classes, self.loss, outputs)
+            _, y, branches, outputs = self._prepare(inputs, targets, "ExactGN.directions")
             step = newton_step(outputs, y, self.loss, self.identity_hessian, self.output_damping)
             coefficients, _ = self._coefficients(branches, step)
             found = self._directions_from(branches, coefficients)
         names = {p: n for n, p in self.model.named_parameters()}
         return {names[p]: d for p, d in found.items()}
+
+    # ------------------------------------------------------------------ safeguards
+    def _learning_rate(self) -> float:
+        lrs = {group["lr"] for group in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(
+                f"ExactGN needs one learning rate for all parameters, got {sorted(lrs)}"
+            )
+        return lrs.pop()
+
+    def _raw_scale(self) -> float:
+        """The authors' raw factor (``"paper"``, ``normalize=False``): :math:`2L` MSE, :math:`L` CE."""
+        if self.scheme == "paper" and not self.normalize:
+            return len(self.model.body.blocks) * (2.0 if self.loss == "mse" else 1.0)
+        return 1.0
+
+    def _prepare(
+        self, inputs: Tensor, targets: Tensor, where: str
+    ) -> tuple[Tensor, Tensor, list[_Branch], Tensor]:
+        """Check the batch, run the forward pass; returns ``x [N, d]``, targets, branches, ``f``."""
+        model = self.model
+        x = check_inputs(inputs, model.in_features, model.projection, where)
+        check_targets(targets, x.shape[0], model.num_classes, self.loss, where)
+        branches, body_out = self._linearize(x)
+        outputs = body_out @ model.projection
+        target_values = as_targets(targets, model.num_classes, self.loss, outputs)
+        if not bool(torch.isfinite(outputs).all()):
+            raise FloatingPointError(
+                f"{where}: the model's outputs are not finite for finite inputs: "
+                f"{self._parameter_state()}"
+            )
+        return x, target_values, branches, outputs
+
+    def _parameter_state(self) -> str:
+        """A sentence on the trained parameters: which hold NaN/Inf, or how large they are."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            return (
+                f"parameters {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+                f"Inf (did an earlier step diverge with max_loss_ratio=None?); restore them"
+            )
+        largest = max(float(p.abs().max()) for p in self.model.parameters())
+        return (
+            f"the parameters are finite but large (max |entry| {largest:.3g}), so the forward "
+            f"pass overflows (did an earlier step diverge with max_loss_ratio=None?); restore them"
+        )
+
+    def _moved_parameters(
+        self, branches: list[_Branch], coefficients: dict[int, Tensor]
+    ) -> list[Tensor]:
+        return [p for index in coefficients for p in branches[index].module.proj.parameters()]
+
+    def _check_step(
+        self,
+        x: Tensor,
+        targets: Tensor,
+        loss_before: float,
+        step: Tensor,
+        saved: dict[Tensor, Tensor],
+        lr: float,
+    ) -> float:
+        r"""Loss after the step; undo the step and raise if it diverged (see ``max_loss_ratio``)."""
+        assert self.max_loss_ratio is not None
+        finite = all(bool(torch.isfinite(p).all()) for p in saved)
+        loss_after = math.nan
+        if finite:
+            loss_after = float(loss_value(self.model(x), targets, self.loss))
+        zero_loss = float(loss_value(torch.zeros_like(targets), targets, self.loss))
+        limit = self.max_loss_ratio * max(loss_before, zero_loss)
+        if math.isfinite(loss_after) and loss_after <= limit:
+            return loss_after
+        moved = sum(float((p - old).double().square().sum()) for p, old in saved.items())
+        size = sum(float(old.double().square().sum()) for old in saved.values())
+        change = math.sqrt(moved / size) if size > 0 else math.inf
+        for p, old in saved.items():
+            p.copy_(old)
+        what = (
+            "made the parameters non-finite"
+            if not finite
+            else f"took the batch loss from {loss_before:.4g} to {loss_after:.4g}"
+        )
+        raise DivergedStepError(
+            f"ExactGN: the step {what} (limit: max_loss_ratio={self.max_loss_ratio:g} x "
+            f"max(loss before, loss of a zero output {zero_loss:.4g}) = {limit:.4g}; the moved "
+            f"parameters changed by {change:.3g} x their norm). The step was undone: the "
+            f"parameters are restored exactly. " + self._causes(step, lr),
+            loss_before,
+            loss_after,
+        )
+
+    def _causes(self, step: Tensor, lr: float) -> str:
+        """The likely causes of a diverged step, most likely first, with what to change."""
+        causes = []
+        if self.loss == "ce" and not self.identity_hessian:
+            per_sample = step.abs().amax(dim=-1)
+            worst = int(per_sample.argmax())
+            size = f"its largest entry is {float(per_sample[worst]):.3g} (sample {worst})"
+            if self.output_damping == 0:
+                causes.append(
+                    f"the undamped cross-entropy Newton step (identity_hessian=False, "
+                    f"output_damping=0): it grows like 1/p_y on confidently wrong samples and {size}; "
+                    f"use output_damping > 0 (default {DEFAULT_CE_OUTPUT_DAMPING:g}) or "
+                    f"identity_hessian=True"
+                )
+            else:
+                causes.append(
+                    f"the cross-entropy step's damping output_damping={self.output_damping:g} "
+                    f"bounds it by |g|/output_damping and {size}; raise output_damping or use "
+                    f"identity_hessian=True"
+                )
+        causes.append(
+            f"the learning rate lr={lr:g}: to first order the outputs move by lr x the "
+            f"function-space step; try a smaller lr (e.g. {lr / 10:g})"
+        )
+        if self._raw_scale() != 1:
+            causes.append(
+                f"normalize=False multiplies the paper scheme's step by {self._raw_scale():g}"
+            )
+        causes.append(
+            f"nearly singular Gram matrices (damping={self.damping:g} of the Gram solves): "
+            f"solver='damped' with damping > 0, or a larger rtol, bounds the step"
+        )
+        return "Likely causes: " + "; ".join(f"({i}) {c}" for i, c in enumerate(causes, 1)) + "."
 
     # ------------------------------------------------------------------ internals
     def _coefficients(
@@ -374,11 +561,20 @@ class ExactGN(torch.optim.Optimizer):
     def _gram_inverse(self, branches: list[_Branch], rtol: float) -> tuple[GramInverse, Tensor]:
         """Factorize every branch's Gram matrix at once; returns it and the ``[2L, N, N]`` Grams."""
         grams = torch.stack([branch.gram() for branch in branches])
+        self._check_finite_gram(grams)
         features = None
         if self.solver == "svd":
             features = torch.stack([_with_ones(branch) for branch in branches])
         inverse = GramInverse(features, grams, self.solver, rtol, self.atol, self.damping)
         return inverse, grams
+
+    def _check_finite_gram(self, gram: Tensor) -> None:
+        """Raise on an overflowed Gram matrix, which would otherwise read as rank-deficient."""
+        if not bool(torch.isfinite(gram).all()):
+            raise FloatingPointError(
+                f"ExactGN: the Gram matrices of the branch features are not finite: "
+                f"{self._parameter_state()}"
+            )
 
     def _block_coefficients(
         self, branches: list[_Branch], target: Tensor, rtol: float
@@ -488,6 +684,7 @@ class ExactGN(torch.optim.Optimizer):
         r"""Moore-Penrose step :math:`J^\top \Theta^{+} s` through the structured ``[N k, N k]`` NTK."""
         gammas = self._output_wrt_branches(branches)
         ntk = self._structured_ntk(branches, gammas)
+        self._check_finite_gram(ntk)
         n, k = step.shape
         solver = "eigh" if self.solver == "svd" else self.solver
         inverse = GramInverse(None, ntk[None], solver, rtol, self.atol, self.damping)
