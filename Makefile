@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# The docs tools (the `docs` extra) only for `make docs`, so `make test` needs none of them.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev,docs]"
+	touch $@
 
 demo: install
 	$(VENV)/bin/curvlab run fullbatch --dataset bundled --out runs/demo
@@ -31,6 +36,12 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# HTML site from docs/ and the docstrings; warnings are errors. -E: a fresh read of every page, so
+# no warning is hidden by an earlier build.
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -b html -E -W --keep-going -q docs build/docs/html
+	@echo "docs: build/docs/html/index.html"
 
 bench: install
 	$(PY) benchmarks/exact_gn.py
