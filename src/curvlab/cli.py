@@ -109,10 +109,10 @@ def _rates(text: str) -> dict[str, float]:
         try:
             rates[name] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+            rates[name] = float("nan")
         if not rates[name] > 0:
             raise argparse.ArgumentTypeError(
-                f"the learning rate of {name} must be > 0, got {value}"
+                f"expected NAME=VALUE pairs with VALUE a number > 0, got {item!r}"
             )
     return rates
 

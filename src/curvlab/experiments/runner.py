@@ -7,9 +7,10 @@ Results go to :class:`~curvlab.experiments.store.ResultsStore` as they are produ
 evaluation the model, optimizer and position are checkpointed (after the records, which are on
 disk first), so a killed run started again with the same command resumes where it stopped.
 
-A run diverges when its loss or parameters become non-finite, or when its loss exceeds
-``diverge_factor`` (default 1e3) times its initial value; a ``"diverged"`` record says when and
-why, and that (phase, optimizer, seed) stops there.
+A run diverges when its loss or parameters become non-finite, when its loss exceeds
+``diverge_factor`` (default 1e3) times its initial value, or when the optimizer refuses a step
+with a :class:`FloatingPointError` (ExactGN's ``DivergedStepError``); a ``"diverged"`` record says
+when and why, and that (phase, optimizer, seed) stops there.
 """
 
 from __future__ import annotations
@@ -253,7 +254,14 @@ class Runner:
             else:
                 x, y = train_x, train_y
             started = time.perf_counter()
-            before = update(optimizer, model, x, y, c.loss)
+            try:
+                before = update(optimizer, model, x, y, c.loss)
+            except FloatingPointError as error:  # e.g. ExactGN's DivergedStepError (undone)
+                loss = getattr(error, "loss_after", math.nan)
+                reason = f"update {step + 1} refused: {error}"
+                self._record_divergence(base, step, reason, loss, initial)
+                self._checkpoint(checkpoint, model, optimizer, step, train_time, initial, True)
+                break
             if initial is None:
                 initial = before
             reason, at = divergence(before, initial, c.diverge_factor), step
@@ -295,7 +303,7 @@ class Runner:
         bar.close()
 
     def _record_divergence(
-        self, base: dict, step: int, reason: str, loss: float, initial: float
+        self, base: dict, step: int, reason: str, loss: float, initial: float | None
     ) -> None:
         """Append a ``diverged`` record (the caller then checkpoints the run as finished)."""
         self.store.append(
@@ -305,11 +313,11 @@ class Runner:
                 "step": step,
                 "loss": loss if math.isfinite(loss) else None,
                 "initial_loss": initial,
-                "message": f"{reason} after {step} updates",
+                "message": reason,
             }
         )
         label = f"{base['phase']} {base['optimizer']} seed {base['seed']}"
-        tqdm.write(f"{label} diverged: {reason} after {step} updates")
+        tqdm.write(f"{label} diverged after {step} updates: {reason}")
 
     def _checkpoint(
         self,
