@@ -228,6 +228,15 @@ def test_robust_limits_leave_well_behaved_values_alone():
     assert robust_limits(np.linspace(-20.0, 5.0, 50)) is None
 
 
+def test_robust_limits_keep_a_transient_spike():
+    # `make demo`'s test losses: Adam and SGD peak at 2.7 times the initial loss, then settle
+    adam = [5.44, 11.85, 14.07, 14.56, 11.88, 6.75, 2.95, 2.31, 3.74, 2.64, 1.89, 2.02, 1.98, 1.55]
+    sgd = [5.44, 11.05, 14.83, 7.24, 6.54, 4.22, 3.26, 2.86, 2.24, 1.32, 1.16, 1.16, 1.24, 1.1]
+    gn = [5.44, 3.65, 2.59, 2.05, 1.75, 1.58, 1.49, 1.44, 1.41, 1.39, 1.38, 1.37, 1.36, 1.35]
+    values = np.array(adam + [1.1] * 16 + sgd + [0.9] * 16 + gn + [1.3] * 16)
+    assert robust_limits(values, log=True) is None
+
+
 def test_robust_limits_cut_a_far_outlier():
     values = np.concatenate([np.linspace(-20.0, 5.0, 50), [1e6]])
     low, high = robust_limits(values)

@@ -49,6 +49,8 @@ LOSS_LABELS = {"ce": "cross-entropy loss", "mse": "squared-error loss"}
 LOG_SCALE_RATIO = 10.0
 #: Tukey's far-out fences: the axis shows ``[q25 - k IQR, q75 + k IQR]`` with ``k`` this.
 FENCE = 3.0
+#: The axis is clipped only if that makes the kept values span at least this many times more of it.
+MIN_GAIN = 2.0
 
 
 class NoResultsError(ValueError):
@@ -135,7 +137,9 @@ def robust_limits(values: np.ndarray, log: bool = False) -> tuple[float, float] 
 
     Limits are Tukey's far-out fences ``[q25 - k IQR, q75 + k IQR]`` (``k`` = :data:`FENCE`)
     of the values (of their ``log10`` when ``log``), shrunk to the data range, with a 5 % margin.
-    ``None`` when no value lies beyond the fences.
+    ``None`` when no value lies beyond the fences, or when clipping would not at least double
+    (:data:`MIN_GAIN`) the share of the axis the kept values span: a transient spike stays in
+    view, a diverged run's values do not.
 
     Args:
         values: Finite values ``[M]`` (positive when ``log``).
@@ -147,7 +151,7 @@ def robust_limits(values: np.ndarray, log: bool = False) -> tuple[float, float] 
     q25, q75 = np.percentile(v, [25, 75])
     spread = q75 - q25
     low, high = max(v.min(), q25 - FENCE * spread), min(v.max(), q75 + FENCE * spread)
-    if spread <= 0 or (low <= v.min() and high >= v.max()):
+    if spread <= 0 or v.max() - v.min() < MIN_GAIN * (high - low):
         return None
     margin = 0.05 * (high - low)
     low, high = low - margin, high + margin
@@ -164,6 +168,7 @@ def _draw(ax: Axes, lines: list[Line], spec: PanelSpec, colors: dict[str, str]) 
         and values.max() >= LOG_SCALE_RATIO * values.min()
     )
     limits = robust_limits(values, log=log) if spec.kind in ("loss", "change") else None
+    stopped = 0  # diverged runs often end at one point: each X is smaller than the one below
     for line in sorted(lines, key=lambda li: (_order(li.optimizer), li.diverged_seed or -1)):
         c, color = line.curve, colors[line.optimizer]
         marker = "o" if len(c.x) < 3 else None
@@ -174,7 +179,9 @@ def _draw(ax: Axes, lines: list[Line], spec: PanelSpec, colors: dict[str, str]) 
             continue
         ax.plot(c.x, c.mean, color=color, lw=1.0, ls="--", marker=marker, ms=3)
         end = c.mean[-1] if limits is None else min(max(c.mean[-1], limits[0]), limits[1])
-        ax.plot(c.x[-1], end, marker="X", ms=9, color=color, mec="k", mew=0.6, clip_on=False)
+        size = max(5.0, 12.0 - 2.5 * stopped)
+        ax.plot(c.x[-1], end, marker="X", ms=size, color=color, mec="k", mew=0.6, clip_on=False)
+        stopped += 1
     if log:
         ax.set_yscale("log")
     outside = 0 if limits is None else _clip(ax, lines, colors, limits)
