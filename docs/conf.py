@@ -14,8 +14,11 @@ import sys
 import types
 from pathlib import Path
 
+from docutils.statemachine import StringList
 from sphinx.pycode import ModuleAnalyzer
 from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.parsing import nested_parse_to_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -67,6 +70,54 @@ PACKAGES = (
 )
 
 
+#: What the API pages say of public constants that have no ``#:`` comment or docstring at their
+#: definition (there, one is better: it is found and used instead).
+CONSTANTS = {
+    "curvlab.__version__": "The package version.",
+    "curvlab.nn.MEMSAVE_CLASSES": "The memory-saving class that :func:`convert` puts in place of "
+    "each stock ``torch.nn`` class.",
+    "curvlab.nn.KEPT_STOCK": "Stock classes that :func:`convert` leaves as they are (their "
+    "memory-saving form would save nothing).",
+    "curvlab.backprop.RULES": "The derivative :class:`Rule` for each supported module class; "
+    "modules without one take the generic ``torch.func`` path.",
+    "curvlab.experiments.EXPERIMENTS": "The experiments ``curvlab run`` knows, one per figure "
+    "of the paper.",
+}
+
+
+def _is_constant(obj) -> bool:
+    return not (inspect.isclass(obj) or inspect.isroutine(obj) or isinstance(obj, types.ModuleType))
+
+
+class PublicConstants(SphinxDirective):
+    """``.. public-constants:: curvlab.nn``: an ``autodata`` entry per constant in ``__all__``.
+
+    ``automodule`` documents a package's re-exported classes and functions but not its
+    re-exported constants; this adds them, so that a new public constant needs no edit here.
+    Values whose ``repr`` is long or holds an address are not shown.
+    """
+
+    required_arguments = 1
+
+    def run(self):
+        """The ``autodata`` entries, parsed."""
+        package = self.arguments[0]
+        module = importlib.import_module(package)
+        own_docs = ModuleAnalyzer.for_module(package).find_attr_docs()
+        lines = []
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not _is_constant(obj) or ("", name) in own_docs:
+                continue  # automodule documents it
+            lines += ["", f".. autodata:: {package}.{name}"]
+            value = repr(obj)
+            if len(value) > 60 or " at 0x" in value:
+                lines.append("   :no-value:")
+            if f"{package}.{name}" in CONSTANTS and not _attribute_doc(f"{package}.{name}", obj):
+                lines += ["", f"   {CONSTANTS[f'{package}.{name}']}"]
+        return nested_parse_to_nodes(self.state, StringList(lines, source=package))
+
+
 def _resolve(name: str):
     """The object a dotted name refers to, or ``None``."""
     parts = name.split(".")
@@ -106,9 +157,9 @@ def _check_api_coverage(app, env) -> None:
             if f"{package}.{name}" in documented or id(obj) in shared:
                 continue
             logger.warning(
-                f"public name {package}.{name} is not in the API reference: add it to "
-                f"docs/api/{package.rpartition('.')[2]}.rst (a constant needs its own "
-                f"'.. autodata:: {package}.{name}')",
+                f"public name {package}.{name} is not in the API reference: add "
+                f"'.. automodule:: {package}' and '.. public-constants:: {package}' to "
+                f"docs/api/{package.rpartition('.')[2]}.rst",
                 type="curvlab",
                 subtype="api",
             )
@@ -152,9 +203,10 @@ def _data_docstring(app, what, name, obj, options, lines) -> None:
     A constant re-exported by a package then shows the ``#:`` comment (or docstring) at its
     definition.
     """
-    if what not in ("data", "attribute"):
+    inherited = getattr(type(obj), "__doc__", None)
+    if what != "data" or not isinstance(inherited, str):
         return
-    inherited = inspect.cleandoc(type(obj).__doc__ or "").splitlines()
+    inherited = inspect.cleandoc(inherited).splitlines()
     if [line.rstrip() for line in lines if line.strip()] == [
         line.rstrip() for line in inherited if line.strip()
     ]:
@@ -162,7 +214,8 @@ def _data_docstring(app, what, name, obj, options, lines) -> None:
 
 
 def setup(app) -> None:
-    """Hook the member filter, the constants' docstrings and the API coverage check."""
+    """Add the constants directive; hook the member filter, docstrings and coverage check."""
+    app.add_directive("public-constants", PublicConstants)
     app.connect("autodoc-skip-member", _keep_public_members)
     app.connect("autodoc-process-docstring", _data_docstring)
     app.connect("env-check-consistency", _check_api_coverage)
