@@ -18,6 +18,7 @@ from curvlab.backprop import (
     BatchDiagHessian,
     BatchGrad,
     BatchL2,
+    DenseBlock,
     DiagGGN,
     DiagHessian,
     GenericPathWarning,
@@ -105,9 +106,9 @@ def _named(name: str):
 
 def test_generic_path_warns_naming_modules():
     model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
-    from curvlab.backprop import engine
+    from curvlab.backprop import recording
 
-    engine._WARNED.clear()
+    recording._WARNED.clear()
     with pytest.warns(GenericPathWarning, match=r"MultiheadAttention \('attn'\)"):
         compute(model, loss_func, x, y, [BatchGrad()])
 
@@ -125,19 +126,19 @@ def test_generic_path_warns_once():
 
 def test_hessian_fallback_names_the_obstacle():
     model, loss_func, x, y = build(_named("layernorm-mlp"), "ce-mean")
-    from curvlab.backprop import engine
+    from curvlab.backprop import recording
 
-    engine._WARNED.clear()
+    recording._WARNED.clear()
     with pytest.warns(GenericPathWarning, match=r"LayerNorm \(module '1'\) is not linear"):
         compute(model, loss_func, x, y, [DiagHessian()])
 
 
 def test_kfac_on_large_generic_parameter_names_it(monkeypatch):
     """A module without a Kronecker rule gets whole GGN blocks, within MAX_FULL_BLOCK."""
-    from curvlab.backprop import engine
+    from curvlab.backprop import recording
 
     model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
-    monkeypatch.setattr(engine, "MAX_FULL_BLOCK", 40)  # in_proj_weight has 48 entries
+    monkeypatch.setattr(recording, "MAX_FULL_BLOCK", 40)  # in_proj_weight has 48 entries
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(
@@ -189,10 +190,11 @@ def test_custom_quantity_extends_the_engine():
 
 def test_kfac_covers_layernorm_with_exact_block():
     model, loss_func, x, y = build(_named("layernorm-mlp"), "mse-mean")
-    (block,) = compute(model, loss_func, x, y, [KFLR()])["KFLR"]["1.weight"]
+    block = compute(model, loss_func, x, y, [KFLR()])["KFLR"]["1.weight"]
+    assert isinstance(block, DenseBlock)
     ggn = reference.ggn(model, loss_func, x, y)
     start = sum(p.numel() for p in list(model.parameters())[:2])
-    torch.testing.assert_close(block, ggn[start : start + 4, start : start + 4])
+    torch.testing.assert_close(block.dense(), ggn[start : start + 4, start : start + 4])
 
 
 @pytest.mark.parametrize("loss", ["mse-sum", "ce-mean"])

@@ -96,7 +96,17 @@ def test_kron_sums_match_weight_jacobian(config):
     torch.testing.assert_close(sums["weight"].input_sum, expected, rtol=1e-10, atol=1e-12)
     assert sums["weight"].input_count == x.shape[0] * factor[0, 0, 0].numel()
     s = factor.movedim(2, -1).reshape(-1, o)
-    torch.testing.assert_close(sums["bias"].output_sum, s.T @ s, rtol=1e-10, atol=1e-12)
+    expand = s.T @ s  # the weight: sum over positions of s s^T
     if g > 1:
-        blocks = conv_rules.grouped_output_sum(s.T @ s, g)
-        torch.testing.assert_close(sums["weight"].output_sum, blocks)
+        expand = conv_rules.grouped_output_sum(expand, g)
+    torch.testing.assert_close(sums["weight"].output_sum, expand, rtol=1e-10, atol=1e-12)
+    summed = factor.flatten(start_dim=3).sum(-1).reshape(-1, o)  # the bias: its exact block
+    torch.testing.assert_close(sums["bias"].output_sum, summed.T @ summed, rtol=1e-10, atol=1e-12)
+    total = sums["weight"].input_total  # the rows' sum (joint weight-and-bias blocks)
+    rows_sum = torch.stack(
+        [
+            jac[:, gr * (o // g), :, gr * rows : (gr + 1) * rows, 0].sum((0, 1)).flatten()
+            for gr in range(g)
+        ]
+    )
+    torch.testing.assert_close(total, rows_sum[0] if g == 1 else rows_sum, rtol=1e-10, atol=1e-12)

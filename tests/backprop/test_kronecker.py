@@ -14,6 +14,7 @@ from curvlab.backprop import (
     KFAC,
     KFLR,
     KFRA,
+    DenseBlock,
     GenericPathWarning,
     UnsupportedModuleError,
     compute,
@@ -82,6 +83,16 @@ def _output_factor(model: nn.Sequential, k: int, loss_func, x, y) -> torch.Tenso
     return torch.einsum("natnbt->ab", g)
 
 
+def _factors(block) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of a Kronecker block, without the group dimension when there is one group."""
+    a, b = block.input_factor, block.output_factor
+    return (a[0], b[0]) if block.groups == 1 else (a, b)
+
+
+def _pairs(results: dict) -> list[torch.Tensor]:
+    return [t for block in results.values() for t in _factors(block)]
+
+
 def _case(problem: str, loss: str):
     return build(next(p for p in PROBLEMS if p.name == problem), loss)
 
@@ -91,7 +102,7 @@ def _case(problem: str, loss: str):
 def test_kflr_output_factor(problem, loss):
     model, loss_func, x, y = _case(problem, loss)
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
-    actual = torch.cat([ours[f"{k}.weight"][1].flatten() for k in _layers(model)])
+    actual = torch.cat([_factors(ours[f"{k}.weight"])[1].flatten() for k in _layers(model)])
     expected = torch.cat(
         [
             _grouped(_output_factor(model, k, loss_func, x, y), _groups(model[k])).flatten()
@@ -105,7 +116,7 @@ def test_kflr_output_factor(problem, loss):
 def test_kflr_input_factor(problem):
     model, loss_func, x, y = _case(problem, "ce-mean")
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
-    actual = torch.cat([ours[f"{k}.weight"][0].flatten() for k in _layers(model)])
+    actual = torch.cat([_factors(ours[f"{k}.weight"])[0].flatten() for k in _layers(model)])
     expected = torch.cat(
         [_input_factor(model[k], model[:k](x).detach()).flatten() for k in _layers(model)]
     )
@@ -116,16 +127,51 @@ def test_kflr_input_factor(problem):
 def test_kflr_bias_factor_is_output_factor(loss):
     model, loss_func, x, y = _case("mlp", loss)
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
-    assert all(torch.equal(ours[f"{k}.bias"][0], ours[f"{k}.weight"][1]) for k in (0, 2))
+    for k in (0, 2):  # one position: the bias's exact block is the weight's output factor
+        assert torch.equal(_factors(ours[f"{k}.bias"])[1], _factors(ours[f"{k}.weight"])[1])
+        assert torch.equal(_factors(ours[f"{k}.bias"])[0], torch.ones(1, 1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("loss", ["mse-mean", "ce-sum"])
-def test_grouped_conv_bias_factor_is_whole_output_factor(loss):
+def test_grouped_conv_weight_output_factor_is_grouped_expand_factor(loss):
     model, loss_func, x, y = _case("cnn2d-grouped", loss)
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
-    (b,) = ours["0.bias"]
-    torch.testing.assert_close(b, _output_factor(model, 0, loss_func, x, y), rtol=1e-8, atol=1e-12)
-    torch.testing.assert_close(_grouped(b, 2), ours["0.weight"][1], rtol=1e-8, atol=1e-12)
+    expand = _output_factor(model, 0, loss_func, x, y)
+    torch.testing.assert_close(_factors(ours["0.weight"])[1], _grouped(expand, 2))
+
+
+BIAS_CASES = [
+    ("cnn2d", "ce-mean"),
+    ("cnn2d-grouped", "mse-sum"),
+    ("cnn3d", "bce-mean"),
+    ("conv-transpose", "ce-mean"),
+    ("conv-transpose-3d", "mse-mean"),
+    ("sequence", "ce-mean"),
+    ("mlp", "mse-mean"),
+]
+
+
+@pytest.mark.parametrize(("problem", "loss"), BIAS_CASES)
+def test_bias_gets_its_exact_ggn_block(problem, loss):
+    """A bias shared over positions (conv, sequence) gets its exact GGN block, not an approximation."""
+    model, loss_func, x, y = _case(problem, loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GenericPathWarning)
+        ours = compute(model, loss_func, x, y, [KFLR(), KFLR(kfac_approx="reduce")])
+    ggn = reference.ggn(model, loss_func, x, y)
+    start, checked = 0, 0
+    for name, param in model.named_parameters():
+        size = param.numel()
+        if name.endswith("bias") and name in ours["KFLR"]:
+            exact = ggn[start : start + size, start : start + size]
+            for key in ("KFLR", "KFLRReduce"):
+                block = ours[key][name]
+                if isinstance(block, DenseBlock):
+                    continue
+                torch.testing.assert_close(block.dense(), exact, rtol=1e-8, atol=1e-12, msg=name)
+                checked += 1
+        start += size
+    assert checked >= 2
 
 
 @pytest.mark.parametrize("loss", ["mse-sum", "ce-mean", "bce-mean"])
@@ -137,7 +183,7 @@ def test_conv_transpose_kronecker_order(loss):
     x = torch.randn(1, 2, 1, 1, dtype=torch.float64)
     loss_func = LOSSES[loss]()
     y = make_targets(loss_func, model(x).detach())
-    a, b = compute(model, loss_func, x, y, [KFLR()])["KFLR"]["0.weight"]
+    a, b = _factors(compute(model, loss_func, x, y, [KFLR()])["KFLR"]["0.weight"])
     block = reference.ggn(model, loss_func, x, y)[:6, :6]  # row-major over W [in, out]
     order = torch.arange(6).reshape(2, 3).T.flatten()  # row-major over W^T [out, in]
     torch.testing.assert_close(torch.kron(b, a), block[order][:, order], rtol=1e-8, atol=1e-12)
@@ -158,8 +204,8 @@ def test_generic_module_gets_its_whole_ggn_block(loss):
         start += size
         if name.startswith("head."):
             continue
-        (b,) = ours[name]
-        torch.testing.assert_close(b, block, rtol=1e-8, atol=1e-12, msg=name)
+        assert isinstance(ours[name], DenseBlock)
+        torch.testing.assert_close(ours[name].dense(), block, rtol=1e-8, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -169,7 +215,7 @@ def test_kflr_is_exact_ggn_block_for_one_sample(loss):
     x, y = x[:1], y[:1]
     ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
     ggn = reference.ggn(model, loss_func, x, y)
-    a, b = ours["2.weight"]
+    a, b = _factors(ours["2.weight"])
     start = sum(p.numel() for p in list(model.parameters())[:2])
     block = ggn[start : start + 12, start : start + 12]
     torch.testing.assert_close(torch.kron(b, a), block, rtol=1e-8, atol=1e-12)
@@ -180,8 +226,10 @@ def test_kfac_converges_to_kflr(loss):
     model, loss_func, x, y = _case("mlp", loss)
     torch.manual_seed(1)
     results = compute(model, loss_func, x, y, [KFLR(), KFAC(mc_samples=20_000)])
-    mc = torch.cat([results["KFACMC20000"][k][-1].flatten() for k in ("0.weight", "2.weight")])
-    exact = torch.cat([results["KFLR"][k][-1].flatten() for k in ("0.weight", "2.weight")])
+    mc = torch.cat(
+        [_factors(results["KFACMC20000"][k])[1].flatten() for k in ("0.weight", "2.weight")]
+    )
+    exact = torch.cat([_factors(results["KFLR"][k])[1].flatten() for k in ("0.weight", "2.weight")])
     assert (mc - exact).norm() / exact.norm() < 0.05
 
 
@@ -207,7 +255,7 @@ def test_kfra_matches_batch_averaged_recursion(loss):
     model, loss_func, x, y = _mlp_data(loss, 5)
     ours = compute(model, loss_func, x, y, [KFRA()])["KFRA"]
     expected = reference.kfra_output_factors(model, loss_func, x, y)
-    actual = torch.cat([ours[f"{k}.weight"][1].flatten() for k in sorted(expected)])
+    actual = torch.cat([_factors(ours[f"{k}.weight"])[1].flatten() for k in sorted(expected)])
     dense = torch.cat([expected[k].flatten() for k in sorted(expected)])
     torch.testing.assert_close(actual, dense, rtol=1e-8, atol=1e-12)
 
@@ -217,8 +265,8 @@ def test_kfra_equals_kflr_for_one_sample(loss):
     """With N = 1 the batch averages are exact, so KFRA and KFLR agree on every layer."""
     model, loss_func, x, y = _mlp_data(loss, 1)
     results = compute(model, loss_func, x, y, [KFRA(), KFLR()])
-    kfra = torch.cat([t.flatten() for v in results["KFRA"].values() for t in v])
-    kflr = torch.cat([t.flatten() for v in results["KFLR"].values() for t in v])
+    kfra = torch.cat([t.flatten() for t in _pairs(results["KFRA"])])
+    kflr = torch.cat([t.flatten() for t in _pairs(results["KFLR"])])
     torch.testing.assert_close(kfra, kflr, rtol=1e-8, atol=1e-12)
 
 
@@ -236,7 +284,7 @@ def test_embedding_kronecker_order(loss):
     x = torch.tensor([[2]])
     loss_func = LOSSES[loss]()
     y = torch.tensor([1]) if "ce" in loss else torch.randn(1, 2, dtype=torch.float64)
-    a, b = compute(model, loss_func, x, y, [KFLR()])["KFLR"]["0.weight"]
+    a, b = _factors(compute(model, loss_func, x, y, [KFLR()])["KFLR"]["0.weight"])
     block = reference.ggn(model, loss_func, x, y)[:12, :12]
     torch.testing.assert_close(torch.kron(a, b), block, rtol=1e-8, atol=1e-12)
 
@@ -276,14 +324,16 @@ def test_kfra_through_convolutions_and_pooling(loss):
             out_shape = model[: k + 1](x[:1]).shape[1:]
         g = ggns[k]
         if isinstance(layer, nn.Linear):
-            b = g
+            b = b_bias = g
         else:
             c, t = out_shape[0], math.prod(out_shape[1:])
             b = torch.einsum("atbt->ab", g.reshape(c, t, c, t))
-        a_kfra, b_kfra = results["KFRA"][f"{k}.weight"]
+            b_bias = torch.einsum("atbs->ab", g.reshape(c, t, c, t))  # every position pair
+        a_kfra, b_kfra = _factors(results["KFRA"][f"{k}.weight"])
         torch.testing.assert_close(b_kfra, _grouped(b, _groups(layer)), rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close(a_kfra, results["KFLR"][f"{k}.weight"][0])
-        torch.testing.assert_close(results["KFRA"][f"{k}.bias"][0], b, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(a_kfra, _factors(results["KFLR"][f"{k}.weight"])[0])
+        bias = _factors(results["KFRA"][f"{k}.bias"])[1]
+        torch.testing.assert_close(bias, b_bias, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["mse-sum", "ce-mean"])
@@ -291,7 +341,8 @@ def test_kfra_equals_kflr_for_one_sample_in_a_cnn(loss):
     model, loss_func, x, y = _kfra_cnn_data(loss, 1)
     results = compute(model, loss_func, x, y, [KFRA(), KFLR()])
     for name in results["KFLR"]:
-        for ours, exact in zip(results["KFRA"][name], results["KFLR"][name], strict=True):
+        pairs = zip(_factors(results["KFRA"][name]), _factors(results["KFLR"][name]), strict=True)
+        for ours, exact in pairs:
             torch.testing.assert_close(ours, exact, rtol=1e-8, atol=1e-12, msg=name)
 
 

@@ -1,12 +1,21 @@
 """One-pass extended backpropagation (MISSION.md, C2 and C3).
 
 ``compute(model, loss_func, inputs, targets, quantities) -> Results``: the loss, the gradient
-and every requested quantity, keyed by ``named_parameters()`` names. See ``docs/backprop.md``.
+and every requested quantity, keyed by ``named_parameters()`` names; ``with capture(model,
+loss_func, quantities) as captured:`` the same inside the user's own training loop. Kronecker
+quantities return :class:`KronFactors` / :class:`DenseBlock`. See ``docs/backprop.md``.
 """
 
+from curvlab.backprop.capturing import Capture, CaptureError, capture
 from curvlab.backprop.derivatives import Context, ParamDerivatives
 from curvlab.backprop.engine import compute
-from curvlab.backprop.errors import GenericPathWarning, UnsupportedLossError, UnsupportedModuleError
+from curvlab.backprop.errors import (
+    GenericPathWarning,
+    NonFiniteError,
+    UnsupportedLossError,
+    UnsupportedModuleError,
+)
+from curvlab.backprop.kron import DenseBlock, KronEigen, KronFactors, Layout
 from curvlab.backprop.quantities import (
     BL89,
     GGNMP,
@@ -28,9 +37,33 @@ from curvlab.backprop.quantities import (
 )
 from curvlab.backprop.results import Results
 from curvlab.backprop.rules import RULES, Rule
+from curvlab.backprop.sources import (
+    EXACT,
+    GRAD,
+    ExactSqrt,
+    MonteCarloSqrt,
+    PerSampleGradient,
+    SignedHessian,
+    Source,
+)
 
 __all__ = [
     "BL89",
+    "EXACT",
+    "GRAD",
+    "Capture",
+    "CaptureError",
+    "DenseBlock",
+    "ExactSqrt",
+    "KronEigen",
+    "KronFactors",
+    "Layout",
+    "MonteCarloSqrt",
+    "NonFiniteError",
+    "PerSampleGradient",
+    "SignedHessian",
+    "Source",
+    "capture",
     "GGNMP",
     "HMP",
     "KFAC",

@@ -1,10 +1,8 @@
 r"""What a quantity sees: per-parameter derivatives and the state of the pass.
 
 After the backward pass, every call of a module that uses a parameter has recorded inputs and,
-per *source*, a factor ``F`` ``[M, N, *out]`` back-propagated to the call's output (``"grad"``:
-the per-sample loss gradient, ``M = 1``; ``"exact"``: the loss Hessian's square root;
-``k``: ``k`` MC samples; ``"hessian+"`` / ``"hessian-"``: the positive / negative columns of a
-signed factorization of the Hessian w.r.t. the output). :class:`ParamDerivatives` turns them
+per *source* (:mod:`~curvlab.backprop.sources`), a factor ``F`` ``[M, N, *out]``
+back-propagated to the call's output. :class:`ParamDerivatives` turns them
 into per-sample Jacobian-transpose products :math:`J_n^\top F_{mn}` and reductions of them,
 summing over the calls of shared modules, through the calls' rules (``rules/``).
 """
@@ -18,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.backprop.sources import Source, as_source
 
 if TYPE_CHECKING:
     from curvlab.backprop.functional import WholeModelFunc
@@ -64,8 +63,7 @@ class Context:
         param_names: Trainable parameter names in ``named_parameters()`` order.
         hessian_fallback: Set when Hessian quantities use the generic whole-model path.
         records: Calls of *every* module (only for whole-network recursions), by module name.
-        output_grads: Per-sample gradients w.r.t. recorded call outputs, by ``id(call)``.
-        graph_output: The model output attached to the graph (for further backward passes).
+        output_grads: Per-sample gradients w.r.t. recorded call outputs, by call.
         grad: The gradient of the batch loss by parameter name.
     """
 
@@ -80,8 +78,7 @@ class Context:
     param_names: list[str]
     hessian_fallback: WholeModelFunc | None = None
     records: dict[str, list[Call]] = field(default_factory=dict)
-    output_grads: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict)
-    graph_output: Tensor | None = None
+    output_grads: dict[Call, tuple[Tensor | None, ...]] = field(default_factory=dict)
     grad: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -91,7 +88,7 @@ class ParamDerivatives:
     Args:
         name: The parameter's name in ``model.named_parameters()``.
         uses: ``(owner, local_name)`` pairs.
-        factors: ``factors[source][id(call)]`` the back-propagated factors of each call (one
+        factors: ``factors[source][call]`` the back-propagated factors of each call (one
             ``[M, N, *out]`` tensor per output tensor of the call).
         param: The parameter (for shape, dtype and device).
         num_samples: ``N`` (after subsampling).
@@ -105,7 +102,7 @@ class ParamDerivatives:
         self,
         name: str,
         uses: list[tuple[Owner, str]],
-        factors: dict[Any, dict[int, tuple[Tensor, ...]]],
+        factors: dict[Source, dict[Call, tuple[Tensor, ...]]],
         param: Tensor,
         num_samples: int,
         cache: dict[tuple, dict[str, Any]],
@@ -120,26 +117,38 @@ class ParamDerivatives:
         self.num_samples = num_samples
         self.cache = cache
 
-    def _per_call(self, primitive: str, source: Any, consume: bool = False, **kwargs: Any):
-        """One rule result per call; ``consume`` hands the tensor over (no cache reference)."""
+    def _per_call(
+        self,
+        primitive: str,
+        source: Source,
+        consume: bool = False,
+        local: str | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """One rule result per call; ``consume`` hands the tensor over (no cache reference).
+
+        ``local`` reads another parameter of the same module (a joint weight-and-bias block).
+        """
+        source = as_source(source)
         values = []
-        for owner, local in self.uses:
+        for owner, own_local in self.uses:
             rule = owner.kron_rule if primitive == "kron_sums" else owner.rule
+            name = own_local if local is None else local
             for call in owner.calls:
-                key = (id(call), primitive, source, tuple(kwargs.items()))
+                key = (call, primitive, source, tuple(kwargs.items()))
                 entry = self.cache.get(key)
-                if entry is None or local not in entry:
-                    factors = self.factors[source][id(call)]
+                if entry is None or name not in entry:
+                    factors = self.factors[source][call]
                     with torch.no_grad():
                         entry = getattr(rule, primitive)(
                             owner.module, call, factors, owner.local_names, **kwargs
                         )
                     self.cache[key] = entry
-                values.append(entry.pop(local) if consume else entry[local])
+                values.append(entry.pop(name) if consume else entry[name])
         return values
 
-    def _columns(self, source: Any) -> int:
-        factors = self.factors[source]
+    def _columns(self, source: Source) -> int:
+        factors = self.factors[as_source(source)]
         return next(iter(factors.values()))[0].shape[0] if factors else 1
 
     def _zeros(self, *lead: int) -> Tensor:
@@ -149,7 +158,7 @@ class ParamDerivatives:
         """``value * scale ** power`` (a new tensor unless the scale is one)."""
         return value if self.scale == 1.0 else value * self.scale**power
 
-    def _single_scaled(self, primitive: str, source: Any, power: int, **kwargs: Any) -> Tensor:
+    def _single_scaled(self, primitive: str, source: Source, power: int, **kwargs: Any) -> Tensor:
         """The one call's rule result times ``scale ** power``.
 
         Rescaled in place, once per cached result, so that no second tensor of the result's
@@ -161,7 +170,7 @@ class ParamDerivatives:
             return value
         key = ("scaled", id(value))
         if key not in self.cache:
-            factors = self.factors[source][id(self.uses[0][0].calls[0])]
+            factors = self.factors[as_source(source)][self.uses[0][0].calls[0]]
             shared = any(_same_memory(value, f) for f in factors)
             scale = self.scale**power
             self.cache[key] = value * scale if shared else value.mul_(scale)
@@ -170,7 +179,7 @@ class ParamDerivatives:
     def _single_call(self) -> bool:
         return sum(len(owner.calls) for owner, _ in self.uses) == 1
 
-    def jac_t(self, source: Any) -> Tensor:
+    def jac_t(self, source: Source) -> Tensor:
         r"""Per-sample parameter VJPs :math:`J_n^\top F_{mn}`, ``[M, N, *p]`` (a new tensor)."""
         values = self._per_call("jac_t", source, consume=True)
         if not values:
@@ -178,14 +187,14 @@ class ParamDerivatives:
         out = sum(values[1:], values[0])
         return out if self.scale == 1.0 else out.mul_(self.scale)
 
-    def sum_jac_t(self, source: Any) -> Tensor:
+    def sum_jac_t(self, source: Source) -> Tensor:
         r""":math:`\sum_n J_n^\top F_{mn}`, ``[M, *p]``."""
         values = self._per_call("sum_jac_t", source)
         if not values:
             return self._zeros(self._columns(source))
         return self._scaled(sum(values[1:], values[0]), 1)
 
-    def sum_sq(self, source: Any, per_sample: bool) -> Tensor:
+    def sum_sq(self, source: Source, per_sample: bool) -> Tensor:
         r""":math:`\sum_m (J_n^\top F_{mn})^{\odot 2}`: ``[N, *p]``, or also summed over ``n``.
 
         Factored per rule for a single call; several calls of a shared module first sum their
@@ -198,7 +207,7 @@ class ParamDerivatives:
         sq = self.jac_t(source).square().sum(0)
         return sq if per_sample else sq.sum(0)
 
-    def sq_norm(self, source: Any) -> Tensor:
+    def sq_norm(self, source: Source) -> Tensor:
         r""":math:`\lVert J_n^\top F_{mn} \rVert^2`, ``[M, N]``."""
         if not self.uses:
             return self.param.new_zeros(self._columns(source), self.num_samples)
@@ -206,30 +215,50 @@ class ParamDerivatives:
             return self._single_scaled("sq_norm_jac_t", source, 2)
         return self.jac_t(source).flatten(start_dim=2).square().sum(-1)
 
-    def kron(self, source: Any) -> KronSums:
+    def kron_kind(self) -> str:
+        """The Kronecker layout of the parameter's rule, or ``"whole"`` (no Kronecker rule)."""
+        if not self.uses or any(owner.kron_rule is None for owner, _ in self.uses):
+            return "whole"
+        return self.uses[0][0].kron_rule.kron_kind
+
+    def groups(self) -> int:
+        """Groups of the (first) module that uses the parameter (``1`` unless grouped)."""
+        return getattr(self.uses[0][0].module, "groups", 1) if self.uses else 1
+
+    def kron(self, source: Source, approx: str = "expand", local: str | None = None) -> KronSums:
         r"""Kronecker statistics summed over calls (several calls count as more positions).
 
         A parameter of a module without a Kronecker rule (a generic module) gets its whole
         GGN block as a single output-side factor, :math:`\sum_{m,n} v_{mn} v_{mn}^\top` with
         :math:`v_{mn} = J_n^\top F_{mn}` flattened, as normalization layers do.
+
+        Args:
+            source: The factor.
+            approx: ``"expand"`` or ``"reduce"`` (weights shared over positions).
+            local: Another parameter of the same module (by its local name), for joint blocks.
         """
-        if any(owner.kron_rule is None for owner, _ in self.uses):
-            vjp = self.jac_t(source).flatten(end_dim=1).flatten(start_dim=1)  # [M*N, P]
-            return KronSums(None, self.num_samples, vjp.T @ vjp)
-        values = self._per_call("kron_sums", source)
+        if self.kron_kind() == "whole" and local is None:
+            if any(owner.kron_rule is None for owner, _ in self.uses):
+                vjp = self.jac_t(source).flatten(end_dim=1).flatten(start_dim=1)  # [M*N, P]
+                return KronSums(None, self.num_samples, vjp.T @ vjp)
+        values = self._per_call("kron_sums", source, local=local, approx=approx)
         if len(values) == 1:  # no copy
             v = values[0]
-            return KronSums(v.input_sum, v.input_count, self._scaled(v.output_sum, 2))
-        input_sum = None
+            return KronSums(
+                v.input_sum, v.input_count, self._scaled(v.output_sum, 2), v.input_total
+            )
+        input_sum = input_total = None
         if values[0].input_sum is not None:
             input_sum = sum(v.input_sum for v in values)
+            input_total = sum(v.input_total for v in values)
         return KronSums(
             input_sum,
             sum(v.input_count for v in values),
             self._scaled(sum(v.output_sum for v in values), 2),
+            input_total,
         )
 
-    def matmul(self, source: Any, vectors: Tensor) -> Tensor:
+    def matmul(self, source: Source, vectors: Tensor) -> Tensor:
         r"""Unscaled block product :math:`\sum_{m,n} J_n^\top F_{mn} \langle F_{mn}, J_n v\rangle`.
 
         Args:
@@ -239,6 +268,7 @@ class ParamDerivatives:
         Returns:
             The product, shaped like ``vectors``.
         """
+        source = as_source(source)
         single = vectors.shape == self.shape
         v = vectors.unsqueeze(0) if single else vectors
         k = v.shape[0]
@@ -249,13 +279,13 @@ class ParamDerivatives:
         with torch.no_grad():
             for owner, local, call in calls:
                 tangents = owner.rule.jvp(owner.module, call, local, v)
-                factors = self.factors[source][id(call)]
+                factors = self.factors[source][call]
                 for f, t in zip(factors, tangents, strict=True):
                     w = torch.einsum("mn...,kn...->kmn", f, t)
                     weights = w if weights is None else weights + w
             out = torch.zeros_like(v)
             for owner, local, call in calls:
-                factors = self.factors[source][id(call)]
+                factors = self.factors[source][call]
                 m = factors[0].shape[0]
                 scaled = tuple(
                     (f.unsqueeze(0) * weights.reshape(k, m, -1, *[1] * (f.dim() - 2))).flatten(

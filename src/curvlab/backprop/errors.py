@@ -17,3 +17,7 @@ class UnsupportedLossError(ValueError):
 
 class GenericPathWarning(UserWarning):
     """Some parametric modules have no per-layer rule and use the slower generic torch.func path."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf in an input, the model output or the loss; the message names where."""

@@ -126,6 +126,14 @@ class LossSpec:
         per_sample = per_element.reshape(per_element.shape[0], -1).sum(1)
         return per_sample * self._per_sample_scale(output)
 
+    def output_gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        r""":math:`\partial L / \partial f` of the batch loss, ``[N, *out]`` (on a detached copy)."""
+        with torch.enable_grad():
+            f = output.detach().requires_grad_(True)
+            # forward(), not __call__: no hooks (a capture hooks the loss function)
+            (grad,) = torch.autograd.grad(self.loss_func.forward(f, target), f)
+        return grad
+
     # ------------------------------------------------------------------ Hessian square roots
     def sqrt_hessian(self, output: Tensor, target: Tensor) -> Tensor:
         r"""Exact symmetric factor of :math:`\nabla_f^2 \ell_n` for every sample.

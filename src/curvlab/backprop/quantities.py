@@ -14,10 +14,13 @@ settings) keys :class:`~curvlab.backprop.results.Results`. Conventions (MISSION.
   \ell_n`. Monte-Carlo (MC) variants replace :math:`H_n` by :math:`\frac{1}{k}\sum_{i=1}^k
   s_{ni} s_{ni}^\top` with :math:`s_{ni}` the gradient of the loss at a label sampled from the
   model's predictive distribution (unbiased: :math:`\mathbb{E}[s s^\top] = H_n`).
-* Kronecker factors: for ``y = W x + b`` with ``W`` of shape ``[out, in]`` (a convolution's
-  weight viewed as ``[out, in * prod(kernel)]``), ``(A, B)`` approximates the weight block by
-  :math:`A \otimes B` in the column-major :math:`\mathrm{vec}(W)`; in PyTorch's row-major
-  flattening ``W.flatten()`` that is ``torch.kron(B, A)``. The bias gets ``(B,)``.
+* Kronecker quantities return a typed block per parameter (:mod:`~curvlab.backprop.kron`):
+  for ``y = W x + b`` with ``W`` of shape ``[out, in]`` (a convolution's weight viewed as
+  ``[out, in * prod(kernel)]``), :class:`~curvlab.backprop.kron.KronFactors` with input factor
+  ``A`` and output factor ``B`` approximates the weight block by :math:`A \otimes B` in the
+  column-major :math:`\mathrm{vec}(W)`; in PyTorch's row-major flattening ``W.flatten()`` that
+  is ``torch.kron(B, A)`` (``block.dense()`` gives it for every layout). A bias gets its exact
+  output-side block (``A = [[1]]``).
 
 Writing a new quantity: subclass :class:`Quantity`, list the back-propagated factors it needs
 in :meth:`Quantity.sources` and implement :meth:`Quantity.evaluate`, which receives a
@@ -35,12 +38,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from curvlab.backprop.kron import DenseBlock, Layout, kron_block
+from curvlab.backprop.rules.base import KRON_APPROXIMATIONS
+from curvlab.backprop.sources import (
+    EXACT,
+    GRAD,
+    HESSIAN_NEG,
+    HESSIAN_POS,
+    MonteCarloSqrt,
+    Source,
+)
+
 if TYPE_CHECKING:
     from curvlab.backprop.derivatives import Context, ParamDerivatives
-
-Source = Any
-"""A back-propagated factor: ``"grad"``, ``"exact"``, ``"hessian+"``, ``"hessian-"``, or an int
-``k`` (MC with ``k`` samples)."""
 
 
 class Quantity:
@@ -66,7 +76,10 @@ class Quantity:
         return type(self).__name__
 
     def sources(self) -> tuple[Source, ...]:
-        """The back-propagated factors :meth:`evaluate` reads (see :data:`Source`)."""
+        """The back-propagated factors :meth:`evaluate` reads (:mod:`~curvlab.backprop.sources`).
+
+        Custom quantities may also name them ``"grad"``, ``"exact"`` or ``k`` (MC samples).
+        """
         return ()
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Any:
@@ -120,8 +133,8 @@ class _MCQuantity(Quantity):
         return base + ("MC" if self.mc_samples == 1 else f"MC{self.mc_samples}")
 
     def sources(self) -> tuple[Source, ...]:
-        """``("exact",)`` or ``(k,)``."""
-        return ("exact",) if self.mc_samples is None else (self.mc_samples,)
+        """``(EXACT,)`` or ``(MonteCarloSqrt(k),)``."""
+        return (EXACT,) if self.mc_samples is None else (MonteCarloSqrt(self.mc_samples),)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mc_samples={self.mc_samples!r})"
@@ -137,10 +150,10 @@ class BatchGrad(Quantity):
     per_sample_values: ClassVar[bool] = True
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("grad",)
+        return (GRAD,)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
-        return view.jac_t("grad")[0]
+        return view.jac_t(GRAD)[0]
 
 
 class BatchL2(Quantity):
@@ -150,20 +163,20 @@ class BatchL2(Quantity):
     """
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("grad",)
+        return (GRAD,)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
-        return view.sq_norm("grad")[0]
+        return view.sq_norm(GRAD)[0]
 
 
 class SumGradSquared(Quantity):
     r"""Second moment :math:`\sum_n g_n^{\odot 2}`, shape ``[*p]`` (grows with ``N``)."""
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("grad",)
+        return (GRAD,)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
-        return view.sum_sq("grad", per_sample=False)
+        return view.sum_sq(GRAD, per_sample=False)
 
 
 class Variance(Quantity):
@@ -174,16 +187,16 @@ class Variance(Quantity):
     """
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("grad",)
+        return (GRAD,)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
-        sum_sq = view.sum_sq("grad", per_sample=False)  # may be another quantity's value
+        sum_sq = view.sum_sq(GRAD, per_sample=False)  # may be another quantity's value
         if ctx.index is None:  # the gradient is r * sum_n g_n: no second contraction
             return _variance(sum_sq, ctx.grad[view.name], ctx.r, ctx.num_samples)
-        return _variance(sum_sq, view.sum_jac_t("grad")[0], 1.0, ctx.num_samples)
+        return _variance(sum_sq, view.sum_jac_t(GRAD)[0], 1.0, ctx.num_samples)
 
     def evaluate_streamed(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
-        return view.sum_sq("grad", per_sample=False)  # the mean needs ctx.grad: finished later
+        return view.sum_sq(GRAD, per_sample=False)  # the mean needs ctx.grad: finished later
 
     def finish_streamed(self, partial: Tensor, name: str, ctx: Context) -> Tensor:  # noqa: D102
         return _variance(partial, ctx.grad[name], ctx.r, ctx.num_samples, in_place=True)
@@ -260,14 +273,14 @@ class DiagHessian(Quantity):
     """
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("hessian+", "hessian-")
+        return (HESSIAN_POS, HESSIAN_NEG)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
         if ctx.hessian_fallback is not None:
             return ctx.hessian_fallback.diag_hessian()[view.name]
-        value = view.sum_sq("hessian+", per_sample=False)
-        if "hessian-" in view.factors:  # some activation has negative curvature residuals
-            value = value - view.sum_sq("hessian-", per_sample=False)
+        value = view.sum_sq(HESSIAN_POS, per_sample=False)
+        if HESSIAN_NEG in view.factors:  # some activation has negative curvature residuals
+            value = value - view.sum_sq(HESSIAN_NEG, per_sample=False)
         return value.mul_(ctx.r)
 
 
@@ -281,9 +294,9 @@ class BatchDiagHessian(DiagHessian):
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
         if ctx.hessian_fallback is not None:
             return ctx.hessian_fallback.batch_diag_hessian()[view.name]
-        value = view.sum_sq("hessian+", per_sample=True)
-        if "hessian-" in view.factors:
-            value = value - view.sum_sq("hessian-", per_sample=True)
+        value = view.sum_sq(HESSIAN_POS, per_sample=True)
+        if HESSIAN_NEG in view.factors:
+            value = value - view.sum_sq(HESSIAN_NEG, per_sample=True)
         return value
 
 
@@ -312,66 +325,159 @@ class HMP(Quantity):
     """
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("hessian+", "hessian-")
+        return (HESSIAN_POS, HESSIAN_NEG)
 
     def evaluate(self, view: ParamDerivatives, ctx: Context) -> Callable[[Tensor], Tensor]:  # noqa: D102
         if ctx.hessian_fallback is not None:
             return ctx.hessian_fallback.block_hvp(view.name)
-        r, signed = ctx.r, "hessian-" in view.factors
+        r, signed = ctx.r, HESSIAN_NEG in view.factors
 
         def product(v: Tensor) -> Tensor:
-            out = view.matmul("hessian+", v)
-            return r * (out - view.matmul("hessian-", v) if signed else out)
+            out = view.matmul(HESSIAN_POS, v)
+            return r * (out - view.matmul(HESSIAN_NEG, v) if signed else out)
 
         return product
 
 
 # ------------------------------------------------------------------------------ Kronecker
-def _kron_factors(view: ParamDerivatives, ctx: Context, source: Source) -> tuple[Tensor, ...]:
-    sums = view.kron(source)
-    b = ctx.r * sums.output_sum
-    return (b,) if sums.input_sum is None else (sums.input_sum / sums.input_count, b)
+def _joint_partner(view: ParamDerivatives) -> tuple[str, str] | None:
+    """``(weight, bias)`` local names if ``view``'s parameter can share a joint block."""
+    if len(view.uses) != 1 or len(view.uses[0][0].calls) != 1:
+        return None
+    owner, local = view.uses[0]
+    prefix, _, leaf = local.rpartition(".")
+    if leaf not in ("weight", "bias") or prefix:
+        return None
+    if "weight" not in owner.local_names or "bias" not in owner.local_names:
+        return None
+    return "weight", "bias"
 
 
-class KFLR(Quantity):
+class _KroneckerQuantity(Quantity):
+    """Kronecker factors of every parameter (KFAC, KFLR): options and the typed blocks."""
+
+    layerwise = True
+    base_name: ClassVar[str] = ""
+
+    def __init__(self, kfac_approx: str = "expand", separate_weight_and_bias: bool = True) -> None:
+        if kfac_approx not in KRON_APPROXIMATIONS:
+            raise ValueError(
+                f"kfac_approx must be one of {KRON_APPROXIMATIONS}, got {kfac_approx!r}"
+            )
+        if not isinstance(separate_weight_and_bias, bool):
+            raise TypeError(
+                f"separate_weight_and_bias must be a bool, got {separate_weight_and_bias!r}"
+            )
+        self.kfac_approx = kfac_approx
+        self.separate_weight_and_bias = separate_weight_and_bias
+
+    def _variant(self) -> str:
+        reduce = "Reduce" if self.kfac_approx == "reduce" else ""
+        return reduce + ("" if self.separate_weight_and_bias else "Joint")
+
+    def _block(self, view: ParamDerivatives, ctx: Context, source: Source):
+        n, r = ctx.num_samples, ctx.r
+        kind = view.kron_kind()
+        if kind == "whole":
+            sums = view.kron(source, self.kfac_approx)
+            return DenseBlock(r * sums.output_sum, (tuple(view.shape),), (view.name,), n, r)
+        partner = None if self.separate_weight_and_bias else _joint_partner(view)
+        if partner is None or kind == "columns":
+            sums = view.kron(source, self.kfac_approx)
+            layout_kind = "bias" if sums.input_sum is None else kind
+            layout = Layout(layout_kind, (tuple(view.shape),), view.groups())
+            return kron_block(sums, layout, (view.name,), n, r)
+        owner = view.uses[0][0]
+        key = ("joint-block", owner, source, self.kfac_approx)
+        if key not in view.cache:
+            params = dict(owner.module.named_parameters(remove_duplicate=False))
+            prefix = view.name[: -len(view.uses[0][1])]
+            names = tuple(prefix + local for local in partner)
+            shapes = tuple(tuple(params[local].shape) for local in partner)
+            sums = view.kron(source, self.kfac_approx, local="weight")
+            layout = Layout(kind, shapes, view.groups())
+            view.cache[key] = kron_block(sums, layout, names, n, r)
+        return view.cache[key]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(kfac_approx={self.kfac_approx!r}, "
+            f"separate_weight_and_bias={self.separate_weight_and_bias!r})"
+        )
+
+
+class KFLR(_KroneckerQuantity):
     r"""Kronecker factors with the exact loss Hessian (Botev et al., 2017).
 
-    Per weight ``(A, B)`` with :math:`A = \frac{1}{N T}\sum_{n,t} x_{nt} x_{nt}^\top` (``T``:
-    positions sharing the weight: sequence positions, convolution patches; ``1`` for a plain
-    ``Linear``; KFAC-expand) and :math:`B = r \sum_{n,t} \sum_m s_{mnt} s_{mnt}^\top`, :math:`s`
-    the exact loss-Hessian square root back-propagated to the layer output; per bias ``(B,)``.
+    Per weight a :class:`~curvlab.backprop.kron.KronFactors` with (KFAC-expand)
+    :math:`A = \frac{1}{N T}\sum_{n,t} u_{nt} u_{nt}^\top` (``T``: positions sharing the
+    weight: sequence positions, convolution patches; ``1`` for a plain ``Linear``) and
+    :math:`B = r \sum_{n,t} \sum_m s_{mnt} s_{mnt}^\top`, :math:`s` the exact loss-Hessian
+    square root back-propagated to the layer output. KFAC-reduce (``kfac_approx="reduce"``)
+    uses :math:`A = \frac1N \sum_n \bar u_n \bar u_n^\top`, :math:`\bar u_n =
+    \frac1T\sum_t u_{nt}`, and :math:`B = r \sum_{m,n} (\sum_t s_{mnt})(\sum_t
+    s_{mnt})^\top`. A bias gets that last :math:`B`, its exact GGN block. Normalization layers
+    and modules without a Kronecker rule get their whole GGN block
+    (:class:`~curvlab.backprop.kron.DenseBlock`).
+
+    Args:
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``; equal when ``T = 1``.
+        separate_weight_and_bias: ``False`` gives a layer's weight and bias one joint block
+            (the input gains a trailing one), stored under both names.
     """
 
-    layerwise = True
-
-    def sources(self) -> tuple[Source, ...]:  # noqa: D102
-        return ("exact",)
-
-    def evaluate(self, view: ParamDerivatives, ctx: Context) -> tuple[Tensor, ...]:  # noqa: D102
-        return _kron_factors(view, ctx, "exact")
-
-
-class KFAC(_MCQuantity):
-    r"""Kronecker factors with an MC-sampled loss Hessian (Martens & Grosse, 2015).
-
-    Same factors as :class:`KFLR` with :math:`s` from ``mc_samples`` sampled labels (default 1).
-    """
-
-    layerwise = True
-    default_mc_samples = 1
-
-    def __init__(self, mc_samples: int = 1) -> None:
-        if mc_samples is None:
-            raise ValueError("KFAC is the MC variant; use KFLR() for the exact loss Hessian")
-        super().__init__(mc_samples)
+    def __init__(self, kfac_approx: str = "expand", separate_weight_and_bias: bool = True) -> None:
+        super().__init__(kfac_approx, separate_weight_and_bias)
 
     @property
     def name(self) -> str:
-        """``"KFAC"`` for one MC sample, ``"KFACMC{k}"`` for ``k`` samples."""
-        return "KFAC" if self.mc_samples == 1 else f"KFACMC{self.mc_samples}"
+        """``"KFLR"``, with ``Reduce`` / ``Joint`` appended for those options."""
+        return "KFLR" + self._variant()
 
-    def evaluate(self, view: ParamDerivatives, ctx: Context) -> tuple[Tensor, ...]:  # noqa: D102
-        return _kron_factors(view, ctx, self.mc_samples)
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return (EXACT,)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context):  # noqa: D102
+        return self._block(view, ctx, EXACT)
+
+
+class KFAC(_KroneckerQuantity):
+    r"""Kronecker factors with an MC-sampled loss Hessian (Martens & Grosse, 2015).
+
+    Same blocks as :class:`KFLR` with :math:`s` from ``mc_samples`` sampled labels.
+
+    Args:
+        mc_samples: Sampled labels per input (default 1).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``.
+        separate_weight_and_bias: ``False`` for joint weight-and-bias blocks.
+    """
+
+    def __init__(
+        self,
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        separate_weight_and_bias: bool = True,
+    ) -> None:
+        if mc_samples is None:
+            raise ValueError("KFAC is the MC variant; use KFLR() for the exact loss Hessian")
+        self.source = MonteCarloSqrt(mc_samples)
+        self.mc_samples = mc_samples
+        super().__init__(kfac_approx, separate_weight_and_bias)
+
+    @property
+    def name(self) -> str:
+        """``"KFAC"`` for one MC sample, ``"KFACMC{k}"`` for ``k``; then ``Reduce`` / ``Joint``."""
+        base = "KFAC" if self.mc_samples == 1 else f"KFACMC{self.mc_samples}"
+        return base + self._variant()
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return (self.source,)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context):  # noqa: D102
+        return self._block(view, ctx, self.source)
+
+    def __repr__(self) -> str:
+        return f"KFAC(mc_samples={self.mc_samples!r}, " + super().__repr__().split("(", 1)[1]
 
 
 class KFRA(Quantity):

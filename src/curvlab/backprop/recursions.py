@@ -27,8 +27,9 @@ from torch.nn.modules.pooling import (
 from curvlab.backprop.derivatives import Context
 from curvlab.backprop.errors import UnsupportedModuleError
 from curvlab.backprop.hessian import ELEMENTWISE, PIECEWISE_LINEAR
+from curvlab.backprop.kron import KronFactors, Layout, kron_block
 from curvlab.backprop.rules import find_rule
-from curvlab.backprop.rules.base import Call
+from curvlab.backprop.rules.base import Call, KronSums
 from curvlab.backprop.rules.conv import grouped_output_sum, unfold
 from curvlab.backprop.rules.norm import NormRule
 
@@ -179,9 +180,13 @@ def _kfra_step(name: str, module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor
 
 
 def _kfra_factors(
-    name: str, module: nn.Module, call: Call, x: Tensor, g_bar: Tensor
-) -> dict[str, tuple[Tensor, ...]]:
-    """``(A, B)`` per weight and ``(B,)`` per bias of a layer with a Kronecker rule."""
+    name: str, module: nn.Module, call: Call, x: Tensor, g_bar: Tensor, ctx: Context
+) -> dict[str, KronFactors]:
+    r"""The typed block of every parameter of a layer with a Kronecker rule.
+
+    A weight's ``B`` sums the diagonal blocks of :math:`\bar G_y` over the positions that share
+    it (KFAC-expand, per group for grouped layers); a bias's sums every block, its exact share.
+    """
     rule = find_rule(module)
     if rule is None or not rule.kronecker or isinstance(rule, NormRule):
         raise _unsupported(
@@ -199,20 +204,28 @@ def _kfra_factors(
     c = out_shape[-1] if channels_last else out_shape[0]
     t = math.prod(out_shape) // c
     if channels_last:
-        b = g_bar.reshape(t, c, t, c).diagonal(dim1=0, dim2=2).sum(-1)
+        blocks = g_bar.reshape(t, c, t, c)
+        b = blocks.diagonal(dim1=0, dim2=2).sum(-1)
+        b_bias = blocks.sum((0, 2))
     else:
-        b = g_bar.reshape(c, t, c, t).diagonal(dim1=1, dim2=3).sum(-1)
+        blocks = g_bar.reshape(c, t, c, t)
+        b = blocks.diagonal(dim1=1, dim2=3).sum(-1)
+        b_bias = blocks.sum((1, 3))
     zeros = x.new_zeros(1, x.shape[0], *out_shape)
     sums = rule.kron_sums(module, Call(args=(x,)), (zeros,), local)
-    results: dict[str, tuple[Tensor, ...]] = {}
+    groups = getattr(module, "groups", 1)
+    results: dict[str, KronFactors] = {}
     for loc, full in names.items():
         s = sums[loc]
+        shape = (tuple(dict(module.named_parameters())[loc].shape),)
         if s.input_sum is None:
-            results[full] = (b,)
+            s = KronSums(None, s.input_count, b_bias)
+            layout = Layout("bias", shape)
         else:
-            groups = getattr(module, "groups", 1)
             b_w = b if groups == 1 else grouped_output_sum(b, groups)
-            results[full] = (s.input_sum / s.input_count, b_w)
+            s = KronSums(s.input_sum, s.input_count, b_w, s.input_total)
+            layout = Layout(rule.kron_kind, shape, groups)
+        results[full] = kron_block(s, layout, (full,), ctx.num_samples, ctx.r, output_scale=1.0)
     return results
 
 
@@ -231,7 +244,7 @@ def kfra(ctx: Context) -> dict[str, Any]:
         name, module, call = chain[i]
         x = call.args[0]
         if _has_params(module):
-            results.update(_kfra_factors(name, module, call, x, g_bar))
+            results.update(_kfra_factors(name, module, call, x, g_bar, ctx))
         if i > lowest:
             g_bar = _kfra_step(name, module, x, g_bar)
     return dict(sorted(results.items(), key=lambda kv: ctx.param_names.index(kv[0])))
@@ -283,7 +296,7 @@ def _diag_step(
         return vjp(d_out)[0]
     if isinstance(module, ELEMENTWISE):
         first, second = _derivatives(module, x)
-        grad_a = ctx.output_grads[id(call)][0]
+        grad_a = ctx.output_grads[call][0]
         return first.square() * d_out + second * grad_a
     if isinstance(module, (_MaxPoolNd, _AdaptiveMaxPoolNd)):
         return _graph_vjp(ctx, call, d_out)

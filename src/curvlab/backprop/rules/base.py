@@ -21,9 +21,9 @@ from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-@dataclass
+@dataclass(eq=False)
 class Call:
-    """One recorded execution of a module.
+    """One recorded execution of a module (hashed by identity: it keys the factors).
 
     Attributes:
         args: Positional inputs (detached), batch dimension first where they have one.
@@ -45,19 +45,33 @@ class Call:
     values: tuple[Tensor, ...] = ()
 
 
+KRON_APPROXIMATIONS = ("expand", "reduce")
+"""How a weight shared over ``T`` positions gets its factors (Eschenhagen et al., 2023)."""
+
+
 @dataclass
 class KronSums:
     r"""Unnormalized Kronecker statistics of one call.
 
+    For a weight with KFAC-expand (``approx="expand"``): :math:`\sum_{n,t} u_{nt} u_{nt}^\top`
+    (``N * T`` rows) and :math:`\sum_{m,n,t} s_{mnt} s_{mnt}^\top`; with KFAC-reduce:
+    :math:`\sum_n \bar u_n \bar u_n^\top` with :math:`\bar u_n = \frac1T \sum_t u_{nt}`
+    (``N`` rows) and :math:`\sum_{m,n} (\sum_t s_{mnt})(\sum_t s_{mnt})^\top`. A bias always gets
+    the latter output sum, its exact GGN block. For ``T = 1`` both coincide.
+
     Attributes:
-        input_sum: :math:`\sum_{n,t} x_{nt} x_{nt}^\top`, ``[in, in]`` (``None`` for a bias).
-        input_count: Number of terms in ``input_sum`` (``N * T``).
-        output_sum: :math:`\sum_{m,n,t} s_{mnt} s_{mnt}^\top`, ``[out, out]``.
+        input_sum: ``[in, in]`` or ``[G, in/G, in/G]`` (``None`` for a bias, and for a whole
+            block of a rule without Kronecker structure).
+        input_count: Number of rows in ``input_sum``.
+        output_sum: ``[out, out]``, ``[G, out/G, out/G]``, or the whole ``[P, P]`` block.
+        input_total: The sum of the same rows, ``[in]`` or ``[G, in/G]`` (weights only; it
+            completes the input factor of a joint weight-and-bias block).
     """
 
     input_sum: Tensor | None
     input_count: int
     output_sum: Tensor
+    input_total: Tensor | None = None
 
 
 class Rule:
@@ -70,10 +84,14 @@ class Rule:
         linear_in_input: The module's output is linear (affine) in its tensor inputs, so it adds
             no second-order term to the Hessian w.r.t. earlier activations.
         kronecker: The rule provides :meth:`kron_sums`.
+        kron_kind: How :meth:`kron_sums` maps to the weight (:class:`~curvlab.backprop.kron.
+            Layout` kinds): ``"rows"``, ``"transposed"``, ``"columns"``, or ``"whole"`` (the
+            output sum is the parameter's whole block).
     """
 
     linear_in_input: bool = False
     kronecker: bool = False
+    kron_kind: str = "rows"
 
     def jac_t(
         self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
@@ -112,7 +130,12 @@ class Rule:
         }
 
     def kron_sums(
-        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        approx: str = "expand",
     ) -> dict[str, KronSums]:
         """Kronecker statistics per parameter (weights: both sides; biases: output side)."""
         raise NotImplementedError(f"no Kronecker factors for {type(module).__name__}")

@@ -236,29 +236,60 @@ class ConvRule(Rule):
             out["bias"] = _grouped_factor(module, factors).sum(-1).square().sum((2, 3))
         return out
 
-    def kron_sums(self, module, call, factors, names):  # noqa: D102
+    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
         x, f = call.args[0], factors[0]
         m, n = f.shape[:2]
-        t = math.prod(f.shape[3:])
-        output_sum = channel_gram(f.reshape(m * n, module.out_channels, t))
+        g, t = module.groups, math.prod(f.shape[3:])
+        flat = f.reshape(m * n, module.out_channels, t)
+        summed = None  # position-summed output factor [M*N, out]: reduce, and the bias's block
+        if approx == "reduce" or "bias" in names:
+            summed = gram(flat.sum(-1).T)
         out = {}
         if "weight" in names:
-            g = module.groups
-            arguments = _einconv_arguments(module)
-            if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy)
-                input_sum = einconv.kfac_expand_factor(x, **arguments, reduction="sum")
+            if approx == "reduce":
+                input_sum, count, total = _reduce_input_sums(module, x, t)
+                output_sum = summed
             else:
-                u = torch_unfold(module, x)  # [N, in * K, T]
-                u = u.reshape(n, g, -1, t).permute(1, 2, 0, 3).flatten(2)  # [G, in/G * K, N*T]
-                input_sum = gram(u)
-                input_sum = input_sum[0] if g == 1 else input_sum
+                input_sum, count = _expand_input_sum(module, x, n, t), n * t
+                total = unfold(module, x.sum(0, keepdim=True))[0].sum(-1).reshape(g, -1)
+                output_sum = channel_gram(flat)
             if g == 1:
-                out["weight"] = KronSums(input_sum, n * t, output_sum)
+                out["weight"] = KronSums(input_sum, count, output_sum, total[0])
             else:
-                out["weight"] = KronSums(input_sum, n * t, grouped_output_sum(output_sum, g))
+                output_sum = grouped_output_sum(output_sum, g)
+                out["weight"] = KronSums(input_sum, count, output_sum, total)
         if "bias" in names:
-            out["bias"] = KronSums(None, n * t, output_sum)
+            out["bias"] = KronSums(None, n if approx == "reduce" else n * t, summed)
         return out
+
+
+def _expand_input_sum(module: nn.modules.conv._ConvNd, x: Tensor, n: int, t: int) -> Tensor:
+    r""":math:`\sum_{n,t} u_{nt} u_{nt}^\top` ``[in*K, in*K]`` (``[G, ...]`` if grouped)."""
+    g = module.groups
+    arguments = _einconv_arguments(module)
+    if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy)
+        return einconv.kfac_expand_factor(x, **arguments, reduction="sum")
+    u = torch_unfold(module, x)  # [N, in * K, T]
+    u = u.reshape(n, g, -1, t).permute(1, 2, 0, 3).flatten(2)  # [G, in/G * K, N*T]
+    input_sum = gram(u)
+    return input_sum[0] if g == 1 else input_sum
+
+
+def _reduce_input_sums(
+    module: nn.modules.conv._ConvNd, x: Tensor, t: int
+) -> tuple[Tensor, int, Tensor]:
+    r"""KFAC-reduce: :math:`\sum_n \bar u_n \bar u_n^\top`, ``N`` and :math:`\sum_n \bar u_n`.
+
+    :math:`\bar u_n` is the mean patch of sample ``n`` over the ``T`` positions, computed by
+    chunks of samples (the unfolded input of the whole batch is never alive at once).
+    """
+    g, n = module.groups, x.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, module.in_channels * math.prod(module.kernel_size) * t))
+    means = torch.cat([unfold(module, x[s : s + step]).mean(-1) for s in range(0, n, step)])
+    grouped = means.reshape(n, g, -1).permute(1, 2, 0)  # [G, in/G * K, N]
+    input_sum = gram(grouped)
+    total = grouped.sum(-1)
+    return (input_sum[0] if g == 1 else input_sum), n, total
 
 
 def channel_gram(f: Tensor) -> Tensor:

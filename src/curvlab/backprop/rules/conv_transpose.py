@@ -118,6 +118,7 @@ class ConvTransposeRule(Rule):
 
     linear_in_input = True
     kronecker = True
+    kron_kind = "transposed"
 
     @staticmethod
     def _check(module: ConvT, call: Call) -> None:
@@ -178,29 +179,36 @@ class ConvTransposeRule(Rule):
             out["bias"] = f.flatten(start_dim=3).sum(-1).square().sum(-1)
         return out
 
-    def kron_sums(self, module, call, factors, names):  # noqa: D102
+    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
         self._check(module, call)
         x, f = call.args[0], factors[0]
         m, n = f.shape[:2]
         out_size = tuple(f.shape[3:])
-        t = math.prod(out_size)
-        output_sum = channel_gram(f.reshape(m * n, module.out_channels, t))  # [out, out]
+        g, t = module.groups, math.prod(out_size)
+        flat = f.reshape(m * n, module.out_channels, t)
+        summed = None  # position-summed output factor: reduce, and the bias's exact block
+        if approx == "reduce" or "bias" in names:
+            summed = gram(flat.sum(-1).T)
         out = {}
         if "weight" in names:
-            g = module.groups
-            input_sum = 0
+            input_sum, total = 0, 0
             step = max(
                 1, CHUNK_ELEMENTS // max(1, module.in_channels * module.weight[0, 0].numel() * t)
             )
             for start in range(0, n, step):
                 u = spread_input(module, x[start : start + step], out_size)  # [n, in * K, Q]
-                u = u.reshape(u.shape[0], g, -1, t).permute(1, 2, 0, 3).flatten(2)
+                if approx == "reduce":
+                    u = u.mean(-1, keepdim=True)
+                u = u.reshape(u.shape[0], g, -1, u.shape[-1]).permute(1, 2, 0, 3).flatten(2)
                 input_sum = input_sum + gram(u)  # [G, in/G * K, in/G * K]
+                total = total + u.sum(-1)
+            count = n if approx == "reduce" else n * t
+            output_sum = summed if approx == "reduce" else channel_gram(flat)  # [out, out]
             if g == 1:
-                weight = KronSums(input_sum[0], n * t, output_sum)
+                weight = KronSums(input_sum[0], count, output_sum, total[0])
             else:
-                weight = KronSums(input_sum, n * t, grouped_output_sum(output_sum, g))
+                weight = KronSums(input_sum, count, grouped_output_sum(output_sum, g), total)
             out["weight"] = weight
         if "bias" in names:
-            out["bias"] = KronSums(None, n * t, output_sum)
+            out["bias"] = KronSums(None, n if approx == "reduce" else n * t, summed)
         return out

@@ -93,14 +93,20 @@ class LinearRule(Rule):
             ),
         )
 
-    def kron_sums(self, module, call, factors, names):  # noqa: D102
-        x, g = _flat(module, call, factors)
-        x = x.reshape(-1, module.in_features)
-        g = g.reshape(-1, module.out_features)
-        output_sum = gram(g.T)
+    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
+        x, g = _flat(module, call, factors)  # [N, T, in], [M, N, T, out]
+        if x.shape[1] == 1 or approx == "expand":
+            rows = x.reshape(-1, module.in_features)
+            output_sum = gram(g.reshape(-1, module.out_features).T)
+        else:  # reduce: one row per sample, the positions' mean
+            rows = x.mean(1)
+            output_sum = gram(g.sum(2).reshape(-1, module.out_features).T)
         out = {}
         if "weight" in names:
-            out["weight"] = KronSums(gram(x.T), x.shape[0], output_sum)
-        if "bias" in names:
-            out["bias"] = KronSums(None, x.shape[0], output_sum)
+            out["weight"] = KronSums(gram(rows.T), rows.shape[0], output_sum, rows.sum(0))
+        if "bias" in names:  # the exact block: position-summed output gradients
+            bias_sum = output_sum
+            if x.shape[1] > 1 and approx == "expand":
+                bias_sum = gram(g.sum(2).reshape(-1, module.out_features).T)
+            out["bias"] = KronSums(None, rows.shape[0], bias_sum)
         return out

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.backprop.rules.base import KronSums, Rule
 
 
 def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
@@ -46,9 +46,13 @@ def _as_positions(module: nn.Module, t: Tensor, batch_dims: int) -> Tensor:
 
 
 class NormRule(Rule):
-    """Derivatives of batch norm (eval), layer norm and group norm (see the module docstring)."""
+    """Derivatives of batch norm (eval), layer norm and group norm (see the module docstring).
+
+    Layer-wise quantities get each parameter's whole GGN block (``kron_kind = "whole"``).
+    """
 
     kronecker = True
+    kron_kind = "whole"
 
     def __init__(self, linear_in_input: bool) -> None:
         self.linear_in_input = linear_in_input
@@ -65,7 +69,7 @@ class NormRule(Rule):
             out["bias"] = f.sum(2).reshape(*f.shape[:2], *module.bias.shape)
         return out
 
-    def kron_sums(self, module, call, factors, names):  # noqa: D102
+    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
         out = {}
         for name, vjp in self.jac_t(module, call, factors, names).items():
             flat = vjp.flatten(end_dim=1).flatten(start_dim=1)  # [M*N, P]
@@ -84,6 +88,7 @@ class EmbeddingRule(Rule):
 
     linear_in_input = True
     kronecker = True
+    kron_kind = "columns"
 
     def _check(self, module: nn.Module) -> None:
         if module.max_norm is not None:
@@ -110,19 +115,20 @@ class EmbeddingRule(Rule):
             out[:, module.padding_idx] = 0.0
         return {"weight": out}
 
-    def kron_sums(self, module, call, factors, names):  # noqa: D102
+    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
         self._check(module)
-        idx = call.args[0].reshape(-1)
-        counts = torch.bincount(idx, minlength=module.num_embeddings).to(factors[0].dtype)
+        idx = call.args[0]
+        n, d = idx.shape[0], module.embedding_dim
+        f = factors[0].reshape(factors[0].shape[0], n, -1, d)  # [M, N, T, D]
+        if approx == "reduce" and f.shape[2] > 1:  # mean one-hot per sample
+            onehot = F.one_hot(idx.reshape(n, -1), module.num_embeddings).to(f.dtype).mean(1)
+            if module.padding_idx is not None:
+                onehot[:, module.padding_idx] = 0.0
+            summed = f.sum(2).reshape(-1, d)
+            return {"weight": KronSums(onehot.T @ onehot, n, summed.T @ summed, onehot.sum(0))}
+        flat = idx.reshape(-1)
+        counts = torch.bincount(flat, minlength=module.num_embeddings).to(f.dtype)
         if module.padding_idx is not None:
             counts[module.padding_idx] = 0.0
-        f = factors[0].reshape(-1, module.embedding_dim)
-        return {"weight": KronSums(torch.diag(counts), idx.numel(), f.T @ f)}
-
-
-def check_call(module: nn.Module, call: Call) -> None:
-    """Reject batch norm that would use batch statistics (no running statistics)."""
-    if isinstance(module, _BatchNorm) and module.running_mean is None:
-        raise NotImplementedError(
-            "BatchNorm without running statistics normalizes with batch statistics"
-        )
+        rows = f.reshape(-1, d)
+        return {"weight": KronSums(torch.diag(counts), flat.numel(), rows.T @ rows, counts)}

@@ -1,0 +1,209 @@
+r"""The streamed path: quantities reduced *inside* the backward passes.
+
+A tensor hook on every module output receives its gradient :math:`c\,r\,\partial\ell_n/
+\partial z_n` while the gradient flows (the user's ``loss.backward()``, or the engine's own
+``torch.autograd.grad``), evaluates that module's quantities at once (e.g. ``BatchL2`` of a
+Linear layer from :math:`\lVert g_n\rVert^2 \lVert x_n\rVert^2`) and lets the output gradient
+go: no list of output gradients and no ``[N, P]`` tensor is kept. (:math:`c` is the scale the
+user put on the loss, e.g. a gradient scaler's, measured at the model output.)
+
+MC and exact GGN quantities back-propagate each column of the (sampled or exact) loss
+Hessian's square root once, only as far as the earliest module outputs (:func:`sinks`; no
+parameter gradients), from the hook on the model output, before the gradient goes on; each
+module hook keeps its columns until the last one arrives, then reduces them the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab.backprop import assembly
+from curvlab.backprop.derivatives import Owner, ParamDerivatives
+from curvlab.backprop.plan import Plan, sources_of
+from curvlab.backprop.quantities import Quantity
+from curvlab.backprop.results import Results
+from curvlab.backprop.sources import GRAD, Source, SqrtSource
+
+
+def backward_column(
+    output: Tensor, inputs: Sequence[Tensor], column: Tensor, retain_graph: bool
+) -> Sequence[Tensor | None]:
+    r"""Back-propagate one column ``[*output.shape]`` to ``inputs``.
+
+    The root is the scalar :math:`\langle \text{output}, \text{column} \rangle`: passing
+    ``grad_outputs`` instead makes torch import sympy for a shape check (~35 MB resident, once
+    per process). Works inside a backward pass (hooks run with gradients disabled).
+    """
+    with torch.enable_grad():
+        root = (output * column).sum()
+    return torch.autograd.grad(root, inputs, retain_graph=retain_graph, allow_unused=True)
+
+
+def sinks(outputs: list[Tensor]) -> list[Tensor]:
+    """The outputs with no other one upstream: a backward to them passes through all others.
+
+    Back-propagating from the model output to these (instead of to every output) lets tensor
+    hooks see every output's gradient without autograd returning (and so keeping) them all.
+    """
+    nodes = {o.grad_fn for o in outputs}
+    found = []
+    for out in outputs:
+        stack = [f for f, _ in out.grad_fn.next_functions if f is not None]
+        seen: set[Any] = set()
+        upstream = False
+        while stack and not upstream:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in nodes and node is not out.grad_fn:
+                upstream = True
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+        if not upstream:
+            found.append(out)
+    return found
+
+
+class StreamedPass:
+    """The hooks and partial values of one streamed pass (see the module docstring).
+
+    Use: :meth:`install` after the forward; :meth:`run_columns` when the backward reaches the
+    model output (before the gradient goes on); :meth:`start_gradient`; the gradient's
+    backward; :meth:`finish_gradient`; :meth:`results`; :meth:`remove`.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.ctx = plan.context(grad={})
+        self.by_source: dict[Source, list[Quantity]] = {}
+        for q in plan.quantities:
+            self.by_source.setdefault(sources_of(q)[0], []).append(q)
+        self.owned = assembly.owned_parameters(plan.owners, plan.uses)
+        self.params = dict(plan.named)
+        self.partial: dict[str, dict[str, Any]] = {q.name: {} for q in plan.quantities}
+        self.per_sample_values = any(q.per_sample_values for q in self.by_source.get(GRAD, []))
+        self.source: Source | None = None
+        self.done: set[Owner] = set()
+        self.expected_columns = 0
+        self.columns: dict[Owner, list[Tensor]] = {}
+        self.grad_scale = 1.0
+        self.like: dict[Owner, assembly.TensorLike] = {}
+        self.sinks: list[Tensor] = []
+        self.handles: list[Any] = []
+
+    # ------------------------------------------------------------------------ set-up
+    def install(self) -> None:
+        """Hook every module output and drop the references to the outputs.
+
+        The hooks live on the autograd nodes, so that autograd frees the outputs it does not
+        save (e.g. a convolution's output before a ReLU).
+        """
+        outputs = [own.calls[0].outputs[0] for own in self.plan.owners]
+        for own, out in zip(self.plan.owners, outputs, strict=True):
+            self.handles.append(out.register_hook(self._hook(own)))
+            self.like[own] = assembly.TensorLike.of(out)
+        if any(isinstance(s, SqrtSource) for s in self.by_source):
+            self.sinks = sinks(outputs)
+        del outputs
+        for own in self.plan.owners:
+            own.calls[0].outputs = ()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    # ------------------------------------------------------------------------ the hooks
+    def _evaluate(self, own: Owner, source: Source, factor: Tensor, scale: float = 1.0) -> None:
+        factors = {source: {own.calls[0]: (factor,)}}
+        cache: dict[tuple, dict[str, Any]] = {}
+        n = self.plan.num_samples
+        with torch.no_grad():
+            for q in self.by_source[source]:
+                for full in self.owned[own]:
+                    param = self.params[full].detach()
+                    view = ParamDerivatives(
+                        full, self.plan.uses[full], factors, param, n, cache, scale
+                    )
+                    self.partial[q.name][full] = assembly.evaluate(q, view, self.ctx, True)
+
+    def _hook(self, own: Owner):
+        def hook(g: Tensor) -> None:
+            source = self.source
+            if source is None or own in self.done:
+                return
+            if source == GRAD:
+                self.done.add(own)
+                scale = self.grad_scale * self.plan.r
+                # the factor is g / scale: rescale the values in place (no new tensor)
+                # unless they are per-sample parameter-shaped, and so larger than g
+                if scale != 1.0 and self.per_sample_values:
+                    self._evaluate(own, source, (g / scale).unsqueeze(0))
+                else:
+                    self._evaluate(own, source, g.unsqueeze(0), 1.0 / scale)
+                return
+            cols = self.columns.setdefault(own, [])
+            cols.append(g.detach())
+            if len(cols) == self.expected_columns:
+                self.done.add(own)
+                del self.columns[own]
+                self._evaluate(own, source, torch.stack(cols))
+
+        return hook
+
+    def _unreached(self, source: Source, columns: int) -> None:
+        for own in self.plan.owners:
+            if own not in self.done:
+                self._evaluate(own, source, assembly.zero_factor(self.like[own], columns))
+
+    # ------------------------------------------------------------------------ the passes
+    def run_columns(self, retain_last: bool) -> None:
+        """Back-propagate every square-root column of every requested MC/exact source.
+
+        Args:
+            retain_last: Keep the graph after the last column (a gradient pass follows).
+        """
+        plan = self.plan
+        sqrt_sources = [s for s in self.by_source if isinstance(s, SqrtSource)]
+        for k, source in enumerate(sqrt_sources):
+            sqrt = source.columns(plan.spec, plan.output, plan.targets, plan.generator)
+            self.source, self.done, self.expected_columns = source, set(), sqrt.shape[0]
+            for m in range(sqrt.shape[0]):
+                last = k == len(sqrt_sources) - 1 and m == sqrt.shape[0] - 1
+                backward_column(
+                    plan.output, self.sinks, sqrt[m], retain_graph=retain_last or not last
+                )
+            self.columns.clear()
+            self._unreached(source, sqrt.shape[0])
+        self.source = None
+
+    def start_gradient(self, grad_scale: float) -> None:
+        """The next backward carries the gradient, ``grad_scale`` times the loss's."""
+        self.grad_scale = grad_scale
+        self.source, self.done = (GRAD if GRAD in self.by_source else None), set()
+
+    def finish_gradient(self) -> None:
+        """After the gradient's backward: modules it did not reach get zero factors."""
+        if self.source == GRAD:
+            self._unreached(GRAD, 1)
+        self.source = None
+
+    def results(self, grads: dict[str, Tensor]) -> Results:
+        """The quantities, given the loss's gradient by parameter name."""
+        plan, ctx = self.plan, self.ctx
+        ctx.grad.update(grads)
+        n = plan.num_samples
+
+        def unused(q: Quantity, name: str) -> Any:
+            source = sources_of(q)[0]
+            view = ParamDerivatives(name, [], {source: {}}, self.params[name].detach(), n, {})
+            return q.evaluate(view, ctx)
+
+        names = [name for name, _ in plan.named]
+        values = assembly.finish_streamed(plan.quantities, self.partial, names, unused, ctx)
+        return Results(plan.loss.detach(), ctx.grad, plan.output.detach(), values)
