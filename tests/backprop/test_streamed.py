@@ -25,6 +25,7 @@ from curvlab.backprop import (
     KronFactors,
     SqrtGGN,
     SumGradSquared,
+    UnsupportedModuleError,
     Variance,
     capturing,
     compute,
@@ -289,3 +290,46 @@ def test_reductions_never_form_per_sample_gradients(make, monkeypatch):
     monkeypatch.setattr(ConvRule, "jac_t", forbidden)
     model, loss_func, x, y = build(_problem("cnn2d"), "ce-mean")
     compute(model, loss_func, x, y, [make()])
+
+
+def _max_norm_embedding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2))
+    return model.double(), torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,))
+
+
+def _inplace_relu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    return model.double(), torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+
+
+def _training_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().train()
+    return model, torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+
+
+REJECTIONS = [
+    (
+        _max_norm_embedding,
+        BatchL2,
+        r"BatchL2 is not available for parameter '0.weight' of Embedding",
+    ),
+    (
+        _max_norm_embedding,
+        KFLR,
+        r"KFLR is not available for parameter '0.weight' of Embedding.*max_norm",
+    ),
+    (_inplace_relu, SumGradSquared, r"Linear \(module '0'\) was modified in place"),
+    (_training_batchnorm, lambda: DiagGGN(mc_samples=1), r"BatchNorm1d \(module '1'\).*model.eval"),
+]
+
+
+@pytest.mark.parametrize(("make_model", "make", "message"), REJECTIONS)
+@pytest.mark.parametrize("path", ["streamed", "general"])
+def test_both_paths_reject_with_the_named_reason(make_model, make, message, path):
+    model, x, y = make_model()
+    subsampling = list(range(x.shape[0])) if path == "general" else None
+    with pytest.raises(UnsupportedModuleError, match=message):
+        compute(model, nn.CrossEntropyLoss(), x, y, [make()], subsampling=subsampling)

@@ -58,7 +58,7 @@ from curvlab.backprop.recording import (
     choose_rules,
 )
 from curvlab.backprop.results import Results
-from curvlab.backprop.streamed import StreamedPass
+from curvlab.backprop.streamed import StreamedPass, backward_column
 
 
 class CaptureError(RuntimeError):
@@ -137,7 +137,11 @@ class Capture:
             check_batchnorm(self.model)
             probe = Plan.needs(self.quantities)
             self._recorder = Recorder(self.model, every_module=probe)
-        self._handles.append(self.loss_func.register_forward_hook(self._on_loss, with_kwargs=True))
+        loss_func = self.loss_func
+        self._handles.append(
+            loss_func.register_forward_pre_hook(self._check_loss_inputs, with_kwargs=True)
+        )
+        self._handles.append(loss_func.register_forward_hook(self._on_loss, with_kwargs=True))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -155,7 +159,14 @@ class Capture:
         return self._results
 
     # -------------------------------------------------------------------------- the hooks
-    def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, loss: Any) -> None:
+    @staticmethod
+    def _loss_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+        output = args[0] if args else kwargs.get("input")
+        targets = args[1] if len(args) > 1 else kwargs.get("target")
+        return output, targets
+
+    def _check_loss_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Before the loss runs: its inputs, and that it runs once (evaluations excepted)."""
         if not torch.is_grad_enabled():
             return  # an evaluation
         if self._plan is not None:
@@ -163,15 +174,23 @@ class Capture:
                 "the loss function was called twice inside one capture; a capture covers one "
                 "loss evaluation and its backward: open one capture per (micro-)batch"
             )
-        output = args[0] if args else kwargs.get("input")
-        targets = args[1] if len(args) > 1 else kwargs.get("target")
-        self._plan = self._make_plan(output, targets, loss)
-
-    def _make_plan(self, output: Tensor, targets: Tensor, loss: Tensor) -> Plan:
+        output, targets = self._loss_inputs(args, kwargs)
+        if not isinstance(output, Tensor) or not isinstance(targets, Tensor):
+            raise CaptureError(
+                "the captured loss function must be called as loss_func(output, targets)"
+            )
         self.spec.check(output, targets)
         if output.shape[0] == 0:
             raise ValueError("inputs: the batch is empty (N = 0)")
         check_finite("the model output", output.detach())
+
+    def _on_loss(self, module: nn.Module, args: tuple, kwargs: dict, loss: Any) -> None:
+        if not torch.is_grad_enabled():
+            return  # an evaluation
+        output, targets = self._loss_inputs(args, kwargs)
+        self._plan = self._make_plan(output, targets, loss)
+
+    def _make_plan(self, output: Tensor, targets: Tensor, loss: Tensor) -> Plan:
         check_finite("the loss", loss.detach())
         records = {}
         if self._recorder is not None:  # the forward is over: later calls are the engine's own
@@ -217,9 +236,13 @@ class Capture:
         return hook
 
     def _loss_scale(self, grad: Tensor) -> float:
-        """The factor ``c`` with ``grad = c * dL/df`` (raises if there is none)."""
+        """The factor ``c`` with ``grad = c * dL/df`` (raises if there is none).
+
+        Also keeps :math:`\partial L/\partial f` for the general path's gradient pass.
+        """
         plan = self._plan
         expected = self.spec.output_gradient(plan.output, plan.targets)
+        plan.output_grad = expected
         norm = expected.square().sum()
         if norm == 0:
             return 1.0
@@ -251,7 +274,10 @@ class Capture:
         if self.quantities:
             return general.run(plan)
         params = [p for _, p in self.named]
-        grads = torch.autograd.grad(plan.loss, params, allow_unused=True, retain_graph=True)
+        if plan.output_grad is None:
+            grads = torch.autograd.grad(plan.loss, params, allow_unused=True, retain_graph=True)
+        else:
+            grads = backward_column(plan.output, params, plan.output_grad, retain_graph=True)
         return Results(plan.loss.detach(), _filled(self.named, grads), plan.output.detach(), {})
 
     def _finish(self) -> None:

@@ -166,12 +166,11 @@ class _Slots:
 
 def _gradient(plan: Plan, slots: _Slots) -> tuple[dict[str, Tensor], dict[Call, list]]:
     """The parameter gradients and the output gradients ``r dl_n/dz`` (divided by ``r``)."""
-    grads = torch.autograd.grad(
-        plan.loss,
-        [p for _, p in plan.named] + [c.outputs[i] for c, i in slots.slots],
-        allow_unused=True,
-        retain_graph=True,
-    )
+    inputs = [p for _, p in plan.named] + [c.outputs[i] for c, i in slots.slots]
+    if plan.output_grad is None:
+        grads = torch.autograd.grad(plan.loss, inputs, allow_unused=True, retain_graph=True)
+    else:  # the loss's own node has run (the user's backward): start at the model output
+        grads = backward_column(plan.output, inputs, plan.output_grad, retain_graph=True)
     k = len(plan.named)
     param_grads = {
         name: torch.zeros_like(p) if g is None else g

@@ -90,6 +90,16 @@ class LossSpec:
                         f"CrossEntropyLoss: class targets must be {list(expected)}, got "
                         f"{list(target.shape)}"
                     )
+                classes = output.shape[1]
+                outside = (target < 0) | (target >= classes)
+                outside &= target != self.loss_func.ignore_index
+                if outside.any():
+                    first = int(outside.reshape(outside.shape[0], -1).any(1).nonzero()[0])
+                    raise UnsupportedLossError(
+                        f"CrossEntropyLoss: class targets must lie in [0, {classes - 1}] for "
+                        f"an output of {classes} classes; got {sorted(set(target[outside].tolist()))[:5]} "
+                        f"(first at sample {first})"
+                    )
                 if (target == self.loss_func.ignore_index).any():
                     raise UnsupportedLossError(
                         "CrossEntropyLoss: targets equal to ignore_index "

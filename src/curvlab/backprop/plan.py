@@ -46,6 +46,8 @@ class Plan:
         loss: The loss (attached to the graph).
         index: The subsample's indices, or ``None``.
         generator: Random number generator for MC sampling.
+        output_grad: :math:`\partial L / \partial f` when the user's backward has already passed
+            the loss (the engine's gradient pass then starts at the model output), else ``None``.
     """
 
     model: nn.Module
@@ -62,6 +64,7 @@ class Plan:
     loss: Tensor
     index: Tensor | None = None
     generator: torch.Generator | None = None
+    output_grad: Tensor | None = None
     sources: list[Source] = field(default_factory=list)
 
     def __post_init__(self) -> None:
