@@ -62,11 +62,15 @@ from curvlab.optim.gram import SOLVERS, GramInverse, default_rtol
 
 SCHEMES = ("right-inverse", "pinv", "paper")
 
-DEFAULT_CE_OUTPUT_DAMPING = 0.1
-r"""Default :math:`\lambda` of the cross-entropy step :math:`(H_n + \lambda I)^{-1} g_n`.
+DEFAULT_CE_OUTPUT_DAMPING = 0.3
+r"""Default :math:`\lambda` of the cross-entropy step :math:`s_n = (H_n + \lambda I)^{-1} g_n`.
 
-Chosen on the bundled Fashion-MNIST subset (``benchmarks/exact_gn_ce_defaults.py``,
-``docs/exact_gn.md``): the undamped Newton step diverged in every run there.
+Measured on the bundled Fashion-MNIST subset with ``RevMLP(784, 10, hidden=1024, depth=4)``
+(``benchmarks/exact_gn_ce_defaults.py``, figures in ``docs/exact_gn.md``): the undamped Newton step
+diverged in every run (lr 0.1 to 2), :math:`\lambda \le 10^{-2}` at lr >= 0.5 and
+:math:`\lambda = 0.1` at lr >= 2 on unstandardized inputs; :math:`\lambda = 0.3` trained in every
+run (lr 0.1 to 4, three seeds, raw and standardized inputs, n = 256 and 512) and faster than the
+identity-Hessian step at the same learning rate.
 """
 
 
