@@ -236,7 +236,7 @@ class Capture:
         return hook
 
     def _loss_scale(self, grad: Tensor) -> float:
-        """The factor ``c`` with ``grad = c * dL/df`` (raises if there is none).
+        r"""The factor ``c`` with ``grad = c * dL/df`` (raises if there is none).
 
         Also keeps :math:`\partial L/\partial f` for the general path's gradient pass.
         """
@@ -297,7 +297,13 @@ class Capture:
                 self._backward_seen = True
                 self._results = self._general()
                 return
+            # the columns first, outside any backward (not nested in the gradient's), then the
+            # gradient, which the module hooks reduce as it passes and which frees the graph
+            self._backward_seen = True
+            self._streamed.run_columns(retain_last=True)
+            self._streamed.start_gradient(1.0)
             grads = torch.autograd.grad(plan.loss, [p for _, p in self.named], allow_unused=True)
+            self._streamed.finish_gradient()
             self._param_grads = {
                 n: g for (n, _), g in zip(self.named, grads, strict=True) if g is not None
             }

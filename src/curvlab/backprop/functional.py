@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from curvlab.backprop.errors import UnsupportedModuleError
 from curvlab.backprop.loss import LossSpec
-from curvlab.backprop.rules.base import Rule
+from curvlab.backprop.rules.base import Call, Rule
 
 CHUNK_ELEMENTS = 2**22
 """Budget (tensor elements) for Hessian-vector products evaluated at once."""
@@ -60,7 +60,9 @@ class FuncRule(Rule):
     def _culprit(self, module: nn.Module) -> str:
         return f"{type(module).__name__} (module '{self.module_name}')"
 
-    def jac_t(self, module, call, factors, names):  # noqa: D102
+    def jac_t(  # noqa: D102
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         n = factors[0].shape[1]
         all_params = dict(module.named_parameters(remove_duplicate=False))
         params = {k: all_params[k].detach() for k in names}

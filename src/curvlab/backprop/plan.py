@@ -29,7 +29,7 @@ def sources_of(quantity: Quantity) -> tuple[Source, ...]:
 
 @dataclass
 class Plan:
-    """The state of one pass after the forward (see the module docstring).
+    r"""The state of one pass after the forward (see the module docstring).
 
     Attributes:
         model: The model.

@@ -188,7 +188,13 @@ class ConvRule(Rule):
     linear_in_input = True
     kronecker = True
 
-    def jac_t(self, module, call, factors, names):  # noqa: D102
+    def jac_t(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+    ) -> dict[str, Tensor]:
         u, f = _grouped(module, call, factors)
         out = {}
         m, n = f.shape[:2]
@@ -199,7 +205,13 @@ class ConvRule(Rule):
             out["bias"] = f.sum(-1).reshape(m, n, -1)
         return out
 
-    def sum_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sum_jac_t(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+    ) -> dict[str, Tensor]:
         u, f = _grouped(module, call, factors)
         out = {}
         m = f.shape[0]
@@ -210,7 +222,14 @@ class ConvRule(Rule):
             out["bias"] = f.sum((1, -1)).reshape(m, -1)
         return out
 
-    def sum_sq_jac_t(self, module, call, factors, names, per_sample):  # noqa: D102
+    def sum_sq_jac_t(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        per_sample: bool,
+    ) -> dict[str, Tensor]:
         m = factors[0].shape[0]
         out = {}
         if "weight" in names:
@@ -224,7 +243,13 @@ class ConvRule(Rule):
             out["bias"] = sq if per_sample else sq.sum(0)
         return out
 
-    def sq_norm_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sq_norm_jac_t(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+    ) -> dict[str, Tensor]:
         out = {}
         if "weight" in names:
             m, _, g, o, t = _grouped_factor(module, factors).shape
@@ -236,7 +261,14 @@ class ConvRule(Rule):
             out["bias"] = _grouped_factor(module, factors).sum(-1).square().sum((2, 3))
         return out
 
-    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
+    def kron_sums(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        approx: str = "expand",
+    ) -> dict[str, KronSums]:
         x, f = call.args[0], factors[0]
         m, n = f.shape[:2]
         g, t = module.groups, math.prod(f.shape[3:])

@@ -125,7 +125,9 @@ class ConvTransposeRule(Rule):
         if module.padding_mode != "zeros":  # torch allows only zeros; guard subclasses
             raise NotImplementedError(f"padding_mode={module.padding_mode!r}")
 
-    def jac_t(self, module, call, factors, names):  # noqa: D102
+    def jac_t(  # noqa: D102
+        self, module: ConvT, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         self._check(module, call)
         f = factors[0]
         m, n = f.shape[:2]
@@ -137,7 +139,9 @@ class ConvTransposeRule(Rule):
             out["bias"] = f.flatten(start_dim=3).sum(-1)
         return out
 
-    def sum_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sum_jac_t(  # noqa: D102
+        self, module: ConvT, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         self._check(module, call)
         f = factors[0]
         m = f.shape[0]
@@ -149,7 +153,14 @@ class ConvTransposeRule(Rule):
             out["bias"] = f.flatten(start_dim=3).sum((1, -1))
         return out
 
-    def sum_sq_jac_t(self, module, call, factors, names, per_sample):  # noqa: D102
+    def sum_sq_jac_t(  # noqa: D102
+        self,
+        module: ConvT,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        per_sample: bool,
+    ) -> dict[str, Tensor]:
         self._check(module, call)
         f = factors[0]
         m = f.shape[0]
@@ -162,7 +173,9 @@ class ConvTransposeRule(Rule):
             out["bias"] = sq if per_sample else sq.sum(0)
         return out
 
-    def sq_norm_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sq_norm_jac_t(  # noqa: D102
+        self, module: ConvT, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         self._check(module, call)
         f = factors[0]
         m = f.shape[0]
@@ -179,7 +192,14 @@ class ConvTransposeRule(Rule):
             out["bias"] = f.flatten(start_dim=3).sum(-1).square().sum(-1)
         return out
 
-    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
+    def kron_sums(  # noqa: D102
+        self,
+        module: ConvT,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        approx: str = "expand",
+    ) -> dict[str, KronSums]:
         self._check(module, call)
         x, f = call.args[0], factors[0]
         m, n = f.shape[:2]

@@ -28,7 +28,9 @@ class LinearRule(Rule):
     linear_in_input = True
     kronecker = True
 
-    def jac_t(self, module, call, factors, names):  # noqa: D102
+    def jac_t(  # noqa: D102
+        self, module: nn.Linear, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         x, g = _flat(module, call, factors)
         out = {}
         if "weight" in names:
@@ -37,7 +39,9 @@ class LinearRule(Rule):
             out["bias"] = g.sum(2)
         return out
 
-    def sum_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sum_jac_t(  # noqa: D102
+        self, module: nn.Linear, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         x, g = _flat(module, call, factors)
         out = {}
         if "weight" in names:
@@ -46,7 +50,14 @@ class LinearRule(Rule):
             out["bias"] = g.sum((1, 2))
         return out
 
-    def sum_sq_jac_t(self, module, call, factors, names, per_sample):  # noqa: D102
+    def sum_sq_jac_t(  # noqa: D102
+        self,
+        module: nn.Linear,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        per_sample: bool,
+    ) -> dict[str, Tensor]:
         x, g = _flat(module, call, factors)
         if x.shape[1] != 1:
             return super().sum_sq_jac_t(module, call, factors, names, per_sample)
@@ -59,7 +70,9 @@ class LinearRule(Rule):
             out["bias"] = g2.sum(0) if per_sample else g2.sum((0, 1))
         return out
 
-    def sq_norm_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sq_norm_jac_t(  # noqa: D102
+        self, module: nn.Linear, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         x, g = _flat(module, call, factors)
         t = x.shape[1]
         out = {}
@@ -83,7 +96,7 @@ class LinearRule(Rule):
             out["bias"] = g.sum(2).square().sum(-1)
         return out
 
-    def jvp(self, module, call, name, vectors):  # noqa: D102
+    def jvp(self, module: nn.Linear, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
         x = call.args[0]
         if name == "weight":
             return (torch.einsum("n...i,koi->kn...o", x, vectors),)
@@ -93,7 +106,14 @@ class LinearRule(Rule):
             ),
         )
 
-    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
+    def kron_sums(  # noqa: D102
+        self,
+        module: nn.Linear,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        approx: str = "expand",
+    ) -> dict[str, KronSums]:
         x, g = _flat(module, call, factors)  # [N, T, in], [M, N, T, out]
         if x.shape[1] == 1 or approx == "expand":
             rows = x.reshape(-1, module.in_features)

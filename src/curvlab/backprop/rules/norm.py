@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from curvlab.backprop.rules.base import KronSums, Rule
+from curvlab.backprop.rules.base import Call, KronSums, Rule
 
 
 def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
@@ -57,7 +57,9 @@ class NormRule(Rule):
     def __init__(self, linear_in_input: bool) -> None:
         self.linear_in_input = linear_in_input
 
-    def jac_t(self, module, call, factors, names):  # noqa: D102
+    def jac_t(  # noqa: D102
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         x_hat = _as_positions(module, normalized_input(module, call.args[0]), 0)
         f = _as_positions(module, factors[0], 1)  # [M, N, T, P]
         out = {}
@@ -69,7 +71,14 @@ class NormRule(Rule):
             out["bias"] = f.sum(2).reshape(*f.shape[:2], *module.bias.shape)
         return out
 
-    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
+    def kron_sums(  # noqa: D102
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        approx: str = "expand",
+    ) -> dict[str, KronSums]:
         out = {}
         for name, vjp in self.jac_t(module, call, factors, names).items():
             flat = vjp.flatten(end_dim=1).flatten(start_dim=1)  # [M*N, P]
@@ -94,7 +103,9 @@ class EmbeddingRule(Rule):
         if module.max_norm is not None:
             raise NotImplementedError("Embedding(max_norm=...) renormalizes its weight in place")
 
-    def jac_t(self, module, call, factors, names):  # noqa: D102
+    def jac_t(  # noqa: D102
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         self._check(module)
         idx = call.args[0]
         m, n = factors[0].shape[:2]
@@ -104,7 +115,9 @@ class EmbeddingRule(Rule):
             onehot[..., module.padding_idx] = 0.0
         return {"weight": torch.einsum("mntd,ntv->mnvd", f, onehot)}
 
-    def sum_jac_t(self, module, call, factors, names):  # noqa: D102
+    def sum_jac_t(  # noqa: D102
+        self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
+    ) -> dict[str, Tensor]:
         self._check(module)
         idx = call.args[0].reshape(-1)
         m = factors[0].shape[0]
@@ -115,7 +128,14 @@ class EmbeddingRule(Rule):
             out[:, module.padding_idx] = 0.0
         return {"weight": out}
 
-    def kron_sums(self, module, call, factors, names, approx="expand"):  # noqa: D102
+    def kron_sums(  # noqa: D102
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        approx: str = "expand",
+    ) -> dict[str, KronSums]:
         self._check(module)
         idx = call.args[0]
         n, d = idx.shape[0], module.embedding_dim
