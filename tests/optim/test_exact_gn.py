@@ -351,3 +351,11 @@ def test_bad_labels_are_named():
     model, x, _ = make_problem(8, 12, 20, 2)
     with pytest.raises(ValueError, match="class labels"):
         ExactGN(model, lr=0.1).step(x, torch.full((8,), 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_newton_step_stays_finite_for_vanishing_probabilities(dtype):
+    """y / p is clamped in log space: 0 * exp(huge) must not turn into NaN."""
+    f = torch.tensor([[0.0, 9e5, -9e5, 1.0]], dtype=dtype)
+    y = F.one_hot(torch.tensor([2]), K).to(dtype)
+    assert torch.isfinite(newton_step(f, y, "ce")).all()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from curvlab.nn import RevMLP
-from curvlab.optim import DivergedStepError, ExactGN
+from curvlab.optim import DivergedStepError, ExactGN, NoExactRightInverseError
 
 K = 4
 
@@ -158,3 +158,12 @@ def test_default_cross_entropy_step_trains_where_the_newton_step_diverges():
     optimizer = ExactGN(model, lr=0.5, loss="ce")
     losses = [optimizer.step(x, y) for _ in range(5)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_wide_enough_network_without_a_full_rank_block_is_not_told_to_widen():
+    """Repeated samples make the features rank-deficient at any width: say so, not 'hidden >= N'."""
+    model, x, y = make_problem()
+    x = torch.cat([x[:8], x[:8]])
+    with pytest.raises(NoExactRightInverseError, match="repeat samples") as caught:
+        ExactGN(model, lr=0.1).step(x, y)
+    assert "needs hidden >= N" not in str(caught.value)

@@ -315,9 +315,7 @@ class ExactGN(torch.optim.Optimizer):
                 f"ExactGN.step: the loss before the step is {loss_before} for finite outputs "
                 f"(max |output| {float(outputs.abs().max()):.3g}): {self._parameter_state()}"
             )
-        step = newton_step(
-            outputs, target_values, self.loss, self.identity_hessian, self.output_damping
-        )
+        step = self._function_space_step(outputs, target_values, "ExactGN.step")
         coefficients, used = self._coefficients(branches, step)
         scale = self._raw_scale()
         info = StepInfo(loss_before=loss_before, blocks_used=used)
@@ -344,7 +342,7 @@ class ExactGN(torch.optim.Optimizer):
         """The update direction ``D`` (``Δθ = -lr·D``) by parameter name, without stepping."""
         with torch.no_grad():
             _, y, branches, outputs = self._prepare(inputs, targets, "ExactGN.directions")
-            step = newton_step(outputs, y, self.loss, self.identity_hessian, self.output_damping)
+            step = self._function_space_step(outputs, y, "ExactGN.directions")
             coefficients, _ = self._coefficients(branches, step)
             found = self._directions_from(branches, coefficients)
         names = {p: n for n, p in self.model.named_parameters()}
@@ -382,6 +380,16 @@ class ExactGN(torch.optim.Optimizer):
             )
         return x, target_values, branches, outputs
 
+    def _function_space_step(self, outputs: Tensor, targets: Tensor, where: str) -> Tensor:
+        """The step :math:`s` ``[N, k]`` of the loss; raises when it overflows."""
+        step = newton_step(outputs, targets, self.loss, self.identity_hessian, self.output_damping)
+        if not bool(torch.isfinite(step).all()):
+            raise FloatingPointError(
+                f"{where}: the function-space step is not finite for outputs up to "
+                f"|f| = {float(outputs.abs().max()):.3g}: {self._parameter_state()}"
+            )
+        return step
+
     def _parameter_state(self) -> str:
         """A sentence on the trained parameters: which hold NaN/Inf, or how large they are."""
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -392,8 +400,8 @@ class ExactGN(torch.optim.Optimizer):
             )
         largest = max(float(p.abs().max()) for p in self.model.parameters())
         return (
-            f"the parameters are finite but large (max |entry| {largest:.3g}), so the forward "
-            f"pass overflows (did an earlier step diverge with max_loss_ratio=None?); restore them"
+            f"the parameters are finite but large (max |entry| {largest:.3g}), so the computation "
+            f"overflows (did an earlier step diverge with max_loss_ratio=None?); restore them"
         )
 
     def _moved_parameters(
@@ -717,12 +725,36 @@ class ExactGN(torch.optim.Optimizer):
         return float((moved - step).norm() / step.norm().clamp_min(torch.finfo(step.dtype).tiny))
 
     def _no_right_inverse_message(self, branches: list[_Branch]) -> str:
+        r"""Why no block is full rank: too narrow for :math:`N`, or numerically degenerate features.
+
+        The first block's features are linear in the raw input (rank :math:`\le d/2 + 1`); the
+        others have rank :math:`\le h + 1`. When some block is wide enough and still fails the
+        rank test, the width is not the cause: duplicated samples or features blown up by a
+        diverged step are.
+        """
         n = branches[0].features.shape[0]
         widths = sorted({b.features.shape[1] + b.has_bias for b in branches})
+        first_rank = min(branches[0].features.shape[1], self.model.in_features // 2)
+        first_rank += branches[0].has_bias
+        ranks = [first_rank] + [b.features.shape[1] + b.has_bias for b in branches[2::2]]
+        options = (
+            "Use solver='damped' with damping > 0 for a least-squares step, scheme='pinv' for "
+            "the Moore-Penrose step"
+        )
+        if max(ranks) >= n:
+            largest = max(float(b.features.abs().max()) for b in branches)
+            return (
+                f"ExactGN(scheme={self.scheme!r}): no reversible block has numerically "
+                f"full-row-rank features for this batch of N={n} samples, although the blocks are "
+                f"wide enough (feature widths {widths} >= N), so the features are degenerate: "
+                f"the batch may repeat samples (identical samples give identical feature rows), "
+                f"or the parameters have blown up (largest |feature| {largest:.3g}; a step that "
+                f"diverged with max_loss_ratio=None is not undone: restore the parameters). "
+                f"{options}."
+            )
         return (
             f"ExactGN(scheme={self.scheme!r}): no reversible block has full-row-rank features for "
             f"this batch of N={n} samples (feature widths {widths}, the first block's linear "
-            f"features have rank <= {self.model.in_features // 2 + 1}), so no exact right inverse "
-            f"exists (it needs hidden >= N). Use solver='damped' with damping > 0 for a least-squares "
-            f"step, scheme='pinv' for the Moore-Penrose step, or a smaller batch / wider network."
+            f"features have rank <= {first_rank}), so no exact right inverse exists (it needs "
+            f"hidden >= N). {options}, or a smaller batch / wider network."
         )

@@ -22,6 +22,8 @@ constant in front of :math:`\ell` cancels, so :math:`s` is the same for ``mean``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,8 +93,9 @@ def newton_step(
             1.0 - (p * p * inv_d).sum(-1, keepdim=True)
         )
         return inv_d * grad + inv_d * p * coupling
-    # y / p computed in log space; clamp keeps exp finite for probabilities below the dtype's range.
-    max_log = torch.finfo(outputs.dtype).max
-    ratio = targets * torch.exp((-log_p).clamp(max=0.5 * torch.log(torch.tensor(max_log)).item()))
+    # y / p computed in log space; clamp keeps exp finite (and 0 * exp not NaN) for probabilities
+    # below the dtype's range: at most sqrt(max) of the dtype.
+    max_log = 0.5 * math.log(torch.finfo(outputs.dtype).max)
+    ratio = targets * torch.exp((-log_p).clamp(max=max_log))
     step = 1.0 - ratio
     return step - step.mean(dim=-1, keepdim=True)
