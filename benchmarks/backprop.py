@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-PROBLEMS = ("mlp-mnist", "3c3d-cifar10", "3c3d-cifar100")
+PROBLEMS = ("mlp-mnist", "3c3d-cifar10", "3c3d-cifar100", "transformer")
 QUANTITIES = (
     "BatchGrad",
     "BatchL2",
@@ -77,6 +77,25 @@ MC_CURVATURE = {"DiagGGNMC", "KFAC"}
 
 
 # ------------------------------------------------------------------------------------ problems
+def _TransformerClassifier(classes: int):
+    """One ``nn.TransformerEncoderLayer`` (no dropout) and a linear head on the sequence mean."""
+    import torch
+    from torch import nn
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.TransformerEncoderLayer(
+                64, 4, dim_feedforward=256, dropout=0.0, batch_first=True
+            )
+            self.head = nn.Linear(64, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(x).mean(1))
+
+    return Classifier().eval()
+
+
 def build(problem: str, batch_size: int):
     """Model, loss function, inputs and targets of a benchmark problem (seeded random data)."""
     import torch
@@ -94,6 +113,10 @@ def build(problem: str, batch_size: int):
         )
         x = torch.randn(batch_size, 1, 28, 28)
         classes = 10
+    elif problem == "transformer":  # issue 14: d_model 64, 4 heads, sequence 32
+        classes = 10
+        model = _TransformerClassifier(classes)
+        x = torch.randn(batch_size, 32, 64)
     else:
         classes = 10 if problem == "3c3d-cifar10" else 100
         model = nn.Sequential(

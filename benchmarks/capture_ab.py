@@ -30,7 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backprop import build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-QUANTITIES = ("BatchL2", "SumGradSquared", "Variance", "DiagGGNMC", "KFAC", "DiagGGN", "KFLR")
+QUANTITIES = (
+    "BatchGrad",
+    "BatchL2",
+    "SumGradSquared",
+    "Variance",
+    "DiagGGNMC",
+    "KFAC",
+    "DiagGGN",
+    "KFLR",
+)
 
 
 def load_baseline(commit: str):
@@ -116,7 +125,7 @@ def main() -> None:
     parser.add_argument("--baseline", default="ee6ac19", help="commit to compare with")
     parser.add_argument("--problems", nargs="+", default=["mlp-mnist"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
-    parser.add_argument("--quantities", nargs="+", default=list(QUANTITIES), choices=QUANTITIES)
+    parser.add_argument("--quantities", nargs="+", default=list(QUANTITIES[1:]), choices=QUANTITIES)
     parser.add_argument("--min-seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)

@@ -39,12 +39,15 @@ class SequenceNet(nn.Module):
 
 
 class AttentionNet(nn.Module):
-    """Pre-norm attention block with residual, then mean pooling and a linear head."""
+    """Pre-norm attention block with residual, then mean pooling and a linear head.
 
-    def __init__(self) -> None:
+    ``add_zero_attn=True`` is a variant that the attention rule does not cover (generic path).
+    """
+
+    def __init__(self, add_zero_attn: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4)
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True, add_zero_attn=add_zero_attn)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -232,6 +235,15 @@ def _sequence():
 
 def _attention():
     return AttentionNet(), torch.randn(3, 3, 4)
+
+
+def generic_attention(loss_name: str, seed: int = 0):
+    """``build`` for an attention model on the generic path (a variant without a rule)."""
+    return build(
+        Problem("attention-generic", lambda: (AttentionNet(True), torch.randn(3, 3, 4))),
+        loss_name,
+        seed,
+    )
 
 
 def _embedding():

@@ -30,7 +30,7 @@ from curvlab.backprop import (
     compute,
 )
 from tests import reference
-from tests.backprop.problems import PROBLEMS, AttentionNet, build
+from tests.backprop.problems import PROBLEMS, AttentionNet, build, generic_attention
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def _named(name: str):
 
 
 def test_generic_path_warns_naming_modules():
-    model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
+    model, loss_func, x, y = generic_attention("ce-mean")
     from curvlab.backprop import recording
 
     recording._WARNED.clear()
@@ -137,7 +137,7 @@ def test_kfac_on_large_generic_parameter_names_it(monkeypatch):
     """A module without a Kronecker rule gets whole GGN blocks, within MAX_FULL_BLOCK."""
     from curvlab.backprop import recording
 
-    model, loss_func, x, y = build(_named("attention-layernorm"), "ce-mean")
+    model, loss_func, x, y = generic_attention("ce-mean")
     monkeypatch.setattr(recording, "MAX_FULL_BLOCK", 40)  # in_proj_weight has 48 entries
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

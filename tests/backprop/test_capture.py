@@ -132,6 +132,8 @@ def test_gradient_accumulation_one_capture_per_micro_batch():
         for q in ("SumGradSquared", "KFLR"):
             for name, value in reference[q].items():
                 _same(results[q][name], value)
+        for name, g in reference.grad.items():  # this micro-batch's gradient, not the sum
+            torch.testing.assert_close(results.grad[name], g, rtol=1e-12, atol=1e-14)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
 

@@ -20,7 +20,7 @@ from curvlab.backprop import (
     compute,
 )
 from tests import reference
-from tests.backprop.problems import LOSSES, PROBLEMS, build, make_targets
+from tests.backprop.problems import LOSSES, PROBLEMS, build, generic_attention, make_targets
 
 SEQUENTIAL = ["mlp", "mlp-activations", "cnn2d", "cnn3d", "conv-transpose-3d", "cnn2d-grouped"]
 LAYERS = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d)
@@ -192,7 +192,7 @@ def test_conv_transpose_kronecker_order(loss):
 @pytest.mark.parametrize("loss", ["mse-mean", "ce-sum", "bce-mean"])
 def test_generic_module_gets_its_whole_ggn_block(loss):
     """Modules without a Kronecker rule (attention, layer norm): (B,) is the exact GGN block."""
-    model, loss_func, x, y = _case("attention-layernorm", loss)
+    model, loss_func, x, y = generic_attention(loss)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GenericPathWarning)
         ours = compute(model, loss_func, x, y, [KFLR()])["KFLR"]

@@ -166,14 +166,45 @@ def test_quantities_requested_together_equal_each_alone(makes, problem, loss, mo
             _assert_close(general[name][param], value)
 
 
-@pytest.mark.parametrize("problem", ["residual-shared", "attention-layernorm"])
-def test_shared_and_generic_modules_use_the_general_path(problem, monkeypatch):
+class _Scale(nn.Module):
+    """A module without a rule (the generic path)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+def _generic_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    return (
+        model,
+        nn.CrossEntropyLoss(),
+        torch.randn(5, 3, dtype=torch.float64),
+        torch.randint(0, 2, (5,)),
+    )
+
+
+def test_shared_and_generic_modules_use_the_general_path(monkeypatch):
     spy = _Spy(monkeypatch)
-    model, loss_func, x, y = build(_problem(problem), "ce-mean")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        model, loss_func, x, y = build(_problem("residual-shared"), "ce-mean")
         compute(model, loss_func, x, y, [BatchL2()])
+        compute(*_generic_problem(), [BatchL2()])
     assert spy.calls == 0
+
+
+def test_attention_has_a_rule_and_streams(monkeypatch):
+    spy = _Spy(monkeypatch)
+    model, loss_func, x, y = build(_problem("attention-layernorm"), "ce-mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compute(model, loss_func, x, y, [BatchL2(), KFAC()][:1])
+    assert spy.calls == 1
 
 
 class _Branches(nn.Module):

@@ -23,7 +23,9 @@ the model output, that hook
   first; the user's backward then runs as usual, so this path costs one gradient pass more
   than :func:`~curvlab.backprop.compute`.
 
-``param.grad`` is exactly what the plain backward leaves: the engine never writes it. If the
+``param.grad`` is exactly what the plain backward leaves: the engine never writes it
+(``results.grad`` holds this backward's gradient; for a parameter whose ``grad`` was ``None``
+before, it is the same tensor as ``param.grad``, not a copy). If the
 block ends without a backward through the captured loss, the engine runs its own (leaving
 ``param.grad`` untouched): that is :func:`~curvlab.backprop.compute`.
 
@@ -226,7 +228,10 @@ class Capture:
             self._streamed = StreamedPass(plan)
             self._streamed.install()
             for name, p in self.named:
-                self._handles.append(p.register_hook(self._param_hook(name)))
+                # a parameter without a gradient yet gets this backward's in param.grad; a
+                # hook there would keep a reference that makes autograd copy the gradient
+                if p.grad is not None:
+                    self._handles.append(p.register_hook(self._param_hook(name)))
         return plan
 
     def _param_hook(self, name: str):
@@ -234,6 +239,12 @@ class Capture:
             self._param_grads[name] = g.detach()
 
         return hook
+
+    def _gradient_of_loss(self, name: str, param: nn.Parameter) -> Tensor | None:
+        """This backward's gradient of ``param`` (its hook's, or the fresh ``param.grad``)."""
+        if name in self._param_grads:
+            return self._param_grads[name]
+        return None if param.grad is None else param.grad.detach()
 
     def _loss_scale(self, grad: Tensor) -> float:
         r"""The factor ``c`` with ``grad = c * dL/df`` (raises if there is none).
@@ -309,7 +320,7 @@ class Capture:
             }
         if self._streamed is not None:
             scale = self._streamed.grad_scale
-            grads = [self._param_grads.get(n) for n, _ in self.named]
+            grads = [self._gradient_of_loss(n, p) for n, p in self.named]
             grads = [g if g is None or scale == 1.0 else g / scale for g in grads]
             self._results = self._streamed.results(_filled(self.named, grads))
 

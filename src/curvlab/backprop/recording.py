@@ -208,7 +208,14 @@ def choose_rules(owners: list[Owner], method: str, quantities: list[Quantity]) -
     """Give every owner its rule (generic modules warned once) and check whole blocks."""
     generic = []
     for own in owners:
-        rule = None if own.generic_names else find_rule(own.module)
+        rule = find_rule(own.module)
+        if rule is not None and not rule.applies(own.module, own.calls):
+            rule = None
+        if own.generic_names and rule is not None:
+            if own.generic_names <= set(rule.claims):
+                own.generic_names = set()  # the rule covers the uncalled children's parameters
+            else:
+                rule = None
         own.kron_rule = rule if rule is not None and rule.kronecker else None
         if method == "func" or rule is None:
             own.rule = FuncRule(own.name)

@@ -92,6 +92,13 @@ class Rule:
     linear_in_input: bool = False
     kronecker: bool = False
     kron_kind: str = "rows"
+    claims: tuple[str, ...] = ()
+    """Parameters of child modules the rule handles although the children are never called
+    (e.g. ``MultiheadAttention``'s ``out_proj.weight``)."""
+
+    def applies(self, module: nn.Module, calls: list[Call]) -> bool:
+        """Whether the rule covers this module's recorded calls (else the generic path)."""
+        return True
 
     def jac_t(
         self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
