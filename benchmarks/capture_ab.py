@@ -93,6 +93,12 @@ def run_case(problem: str, batch: int, quantity: str, baseline, min_seconds: flo
             loss_func(model(x), y).backward()
 
     fns = {"gradient": gradient, "baseline": old, "compute": new, "capture": in_loop}
+    baseline_error = None
+    try:
+        old()
+    except Exception as err:  # noqa: BLE001 - the baseline may not support the case at all
+        baseline_error = f"{type(err).__name__}: {err}"
+        del fns["baseline"]
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -113,7 +119,8 @@ def run_case(problem: str, batch: int, quantity: str, baseline, min_seconds: flo
         "rounds": rounds,
         "median_seconds": med,
         "ratio_to_gradient": {k: med[k] / med["gradient"] for k in fns if k != "gradient"},
-        "compute_over_baseline": med["compute"] / med["baseline"],
+        "compute_over_baseline": med["compute"] / med["baseline"] if "baseline" in med else None,
+        "baseline_error": baseline_error,
         "capture_over_compute": med["capture"] / med["compute"],
         "threads": torch.get_num_threads(),
     }
@@ -150,9 +157,12 @@ def main() -> None:
                 row = run_case(problem, batch, quantity, baseline, args.min_seconds, args.repeats)
                 rows.append(row)
                 r = row["ratio_to_gradient"]
+                base = f"{r['baseline']:8.2f}" if "baseline" in r else "  failed"
+                over = row["compute_over_baseline"]
+                over = f"{over:12.3f}" if over is not None else " " * 12
                 print(
-                    f"{problem:12s} {batch:4d}  {quantity:14s} {r['baseline']:8.2f} {r['compute']:8.2f} "
-                    f"{r['capture']:8.2f} {row['compute_over_baseline']:12.3f} {row['capture_over_compute']:15.3f}",
+                    f"{problem:12s} {batch:4d}  {quantity:14s} {base} {r['compute']:8.2f} "
+                    f"{r['capture']:8.2f} {over} {row['capture_over_compute']:15.3f}",
                     flush=True,
                 )
     out = {
