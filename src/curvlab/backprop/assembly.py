@@ -41,10 +41,17 @@ def evaluate(
         ) from err
 
 
-def zero_factor(like: TensorLike, columns: int, num_samples: int | None = None) -> Tensor:
-    """A zero factor ``[M, N, *out]`` for an output ``like`` that no column reached."""
-    n = like.shape[0] if num_samples is None else num_samples
-    return torch.zeros(columns, n, *like.shape[1:], dtype=like.dtype, device=like.device)
+def zero_factor(
+    like: TensorLike, columns: int, num_samples: int | None = None, batch_dim: int = 0
+) -> Tensor:
+    """A zero factor ``[M, N, *rest]`` for an output ``like`` that no column reached.
+
+    ``rest`` is ``like``'s shape without its batch dimension ``batch_dim`` (``1`` for the
+    sequence-first outputs and the states of recurrent layers).
+    """
+    n = like.shape[batch_dim] if num_samples is None else num_samples
+    rest = [size for d, size in enumerate(like.shape) if d != batch_dim]
+    return torch.zeros(columns, n, *rest, dtype=like.dtype, device=like.device)
 
 
 @dataclass(frozen=True)

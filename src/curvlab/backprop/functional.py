@@ -6,7 +6,13 @@ parameters, :math:`J_\theta(x_n)^\top F_{mn}`, for all ``M`` factor columns at o
 for parametric modules without a per-layer rule (with a one-time warning) and for every module
 with ``method="func"``. Requirements, checked with errors that name the module: inputs and
 outputs carry the batch dimension first, samples are processed independently (the per-sample
-re-run must reproduce the batched output), and the forward is deterministic.
+re-run must reproduce the batched output), and the forward is deterministic. The recurrent
+layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``) are the exception it knows: their sequences are
+``[T, N, H]`` unless ``batch_first=True``, and their states ``h`` and ``c`` are always
+``[layers * directions, N, H]`` (:func:`input_batch_dims`, :func:`output_batch_dims`); their
+default zero state is made batched under ``vmap`` (:func:`explicit_initial_states`). Factors
+reach the rules as ``[M, N, *rest]`` all the same, ``rest`` being the output's shape without
+its batch dimension.
 
 :class:`WholeModelFunc` differentiates the whole model twice with ``torch.func`` for Hessian
 quantities whose graph contains operations without a known second derivative (e.g. attention,
@@ -15,13 +21,15 @@ layer norm, functional nonlinearities): :math:`P` Hessian-vector products, exact
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from curvlab.backprop.errors import UnsupportedModuleError
@@ -43,8 +51,103 @@ def _unsqueeze(tree: Any, dims: Any) -> Any:
     leaves, spec = tree_flatten(tree)
     flat_dims, _ = tree_flatten(dims)
     return tree_unflatten(
-        [a.unsqueeze(0) if d == 0 else a for a, d in zip(leaves, flat_dims, strict=True)], spec
+        [a if d is None else a.unsqueeze(d) for a, d in zip(leaves, flat_dims, strict=True)], spec
     )
+
+
+def _recurrent_input(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """The ``input`` and ``hx`` of a call of a recurrent layer, however they were passed."""
+    bound = {**dict(zip(("input", "hx"), args, strict=False)), **kwargs}
+    return bound.get("input"), bound.get("hx")
+
+
+def _is_batched_sequence(x: Any) -> bool:
+    """Whether a recurrent layer's input is a padded ``[T, N, H]`` (or ``[N, T, H]``) batch."""
+    return isinstance(x, Tensor) and not isinstance(x, PackedSequence) and x.dim() == 3
+
+
+def output_batch_dims(module: nn.Module, num_outputs: int) -> tuple[int, ...]:
+    r"""The batch dimension of each tensor output of a call of ``module`` (``tree_flatten`` order).
+
+    ``0`` for every module but the recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): their
+    output sequence is ``[T, N, H]`` (or ``[N, T, H]`` with ``batch_first=True``), their final
+    states ``h_n`` (and the LSTM's ``c_n``) are ``[layers * directions, N, H]`` either way.
+
+    Args:
+        module: The called module.
+        num_outputs: How many tensors the call returned.
+
+    Returns:
+        One dimension per output tensor.
+    """
+    if isinstance(module, nn.RNNBase) and num_outputs > 0:
+        return (0 if module.batch_first else 1, *[1] * (num_outputs - 1))
+    return (0,) * num_outputs
+
+
+def input_batch_dims(module: nn.Module, args: tuple, kwargs: dict, n: int) -> tuple[Any, Any]:
+    r"""Where a call's inputs carry the batch: ``vmap`` in_dims of its positional and keyword inputs.
+
+    Tensors whose leading dimension has size ``n`` carry the batch there; other arguments are
+    shared by all samples (``None``). A recurrent layer's sequence carries it at ``0``
+    (``batch_first=True``) or ``1``, its initial states ``[layers * directions, N, H]`` at ``1``.
+
+    Args:
+        module: The called module.
+        args: Its positional inputs.
+        kwargs: Its keyword inputs.
+        n: The batch size.
+
+    Returns:
+        ``(args_dims, kwargs_dims)``, shaped like ``args`` and ``kwargs``.
+    """
+    if isinstance(module, nn.RNNBase) and _is_batched_sequence(_recurrent_input(args, kwargs)[0]):
+        sequence = 0 if module.batch_first else 1
+
+        def dims(key: str, value: Any) -> Any:
+            dim = sequence if key == "input" else 1
+            return tree_map(lambda a: dim if isinstance(a, Tensor) else None, value)
+
+        args_dims = tuple(dims(key, a) for key, a in zip(("input", "hx"), args, strict=False))
+        return args_dims, {key: dims(key, v) for key, v in kwargs.items()}
+    return _batch_dims(args, n), _batch_dims(kwargs, n)
+
+
+def _initial_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: a recurrent call without ``hx`` gets its zeros from the input."""
+    x, hx = _recurrent_input(args, kwargs)
+    if hx is not None or not _is_batched_sequence(x):
+        return None
+    # zeros_like of the input stays batched under vmap, where torch.zeros would not
+    base = torch.zeros_like(x.select(1 if module.batch_first else 0, 0)[..., :1]).unsqueeze(0)
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    h0 = base.expand(layers, -1, module.proj_size or module.hidden_size).contiguous()
+    if isinstance(module, nn.LSTM):
+        hx = (h0, base.expand(layers, -1, module.hidden_size).contiguous())
+    else:
+        hx = h0
+    return (x, hx), {}
+
+
+@contextlib.contextmanager
+def explicit_initial_states(model: nn.Module) -> Iterator[None]:
+    """Recurrent layers in ``model`` called without ``hx`` get their zero state from the input.
+
+    ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU`` create the default initial state with
+    ``torch.zeros``, which is not batched under ``torch.func.vmap``, and then fail to write
+    the batched state into it. Inside this block the same zeros are derived from the input
+    (``torch.zeros_like``), so per-sample re-runs under ``vmap`` work; values are unchanged.
+    """
+    handles = [
+        module.register_forward_pre_hook(_initial_state, with_kwargs=True)
+        for module in model.modules()
+        if isinstance(module, nn.RNNBase)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class FuncRule(Rule):
@@ -60,32 +163,53 @@ class FuncRule(Rule):
     def _culprit(self, module: nn.Module) -> str:
         return f"{type(module).__name__} (module '{self.module_name}')"
 
+    def _check_recurrent(self, module: nn.Module, call: Call) -> None:
+        """A recurrent layer needs a padded, batched sequence (no packed or unbatched one)."""
+        if not isinstance(module, nn.RNNBase):
+            return
+        x, _ = _recurrent_input(call.args, call.kwargs)
+        if isinstance(x, PackedSequence):
+            raise UnsupportedModuleError(
+                f"{self._culprit(module)} is given a PackedSequence, whose data interleaves the "
+                "samples' time steps; the generic path re-runs it per sample. Pass the padded "
+                "batch ([T, N, H], or [N, T, H] with batch_first=True) instead"
+            )
+        if not _is_batched_sequence(x):
+            raise UnsupportedModuleError(
+                f"{self._culprit(module)} is given an unbatched sequence (no batch dimension); "
+                "pass [T, N, H] (or [N, T, H] with batch_first=True)"
+            )
+
     def jac_t(  # noqa: D102
         self, module: nn.Module, call: Call, factors: tuple[Tensor, ...], names: list[str]
     ) -> dict[str, Tensor]:
         n = factors[0].shape[1]
         all_params = dict(module.named_parameters(remove_duplicate=False))
         params = {k: all_params[k].detach() for k in names}
-        for out in call.values:
-            if out.dim() == 0 or out.shape[0] != n:
+        self._check_recurrent(module, call)
+        out_dims = output_batch_dims(module, len(call.values))
+        for out, dim in zip(call.values, out_dims, strict=True):
+            if out.dim() <= dim or out.shape[dim] != n:
                 raise UnsupportedModuleError(
                     f"{self._culprit(module)} returns a tensor of shape {list(out.shape)} without "
-                    f"a leading batch dimension of size {n}; the generic path needs batch-first "
-                    "inputs and outputs (e.g. batch_first=True)"
+                    f"a batch dimension of size {n} at dimension {dim}; the generic path needs "
+                    "batch-first inputs and outputs (e.g. batch_first=True; nn.RNN, nn.LSTM and "
+                    "nn.GRU may also be sequence-first)"
                 )
-        args_dims = _batch_dims(call.args, n)
-        kwargs_dims = _batch_dims(call.kwargs, n)
+        args_dims, kwargs_dims = input_batch_dims(module, call.args, call.kwargs, n)
 
         def sample_output(p: dict[str, Tensor], args: Any, kwargs: Any) -> tuple[Tensor, ...]:
-            out = functional_call(
-                module,
-                p,
-                _unsqueeze(args, args_dims),
-                _unsqueeze(kwargs, kwargs_dims),
-                strict=False,
-            )
+            with explicit_initial_states(module):
+                out = functional_call(
+                    module,
+                    p,
+                    _unsqueeze(args, args_dims),
+                    _unsqueeze(kwargs, kwargs_dims),
+                    strict=False,
+                )
             leaves, _ = tree_flatten(out)
-            return tuple(o.squeeze(0) for o in leaves if isinstance(o, Tensor))
+            outputs = [o for o in leaves if isinstance(o, Tensor)]
+            return tuple(o.squeeze(dim) for o, dim in zip(outputs, out_dims, strict=True))
 
         def per_sample(args: Any, kwargs: Any, sample_factors: tuple[Tensor, ...]) -> Any:
             outputs, vjp_fn = vjp(lambda p: sample_output(p, args, kwargs), params)
@@ -95,7 +219,7 @@ class FuncRule(Rule):
             outputs, vjps = vmap(
                 per_sample,
                 in_dims=(args_dims, kwargs_dims, 1),
-                out_dims=(0, 1),
+                out_dims=(out_dims, 1),
                 randomness="error",
             )(call.args, call.kwargs, tuple(factors))
         except RuntimeError as err:
@@ -115,6 +239,12 @@ class FuncRule(Rule):
                     "dimension, e.g. batch_first=False or BatchNorm in training mode?)"
                 )
         return vjps
+
+    def jvp(self, module: nn.Module, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:
+        """Like :meth:`Rule.jvp`, ``[K, N, *rest]`` per output: the batch moved to dimension 1."""
+        tangents = super().jvp(module, call, name, vectors)
+        dims = output_batch_dims(module, len(tangents))
+        return tuple(t.movedim(1 + d, 1) for t, d in zip(tangents, dims, strict=True))
 
 
 class WholeModelFunc:

@@ -27,12 +27,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.backprop import assembly
 from curvlab.backprop.derivatives import Owner, ParamDerivatives
 from curvlab.backprop.errors import GenericPathWarning
-from curvlab.backprop.functional import FuncRule, WholeModelFunc
+from curvlab.backprop.functional import (
+    FuncRule,
+    WholeModelFunc,
+    input_batch_dims,
+    output_batch_dims,
+)
 from curvlab.backprop.hessian import ELEMENTWISE, PIECEWISE_LINEAR, graph_obstacle, residual_columns
 from curvlab.backprop.plan import Plan
 from curvlab.backprop.recording import _WARNED
@@ -107,6 +112,8 @@ class _Slots:
         grad_calls: Every call whose output gradient is needed.
         slots: Their outputs that require gradients.
         factor_slots: The slots of ``owner_calls``.
+        batch_dims: Per call in ``grad_calls``, the batch dimension of each output (``0`` but
+            for recurrent layers' sequence-first outputs and states).
     """
 
     def __init__(self, plan: Plan) -> None:
@@ -129,15 +136,28 @@ class _Slots:
         owners = set(self.owner_calls)
         self.factor_slots = [(c, i) for c, i in self.slots if c in owners]
         self.factor_outputs = [c.outputs[i] for c, i in self.factor_slots]
+        module_of = {c: modules[name] for name, calls in plan.records.items() for c in calls}
+        self.batch_dims = {
+            c: output_batch_dims(module_of[c], len(c.outputs)) for c in self.grad_calls
+        }
+
+    def _factor(self, call: Call, i: int, g: Tensor, select) -> Tensor:
+        """Columns ``[M, *out]`` at output ``i`` as a subsampled factor ``[M, N, *rest]``."""
+        dim = self.batch_dims[call][i]
+        return select(g if dim == 0 else g.movedim(1 + dim, 1), 1)
+
+    def _zeros(self, call: Call, i: int, columns: int, n: int) -> Tensor:
+        return assembly.zero_factor(call.outputs[i], columns, n, self.batch_dims[call][i])
 
     def per_call(self, batched: Sequence[Tensor | None], columns: int, n: int, select) -> dict:
         """Per owner call, its back-propagated columns (zeros where none arrived)."""
         per: dict[Call, list[Tensor]] = {
-            c: [assembly.zero_factor(o, columns, n) for o in c.outputs] for c in self.owner_calls
+            c: [self._zeros(c, i, columns, n) for i in range(len(c.outputs))]
+            for c in self.owner_calls
         }
         for (call, i), g in zip(self.factor_slots, batched, strict=True):
             if g is not None:
-                per[call][i] = select(g, 1)
+                per[call][i] = self._factor(call, i, g, select)
         return {c: tuple(v) for c, v in per.items()}
 
     def parts(self, batched: Sequence[Tensor | None], select) -> dict[Call, list[Tensor | None]]:
@@ -147,7 +167,7 @@ class _Slots:
         }
         for (call, i), g in zip(self.factor_slots, batched, strict=True):
             if g is not None:
-                per[call][i] = select(g, 1)
+                per[call][i] = self._factor(call, i, g, select)
         return per
 
     def concat(self, parts: list[dict[Call, list[Tensor | None]]], n: int) -> dict:
@@ -155,10 +175,10 @@ class _Slots:
         out = {}
         for call in self.owner_calls:
             tensors = []
-            for i, o in enumerate(call.outputs):
+            for i in range(len(call.outputs)):
                 blocks = [part[call][i] for part in parts if part[call][i] is not None]
                 if not blocks:
-                    blocks = [assembly.zero_factor(o, 1, n)]
+                    blocks = [self._zeros(call, i, 1, n)]
                 tensors.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
             out[call] = tuple(tensors)
         return out
@@ -282,16 +302,31 @@ def _factors(
     return factors, fallback
 
 
-def _select_calls(records: dict[str, list[Call]], select: _Selection) -> None:
-    """Bring the recorded call inputs and outputs to the subsample."""
-    for calls in records.values():
+def _select_tree(tree: Any, dims: Any, select: _Selection) -> Any:
+    """``tree`` with every tensor that carries the batch (at its entry of ``dims``) selected."""
+    leaves, spec = tree_flatten(tree)
+    flat_dims, _ = tree_flatten(dims)
+    selected = [a if d is None else select(a, d) for a, d in zip(leaves, flat_dims, strict=True)]
+    return tree_unflatten(selected, spec)
+
+
+def _select_calls(
+    records: dict[str, list[Call]], modules: dict[str, nn.Module], select: _Selection
+) -> None:
+    """Bring the recorded call inputs and outputs to the subsample, along their batch dims."""
+    for name, calls in records.items():
+        module = modules[name]
         for call in calls:
-            call.values = tuple(select(o.detach()) for o in call.outputs)
+            dims = output_batch_dims(module, len(call.outputs))
+            call.values = tuple(
+                select(o.detach(), d) for o, d in zip(call.outputs, dims, strict=True)
+            )
             if select.index is not None:
-                call.args = tree_map(lambda a: select(a) if isinstance(a, Tensor) else a, call.args)
-                call.kwargs = tree_map(
-                    lambda a: select(a) if isinstance(a, Tensor) else a, call.kwargs
+                args_dims, kwargs_dims = input_batch_dims(
+                    module, call.args, call.kwargs, select.n_total
                 )
+                call.args = _select_tree(call.args, args_dims, select)
+                call.kwargs = _select_tree(call.kwargs, kwargs_dims, select)
 
 
 def run(plan: Plan) -> Results:
@@ -300,13 +335,17 @@ def run(plan: Plan) -> Results:
     slots = _Slots(plan)
     param_grads, output_grads = _gradient(plan, slots)
     factors, fallback = _factors(plan, slots, output_grads, select)
-    _select_calls(plan.records, select)
+    _select_calls(plan.records, dict(plan.model.named_modules()), select)
     ctx = plan.context(
         grad=param_grads,
         hessian_fallback=fallback,
         records=plan.records,
         output_grads={
-            k: tuple(None if g is None else select(g) for g in v) for k, v in output_grads.items()
+            k: tuple(
+                None if g is None else select(g, d)
+                for g, d in zip(v, slots.batch_dims[k], strict=True)
+            )
+            for k, v in output_grads.items()
         },
     )
     cache: dict[tuple, dict[str, Any]] = {}
