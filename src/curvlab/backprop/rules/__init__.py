@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from curvlab.backprop.rules.attention import AttentionRule
 from curvlab.backprop.rules.base import Call, KronSums, Rule
 from curvlab.backprop.rules.conv import ConvRule
 from curvlab.backprop.rules.conv_transpose import ConvTransposeRule
@@ -38,6 +39,7 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.LayerNorm: NormRule(linear_in_input=False),
     nn.GroupNorm: NormRule(linear_in_input=False),
     nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: AttentionRule(),
 }
 """Registered rules by module class."""
 
