@@ -16,6 +16,9 @@ back-propagated as the columns :math:`\sqrt{|\rho_k|}\, e_j` with the signs of
 "hessian-" factors). :func:`graph_obstacle` checks the condition on the autograd graph with a
 list of operations known to be linear (views, additions, concatenation, pooling, ReLU, products
 with a constant, ...); anything else sends the Hessian quantities to the generic path.
+
+:math:`\phi_k''` comes from the activation rules (:mod:`curvlab.backprop.rules.activation`), which
+also define :data:`ELEMENTWISE` and :data:`PIECEWISE_LINEAR` (re-exported here).
 """
 
 from __future__ import annotations
@@ -26,32 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab.backprop.rules.activation import ELEMENTWISE, PIECEWISE_LINEAR, second_derivative
 from curvlab.backprop.rules.base import Call
-
-ELEMENTWISE = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.GELU,
-    nn.SiLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.Softplus,
-    nn.Mish,
-    nn.LogSigmoid,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-)
-"""Elementwise activation modules (their second derivative is computed by autograd)."""
-
-PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
-"""Elementwise activations with a zero second derivative (almost everywhere)."""
 
 _LINEAR_PREFIXES = (
     "Add",
@@ -191,17 +170,6 @@ def graph_obstacle(
     return None
 
 
-def second_derivative(module: nn.Module, h: Tensor) -> Tensor:
-    r""":math:`\phi''(h)` of an elementwise activation module, by double backward."""
-    with torch.enable_grad():
-        x = h.detach().requires_grad_(True)
-        (first,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
-        if first.grad_fn is None:
-            return torch.zeros_like(h)
-        (second,) = torch.autograd.grad(first.sum(), x, allow_unused=True)
-    return torch.zeros_like(h) if second is None else second
-
-
 def residual_columns(
     module: nn.Module, h: Tensor, grad_a: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -225,3 +193,6 @@ def residual_columns(
     eye = torch.eye(d, dtype=rho.dtype, device=rho.device)
     columns = eye[:, None, :] * flat.abs().sqrt()[None]
     return columns.reshape(d, *rho.shape), flat.sign().T
+
+
+__all__ = ["ELEMENTWISE", "PIECEWISE_LINEAR", "graph_obstacle", "residual_columns"]

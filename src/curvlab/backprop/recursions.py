@@ -26,9 +26,14 @@ from torch.nn.modules.pooling import (
 
 from curvlab.backprop.derivatives import Context
 from curvlab.backprop.errors import UnsupportedModuleError
-from curvlab.backprop.hessian import ELEMENTWISE, PIECEWISE_LINEAR
 from curvlab.backprop.kron import KronFactors, Layout, kron_block
 from curvlab.backprop.rules import find_rule
+from curvlab.backprop.rules.activation import (
+    ELEMENTWISE,
+    PIECEWISE_LINEAR,
+    activation_derivatives,
+    first_derivative,
+)
 from curvlab.backprop.rules.base import Call, KronSums
 from curvlab.backprop.rules.conv import grouped_output_sum, unfold
 from curvlab.backprop.rules.norm import NormRule
@@ -73,17 +78,6 @@ def _unsupported(quantity: str, name: str, module: nn.Module, why: str) -> Unsup
         f"{quantity} has no recursion step for {type(module).__name__} (module '{name}'): {why}; "
         "exact alternatives (DiagHessian, DiagGGN, KFLR) remain available"
     )
-
-
-def _derivatives(module: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`\phi'(h)` and :math:`\phi''(h)` of an elementwise activation, by autograd."""
-    with torch.enable_grad():
-        x = h.detach().requires_grad_(True)
-        (first,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
-        if first.grad_fn is None:
-            return first.detach(), torch.zeros_like(h)
-        (second,) = torch.autograd.grad(first.sum(), x, allow_unused=True)
-    return first.detach(), torch.zeros_like(h) if second is None else second
 
 
 def _graph_vjp(ctx: Context, call: Call, vectors: Tensor, batched: bool = False) -> Tensor:
@@ -155,7 +149,7 @@ def _kfra_step(name: str, module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor
         w = module.weight.detach()
         return w.T @ g_bar @ w
     if isinstance(module, ELEMENTWISE):
-        first = _derivatives(module, x)[0].flatten(start_dim=1)
+        first = first_derivative(module, x).flatten(start_dim=1)
         return g_bar * (first.T @ first / first.shape[0])
     if isinstance(module, nn.Dropout) and not module.training:
         return g_bar
@@ -295,7 +289,7 @@ def _diag_step(
         _, vjp = torch.func.vjp(lambda z: module._conv_forward(z, weight_sq, None), x)
         return vjp(d_out)[0]
     if isinstance(module, ELEMENTWISE):
-        first, second = _derivatives(module, x)
+        first, second = activation_derivatives(module, x)
         grad_a = ctx.output_grads[call][0]
         return first.square() * d_out + second * grad_a
     if isinstance(module, (_MaxPoolNd, _AdaptiveMaxPoolNd)):
