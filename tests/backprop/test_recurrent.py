@@ -263,6 +263,15 @@ DEEP = [c.name for c in CASES if c.bidirectional and c.head == "state"]
 SEQUENCE = [c.name for c in CASES if c.head == "sequence" and c.loss == "ce-mean"]
 
 
+@pytest.mark.parametrize("case", SEQUENCE + DEEP)
+def test_method_func_matches_dense_reference(case):
+    """``method="func"``: the embedding and the head take the generic rule too."""
+    ours = _compute(*build(BY_NAME[case]), [BatchGrad(), DiagGGN()], method="func")
+    actual = torch.cat([_flatten(ours["BatchGrad"], 1).flatten(), _flatten(ours["DiagGGN"], 0)])
+    expected = torch.cat([_references(case)["BatchGrad"].flatten(), _references(case)["DiagGGN"]])
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.xfail(
     raises=RuntimeError,
     strict=True,
