@@ -251,3 +251,22 @@ def test_duplicate_quantity_is_rejected():
     model, loss_func, x, y = build(PROBLEMS[0], "ce-mean")
     with pytest.raises(ValueError, match="DiagGGN"):
         compute(model, loss_func, x, y, [DiagGGN(), DiagGGN()])
+
+
+def test_rule_on_a_sequence_first_tensor_is_rejected():
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.proj(x.transpose(0, 1))  # [T, N, 3]: dim 0 is not the batch
+            return self.head(h.mean(0))
+
+    model = SequenceFirst().double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    with pytest.raises(
+        UnsupportedModuleError, match=r"Linear \(module 'proj'\) has shape \[5, 4, 3\]"
+    ):
+        compute(model, nn.CrossEntropyLoss(), x, torch.randint(0, 2, (4,)), [BatchL2()])

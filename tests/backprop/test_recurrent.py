@@ -272,12 +272,6 @@ def test_method_func_matches_dense_reference(case):
     torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="WholeModelFunc re-runs the model per sample under vmap without "
-    "functional.explicit_initial_states, so the layer's default zero state is unbatched",
-)
 @pytest.mark.parametrize("case", SEQUENCE[:1])
 def test_batch_diag_hessian_matches_dense_reference(case):
     model, loss_func, x, y = build(BY_NAME[case])

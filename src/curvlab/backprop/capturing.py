@@ -54,6 +54,7 @@ from curvlab.backprop.recording import (
     METHODS,
     Recorder,
     assign_owners,
+    check_batch_first,
     check_batchnorm,
     check_quantities,
     check_versions,
@@ -203,6 +204,7 @@ class Capture:
             assign_owners(self.model, records, self.named) if self.quantities else ([], {})
         )
         choose_rules(owners, self.method, self.quantities)
+        check_batch_first(owners, output.shape[0])
         check_versions(records, dict(self.model.named_modules()))
         plan = Plan(
             model=self.model,

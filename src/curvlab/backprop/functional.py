@@ -304,7 +304,7 @@ class WholeModelFunc:
 
     def _loss(self, params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
         # the math attention kernel supports forward-mode AD, the fused CPU kernels do not
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), explicit_initial_states(self.model):
             out = functional_call(self.model, {**params, **self.fixed}, (inputs,))
         return self.spec.per_sample_loss(out, targets).sum()
 

@@ -255,6 +255,26 @@ def check_full_blocks(own: Owner, quantities: list[Quantity]) -> None:
             )
 
 
+def check_batch_first(owners: list[Owner], batch_size: int) -> None:
+    """Per-layer rules read dimension 0 as the batch: reject a call whose output says otherwise.
+
+    (A ``Linear`` applied to a sequence-first ``[T, N, H]`` tensor, say; the generic rule knows
+    the batch dimensions of recurrent layers.)
+    """
+    for own in owners:
+        if isinstance(own.rule, FuncRule):
+            continue
+        for call in own.calls:
+            for out in call.outputs:
+                if out.dim() == 0 or out.shape[0] != batch_size:
+                    raise UnsupportedModuleError(
+                        f"the output of {type(own.module).__name__} (module '{own.name}') has "
+                        f"shape {list(out.shape)}, whose first dimension is not the batch "
+                        f"({batch_size} samples); per-layer rules need batch-first tensors "
+                        "(use method='func', or keep the batch first inside the model)"
+                    )
+
+
 def check_versions(records: dict[str, list[Call]], modules: dict[str, nn.Module]) -> None:
     """Reject module outputs that were modified in place after the module returned them."""
     for name, calls in records.items():
