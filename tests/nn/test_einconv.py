@@ -11,17 +11,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from curvlab.nn.einconv import (
     conv,
     conv_hyperparameters,
     conv_input_grad,
+    conv_transpose_to_size,
     conv_weight_grad,
     index_pattern,
     kfac_expand_factor,
     kfac_reduce_factor,
+    pad_explicitly,
+    padding_pairs,
     randomized_conv,
     unfold,
 )
@@ -424,6 +428,89 @@ def test_conv_input_grad_equals_torch_autograd(geometry, groups, c_in):
     (expected,) = torch.autograd.grad(y, x, grad_out)
     ours = conv_input_grad(grad_out, weight, size, stride, padding, dilation, groups)
     torch.testing.assert_close(ours, expected, **TOL)
+
+
+@FAST
+@given(geometry=geometries())
+def test_padding_pairs_equal_the_independent_reference(geometry):
+    D, size, kernel, stride, padding, dilation = geometry
+    assert list(padding_pairs(padding, kernel, stride, dilation)) == pad_pairs(
+        padding, kernel, dilation
+    )
+
+
+@FAST
+@given(geometry=geometries(), groups=st.integers(1, 2))
+def test_pad_explicitly_leaves_torch_the_padding_it_can_do(geometry, groups):
+    D, size, kernel, stride, padding, dilation = geometry
+    x = torch.randn(2, groups, *size, dtype=DTYPE)
+    weight = torch.randn(groups * 2, 1, *kernel, dtype=DTYPE)
+    padded, rest = pad_explicitly(x, padding_pairs(padding, kernel, stride, dilation))
+    ours = TORCH_CONV[D](padded, weight, None, stride, rest, dilation, groups)
+    flat = [p for pair in reversed(pad_pairs(padding, kernel, dilation)) for p in pair]
+    expected = TORCH_CONV[D](F.pad(x, flat), weight, None, stride, 0, dilation, groups)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda mode: nn.Conv1d(2, 3, 4, padding="same", dilation=2, padding_mode=mode),
+        lambda mode: nn.Conv2d(2, 3, (2, 3), padding="same", padding_mode=mode),
+        lambda mode: nn.Conv2d(2, 3, 3, stride=2, padding=(2, 1), padding_mode=mode),
+        lambda mode: nn.Conv3d(2, 3, 2, padding=1, padding_mode=mode),
+    ],
+)
+def test_pad_explicitly_reproduces_the_modules_padding(layer, mode):
+    module = layer(mode).double()
+    x = torch.randn(2, 2, *[7] * (module.weight.dim() - 2), dtype=DTYPE)
+    pairs = padding_pairs(module.padding, module.kernel_size, module.stride, module.dilation)
+    padded, rest = pad_explicitly(x, pairs, mode)
+    d = module.weight.dim() - 2
+    ours = TORCH_CONV[d](padded, module.weight, module.bias, module.stride, rest, module.dilation)
+    torch.testing.assert_close(ours, module(x), **TOL)
+
+
+@FAST
+@given(geometry=geometries(allow_pairs=False), groups=st.integers(1, 2), c_in=st.integers(1, 2))
+def test_conv_transpose_to_size_is_the_conv_input_gradient(geometry, groups, c_in):
+    D, size, kernel, stride, padding, dilation = geometry
+    pairs = padding_pairs(padding, kernel, stride, dilation)
+    assume(all(left == right for left, right in pairs))
+    symmetric = [left for left, _ in pairs]
+    x = torch.randn(2, groups * c_in, *size, dtype=DTYPE, requires_grad=True)
+    weight = torch.randn(groups * 2, c_in, *kernel, dtype=DTYPE)
+    y = TORCH_CONV[D](x, weight, None, stride, symmetric, dilation, groups)
+    grad_out = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, grad_out)
+    ours = conv_transpose_to_size(grad_out, weight, size, stride, symmetric, dilation, groups)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1),
+        lambda: nn.ConvTranspose2d(4, 2, (2, 3), stride=(2, 3), dilation=(1, 2), groups=2),
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, padding=1, output_padding=(1, 0, 1)),
+    ],
+)
+def test_conv_transpose_to_size_is_the_transposed_convolution(layer):
+    module = layer().double()
+    x = torch.randn(2, module.in_channels, *[4] * (module.weight.dim() - 2), dtype=DTYPE)
+    expected = module(x)
+    ours = conv_transpose_to_size(
+        x,
+        module.weight,
+        expected.shape[2:],
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+    )
+    torch.testing.assert_close(ours, expected - module.bias.reshape(-1, *[1] * (x.dim() - 2)))
 
 
 @FAST

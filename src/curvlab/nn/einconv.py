@@ -72,10 +72,14 @@ __all__ = [
     "conv",
     "conv_hyperparameters",
     "conv_input_grad",
+    "conv_transpose_to_size",
     "conv_weight_grad",
     "index_pattern",
     "kfac_expand_factor",
     "kfac_reduce_factor",
+    "pad_amounts",
+    "pad_explicitly",
+    "padding_pairs",
     "randomized_conv",
     "unfold",
 ]
@@ -129,13 +133,30 @@ def _as_tuple(value: IntOrSeq, ndim: int, name: str) -> tuple[int, ...]:
     return values
 
 
-def _padding_pairs(
+def padding_pairs(
     padding: Padding,
-    kernel_size: tuple[int, ...],
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
 ) -> tuple[tuple[int, int], ...]:
-    """Resolve ``padding`` to one ``(left, right)`` pair per spatial axis."""
+    """Resolve ``padding`` to one ``(left, right)`` pair per spatial axis.
+
+    The one normalization of a convolution's padding (also for ``torch.nn`` modules: pass their
+    ``padding``, ``kernel_size``, ``stride`` and ``dilation``). ``'same'`` pads
+    :math:`d (K - 1)` in total per axis, the extra pixel on the right, as torch does.
+
+    Args:
+        padding: See :data:`Padding`.
+        kernel_size: One per spatial axis.
+        stride: One per spatial axis.
+        dilation: One per spatial axis.
+
+    Returns:
+        ``((left, right), ...)``, one pair per spatial axis.
+
+    Raises:
+        ValueError: For a malformed ``padding``, or ``'same'`` with a stride other than 1.
+    """
     ndim = len(kernel_size)
     if isinstance(padding, str):
         if padding == "valid":
@@ -179,7 +200,7 @@ def _axes(
     kernel = _as_tuple(kernel_size, ndim, "kernel_size")
     strides = _as_tuple(stride, ndim, "stride")
     dilations = _as_tuple(dilation, ndim, "dilation")
-    pads = _padding_pairs(padding, kernel, strides, dilations)
+    pads = padding_pairs(padding, kernel, strides, dilations)
     for name, values, low in (
         ("kernel_size", kernel, 1),
         ("stride", strides, 1),
@@ -375,7 +396,7 @@ def _input_network(
     """
     if gather and not summed:
         if any(a.padding != (0, 0) for a in axes):
-            x = F.pad(x, [p for a in reversed(axes) for p in a.padding])
+            x = F.pad(x, pad_amounts([a.padding for a in axes]))
             axes = tuple(
                 _Axis(a.input_size + sum(a.padding), a.kernel_size, a.stride, (0, 0), a.dilation)
                 for a in axes
@@ -843,11 +864,75 @@ def conv_input_grad(
     return _contract(equation, gy, *patterns, w).flatten(1, 2)
 
 
-def _pad_explicitly(x: Tensor, axes: tuple[_Axis, ...]) -> tuple[Tensor, tuple[int, ...]]:
-    """Zero-pad ``x`` where the padding is asymmetric; return it and the symmetric remainder."""
-    if all(a.padding[0] == a.padding[1] for a in axes):
-        return x, tuple(a.padding[0] for a in axes)
-    return F.pad(x, [p for a in reversed(axes) for p in a.padding]), (0,) * len(axes)
+def pad_amounts(pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """``(left, right)`` pairs per spatial axis as :func:`torch.nn.functional.pad` amounts.
+
+    ``F.pad`` takes the last axis first: ``[left_D, right_D, left_{D-1}, right_{D-1}, ...]``.
+    """
+    return [p for pair in reversed(pairs) for p in pair]
+
+
+def pad_explicitly(
+    x: Tensor, pairs: Sequence[tuple[int, int]], mode: str = "zeros"
+) -> tuple[Tensor, tuple[int, ...]]:
+    """Pad ``x`` where torch's convolution kernels cannot; return it and the padding left to them.
+
+    Torch's kernels pad with zeros, symmetrically. Asymmetric pairs, or a ``padding_mode`` other
+    than ``'zeros'`` (``'reflect'``, ``'replicate'``, ``'circular'``), are applied here.
+
+    Args:
+        x: Input ``[N, C, I_1, ..., I_D]``.
+        pairs: ``(left, right)`` per spatial axis (:func:`padding_pairs`).
+        mode: A convolution's ``padding_mode``.
+
+    Returns:
+        The (possibly padded) input and the symmetric zero padding per axis for the kernel.
+    """
+    if mode == "zeros" and all(left == right for left, right in pairs):
+        return x, tuple(left for left, _ in pairs)
+    padded = F.pad(x, pad_amounts(pairs), mode="constant" if mode == "zeros" else mode)
+    return padded, (0,) * len(pairs)
+
+
+def conv_transpose_to_size(
+    x: Tensor,
+    weight: Tensor,
+    output_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    r"""Transposed convolution of ``x`` onto the spatial ``output_size`` (torch's kernel, 1-3 axes).
+
+    It is the input gradient (VJP) of the convolution with ``weight`` and these hyperparameters
+    at an input of spatial size ``output_size``,
+    :math:`\partial L/\partial x = w^\top \star \partial L/\partial y`, and the forward pass of a
+    transposed convolution. The output padding
+    :math:`I - ((O - 1) s - 2 p + d (K - 1) + 1)` per axis picks the size among those that
+    convolve to ``O`` pixels. Unlike ``convolution_backward``, which materializes a stand-in for
+    the missing input, it needs no input.
+
+    Args:
+        x: ``[N, C_out, O_1, ..., O_D]`` (e.g. the convolution's output gradient).
+        weight: ``[C_out, C_in / groups, K_1, ..., K_D]``.
+        output_size: ``(I_1, ..., I_D)``.
+        stride: One per spatial axis.
+        padding: One per spatial axis (both sides; pad asymmetric padding explicitly and crop).
+        dilation: One per spatial axis.
+        groups: Number of groups.
+
+    Returns:
+        ``[N, C_in, I_1, ..., I_D]``.
+    """
+    sizes = zip(output_size, x.shape[2:], weight.shape[2:], strict=True)
+    output_padding = [
+        i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+        for (i, o, k), s, p, d in zip(sizes, stride, padding, dilation, strict=True)
+    ]
+    return torch.ops.aten.convolution(
+        x, weight, None, list(stride), list(padding), list(dilation), True, output_padding, groups
+    )
 
 
 class _RandomizedConv(torch.autograd.Function):
@@ -871,7 +956,7 @@ class _RandomizedConv(torch.autograd.Function):
             strides = [a.stride for a in axes]
             dilations = [a.dilation for a in axes]
             return conv(x, weight, bias, strides, pairs, dilations, groups)
-        x, padding = _pad_explicitly(x, axes)
+        x, padding = pad_explicitly(x, [a.padding for a in axes])
         return torch.ops.aten.convolution(
             x,
             weight,
@@ -938,28 +1023,17 @@ def _input_vjp(
             [a.dilation for a in axes],
             groups,
         )
-    # The transposed convolution of the output gradient (torch's input-gradient kernel), on the
-    # explicitly padded input where the padding is asymmetric; output padding restores the size.
+    # The transposed convolution of the output gradient (torch's input-gradient kernel), onto the
+    # explicitly padded input where the padding is asymmetric, then cropped.
     symmetric = all(a.padding[0] == a.padding[1] for a in axes)
     padding = [a.padding[0] if symmetric else 0 for a in axes]
     padded = [
         size + (0 if symmetric else sum(a.padding))
         for size, a in zip(x_shape[2:], axes, strict=True)
     ]
-    output_padding = [
-        size + 2 * p - ((o - 1) * a.stride + a.span)
-        for size, p, o, a in zip(padded, padding, grad_output.shape[2:], axes, strict=True)
-    ]
-    grad_x = torch.ops.aten.convolution(
-        grad_output,
-        weight,
-        None,
-        [a.stride for a in axes],
-        padding,
-        [a.dilation for a in axes],
-        True,
-        output_padding,
-        groups,
+    strides, dilations = [a.stride for a in axes], [a.dilation for a in axes]
+    grad_x = conv_transpose_to_size(
+        grad_output, weight, padded, strides, padding, dilations, groups
     )
     if not symmetric:
         for dim, (a, size) in enumerate(zip(axes, x_shape[2:], strict=True), start=2):

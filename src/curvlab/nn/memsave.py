@@ -50,13 +50,15 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 from torch.nn.modules.utils import _ntuple
+
+from curvlab.nn.einconv import conv_transpose_to_size, pad_explicitly, padding_pairs
 
 __all__ = [
     "KEPT_STOCK",
@@ -160,44 +162,6 @@ def unpack_bits(packed: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor
 # --------------------------------------------------------------------------------------------------
 
 
-def _conv_input_grad(
-    grad_output: Tensor,
-    weight: Tensor,
-    input_shape: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> Tensor:
-    r"""Input gradient of a convolution with symmetric zero padding, from its output gradient.
-
-    It is the transposed convolution of ``grad_output`` with ``weight``,
-    :math:`\partial L/\partial x = w^\top \star \partial L/\partial y`, with the output padding
-    that restores the input size. Unlike ``convolution_backward``, which materializes a
-    stand-in for the missing input (a transient tensor of the input's size), it needs no input.
-
-    Args:
-        grad_output: ``[N, C_out, O_1, ..., O_D]``.
-        weight: ``[C_out, C_in / groups, K_1, ..., K_D]``.
-        input_shape: ``[N, C_in, I_1, ..., I_D]``.
-        stride: One per spatial axis.
-        padding: One per spatial axis (both sides).
-        dilation: One per spatial axis.
-        groups: Number of groups.
-
-    Returns:
-        ``[N, C_in, I_1, ..., I_D]``.
-    """
-    sizes = zip(input_shape[2:], grad_output.shape[2:], weight.shape[2:], strict=True)
-    output_padding = [
-        i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-        for (i, o, k), s, p, d in zip(sizes, stride, padding, dilation, strict=True)
-    ]
-    return torch.ops.aten.convolution(
-        grad_output, weight, None, stride, padding, dilation, True, output_padding, groups
-    )
-
-
 class _Convolution(torch.autograd.Function):
     """Convolution that stores the input and the weight only for the gradients that need them.
 
@@ -235,7 +199,7 @@ class _Convolution(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         grad_x = grad_weight = grad_bias = None
         if needs_x:
-            grad_x = _conv_input_grad(grad_output, weight, ctx.x_shape, *ctx.conv_args)
+            grad_x = conv_transpose_to_size(grad_output, weight, ctx.x_shape[2:], *ctx.conv_args)
         if needs_weight:
             # The bias gradient is left out of this call: on CPU, asking convolution_backward for
             # it computes the weight gradient as well.
@@ -257,21 +221,6 @@ class _Convolution(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _conv_padding(conv: nn.modules.conv._ConvNd, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """Apply what ``padding_mode`` or an asymmetric ``'same'`` padding need; return the rest.
-
-    Returns:
-        The (possibly padded) input and the symmetric zero padding for the convolution itself.
-    """
-    dims = len(conv.kernel_size)
-    pads = conv._reversed_padding_repeated_twice  # [left_last, right_last, left_prev, ...]
-    if conv.padding_mode != "zeros":
-        return nn.functional.pad(x, pads, mode=conv.padding_mode), (0,) * dims
-    if any(pads[2 * i] != pads[2 * i + 1] for i in range(dims)):
-        return nn.functional.pad(x, pads), (0,) * dims
-    return x, tuple(pads[2 * i] for i in reversed(range(dims)))
-
-
 def _conv_saves_memory(conv: nn.modules.conv._ConvNd, x: Tensor) -> bool:
     """Whether stock autograd would store ``x`` although no weight gradient is needed."""
     return (
@@ -287,7 +236,9 @@ def _conv_forward(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     unbatched = x.dim() == dims + 1
     if unbatched:
         x = x.unsqueeze(0)
-    x, padding = _conv_padding(conv, x)
+    # padding_mode and asymmetric 'same' padding by F.pad, the symmetric rest by the kernel
+    pairs = padding_pairs(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+    x, padding = pad_explicitly(x, pairs, conv.padding_mode)
     y = _Convolution.apply(
         x, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups
     )

@@ -28,21 +28,6 @@ CHUNK_ELEMENTS = 2**22
 """Budget (tensor elements) for per-sample weight VJPs built at once in reductions."""
 
 
-def _explicit_padding(module: nn.modules.conv._ConvNd) -> list[int]:
-    """``F.pad`` amounts (last dimension first) equivalent to the module's padding."""
-    amounts = []
-    for dim in reversed(range(len(module.kernel_size))):
-        if module.padding == "valid":
-            left = right = 0
-        elif module.padding == "same":
-            total = module.dilation[dim] * (module.kernel_size[dim] - 1)
-            left, right = total // 2, total - total // 2
-        else:
-            left = right = module.padding[dim]
-        amounts += [left, right]
-    return amounts
-
-
 def unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """Patches of the input that the convolution's weight multiplies.
 
@@ -68,7 +53,10 @@ def _einconv_arguments(module: nn.modules.conv._ConvNd) -> dict | None:
 
 def torch_unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """:func:`unfold` by ``F.pad`` and ``F.unfold`` (or a convolution with one-hot kernels)."""
-    pad = _explicit_padding(module)
+    pairs = einconv.padding_pairs(
+        module.padding, module.kernel_size, module.stride, module.dilation
+    )
+    pad = einconv.pad_amounts(pairs)
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)

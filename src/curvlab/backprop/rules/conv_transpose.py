@@ -35,8 +35,6 @@ from curvlab.backprop.rules.conv import (
 from curvlab.linalg.gram import gram
 from curvlab.nn import einconv
 
-_CONV_T_ND = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
 ConvT = nn.modules.conv._ConvTransposeNd
 
 
@@ -64,25 +62,10 @@ def spread_input(module: ConvT, x: Tensor, out_size: tuple[int, ...]) -> Tensor:
     d = len(module.kernel_size)
     k = math.prod(module.kernel_size)
     c_in = x.shape[1]
-    output_padding = [
-        out_size[a]
-        - (
-            (x.shape[2 + a] - 1) * module.stride[a]
-            - 2 * module.padding[a]
-            + module.dilation[a] * (module.kernel_size[a] - 1)
-            + 1
-        )
-        for a in range(d)
-    ]
     eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *module.kernel_size)
-    spread = _CONV_T_ND[d](
-        x,
-        eye.transpose(0, 1).repeat(c_in, *[1] * (d + 1)),
-        stride=module.stride,
-        padding=module.padding,
-        output_padding=output_padding,
-        groups=c_in,
-        dilation=module.dilation,
+    one_hot = eye.transpose(0, 1).repeat(c_in, *[1] * (d + 1))  # [in, K, *kernel_size]
+    spread = einconv.conv_transpose_to_size(
+        x, one_hot, out_size, module.stride, module.padding, module.dilation, groups=c_in
     )
     return spread.flatten(start_dim=2)
 
