@@ -16,18 +16,58 @@ per-sample part of that divisor):
   :math:`c = 1/T` (mean) or ``1``; :math:`H_n = c \,\mathrm{blockdiag}_t(\mathrm{diag}(p_t) -
   p_t p_t^\top)`, :math:`p_t = \mathrm{softmax}(f_{n,:,t})`.
 * ``BCEWithLogitsLoss`` on ``[N, *D]``: :math:`H_n = c\,\mathrm{diag}(\sigma(f_n)(1-\sigma(f_n)))`.
+
+Every loss's math lives here, once: the batch loss (:meth:`LossSpec.value`), the gradients
+w.r.t. the output (:meth:`LossSpec.output_gradient` of the batch loss,
+:meth:`LossSpec.per_sample_gradient` of :math:`\ell_n`), the per-sample Hessian
+(:meth:`LossSpec.hessian_terms` in the structured form :math:`c\,(\mathrm{diag}(d_n) - u_n
+u_n^\top)`, :meth:`LossSpec.hessian` dense) and its square roots. The optimizers
+(:mod:`curvlab.optim.function_space`) and the experiment runner name losses ``"mse"``, ``"ce"``
+and ``"bce"`` (:data:`LOSS_NAMES`, :meth:`LossSpec.from_name`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.backprop.errors import UnsupportedLossError
 
 SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+LOSS_NAMES: dict[str, type[nn.Module]] = {
+    "mse": nn.MSELoss,
+    "ce": nn.CrossEntropyLoss,
+    "bce": nn.BCEWithLogitsLoss,
+}
+"""Short names of the supported losses (as the optimizers and the experiments' configs use them)."""
+
+
+@dataclass(frozen=True)
+class OutputHessian:
+    r"""The per-sample loss Hessian w.r.t. the output, :math:`H_n = c\,(\mathrm{diag}(d_n) - u_n u_n^\top)`.
+
+    For cross-entropy over ``[N, C, *T]`` the rank-one term couples the classes at each position
+    only: :math:`H_n` is block-diagonal over the positions :math:`t`, each block
+    :math:`c\,(\mathrm{diag}(p_t) - p_t p_t^\top)`. MSE and BCE Hessians are diagonal.
+
+    Attributes:
+        scale: :math:`c`, the per-sample share of torch's ``mean`` (1 for ``sum``).
+        diagonal: :math:`d_n`, ``[N, *out]``: 2 (MSE), :math:`\sigma(f)(1 - \sigma(f))` (BCE),
+            :math:`p = \operatorname{softmax}(f)` over the classes (cross-entropy).
+        rank_one: :math:`u_n`, ``[N, *out]`` (cross-entropy: :math:`p`), or ``None``.
+        log_diagonal: :math:`\log d_n`, ``[N, *out]``, computed without forming :math:`d_n`
+            (finite where :math:`d_n` underflows to 0).
+    """
+
+    scale: float
+    diagonal: Tensor
+    rank_one: Tensor | None
+    log_diagonal: Tensor
 
 
 class LossSpec:
@@ -60,6 +100,17 @@ class LossSpec:
             raise UnsupportedLossError("BCEWithLogitsLoss with pos_weight is not supported")
         self.loss_func = loss_func
         self.reduction: str = loss_func.reduction
+
+    @classmethod
+    def from_name(cls, name: str, reduction: str = "mean") -> LossSpec:
+        """The spec of a loss by its short name in :data:`LOSS_NAMES` (``"mse"``, ``"ce"``, ``"bce"``).
+
+        Raises:
+            ValueError: For an unknown name.
+        """
+        if name not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {name!r}; choose one of {tuple(LOSS_NAMES)}")
+        return cls(LOSS_NAMES[name](reduction=reduction))
 
     # ------------------------------------------------------------------ shapes and scaling
     def check(self, output: Tensor, target: Tensor) -> None:
@@ -143,6 +194,83 @@ class LossSpec:
             # forward(), not __call__: no hooks (a capture hooks the loss function)
             (grad,) = torch.autograd.grad(self.loss_func.forward(f, target), f)
         return grad
+
+    def value(self, output: Tensor, target: Tensor) -> Tensor:
+        r"""The batch loss :math:`L = r \sum_n \ell_n` as the loss module computes it (a scalar).
+
+        Differentiable in ``output``; the module's ``forward`` runs without its hooks.
+        """
+        return self.loss_func.forward(output, target)
+
+    def per_sample_gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        r""":math:`\partial \ell_n / \partial f_n` in closed form, ``[N, *out]``.
+
+        MSE :math:`2c\,(f_n - y_n)`, BCE :math:`c\,(\sigma(f_n) - y_n)`, cross-entropy
+        :math:`c\,(p_n - q_n)` with :math:`q_n` the target distribution (one-hot labels or the
+        given probabilities, label smoothing applied). :math:`r` times it is
+        :meth:`output_gradient`.
+        """
+        output = output.detach()
+        scale = self._per_sample_scale(output)
+        if isinstance(self.loss_func, nn.MSELoss):
+            return 2.0 * scale * (output - target)
+        if isinstance(self.loss_func, nn.BCEWithLogitsLoss):
+            return scale * (torch.sigmoid(output) - target)
+        return scale * (output.softmax(dim=1) - self._target_distribution(output, target))
+
+    def _target_distribution(self, output: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy targets as probabilities ``[N, C, *T]`` (label smoothing applied)."""
+        classes = output.shape[1]
+        if target.is_floating_point():
+            distribution = target.to(output.dtype)
+        else:
+            distribution = F.one_hot(target.long(), classes).movedim(-1, 1).to(output.dtype)
+        smoothing = self.loss_func.label_smoothing
+        if smoothing:
+            distribution = (1.0 - smoothing) * distribution + smoothing / classes
+        return distribution
+
+    # ------------------------------------------------------------------ Hessians
+    def hessian_terms(self, output: Tensor) -> OutputHessian:
+        r"""The per-sample Hessian :math:`H_n = c\,(\mathrm{diag}(d_n) - u_n u_n^\top)` in factored form.
+
+        Args:
+            output: Model output ``[N, *out]``.
+
+        Returns:
+            The :class:`OutputHessian`; it does not depend on the targets.
+        """
+        output = output.detach()
+        scale = self._per_sample_scale(output)
+        if isinstance(self.loss_func, nn.MSELoss):
+            two = torch.full_like(output, 2.0)
+            return OutputHessian(scale, two, None, torch.full_like(output, math.log(2.0)))
+        if isinstance(self.loss_func, nn.BCEWithLogitsLoss):
+            prob = torch.sigmoid(output)
+            log_diagonal = -F.softplus(output) - F.softplus(-output)
+            return OutputHessian(scale, prob * (1.0 - prob), None, log_diagonal)
+        prob = output.softmax(dim=1)
+        return OutputHessian(scale, prob, prob, output.log_softmax(dim=1))
+
+    def hessian(self, output: Tensor, target: Tensor) -> Tensor:
+        r"""The dense per-sample Hessian :math:`\nabla_{f_n}^2 \ell_n`, ``[N, *out, *out]``.
+
+        Args:
+            output: Model output ``[N, *out]``.
+            target: Targets (the Hessians of the supported losses do not depend on them).
+
+        Returns:
+            ``H`` with ``H[n]`` the Hessian of :math:`\ell_n` w.r.t. ``output[n]``.
+        """
+        terms = self.hessian_terms(output)
+        n, d = output.shape[0], math.prod(output.shape[1:])
+        dense = torch.diag_embed(terms.diagonal.reshape(n, d))
+        if terms.rank_one is not None:  # cross-entropy: classes coupled per position
+            u = terms.rank_one.reshape(n, d)
+            position = torch.arange(d, device=output.device) % math.prod(output.shape[2:])
+            same = position[:, None] == position[None, :]
+            dense = dense - u[:, :, None] * u[:, None, :] * same
+        return (terms.scale * dense).reshape(n, *output.shape[1:], *output.shape[1:])
 
     # ------------------------------------------------------------------ Hessian square roots
     def sqrt_hessian(self, output: Tensor, target: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from curvlab.backprop.loss import LossSpec
 from curvlab.data import load_dataset, to_float
 from curvlab.data.splits import balanced_indices
 from curvlab.experiments.config import ExperimentConfig
@@ -62,10 +63,12 @@ def load_data(config: ExperimentConfig, device: torch.device) -> Data:
 
 
 def batch_loss(outputs: Tensor, labels: Tensor, loss: str) -> Tensor:
-    """The training loss of the run (``mean`` reduction)."""
-    if loss == "ce":
-        return F.cross_entropy(outputs, labels)
-    return F.mse_loss(outputs, F.one_hot(labels, outputs.shape[1]).to(outputs))
+    """The training loss of the run (``mean`` reduction), from :mod:`curvlab.backprop.loss`.
+
+    Cross-entropy of the class labels, or MSE to their one-hot rows.
+    """
+    targets = labels if loss == "ce" else F.one_hot(labels, outputs.shape[1]).to(outputs)
+    return LossSpec.from_name(loss).value(outputs, targets)
 
 
 @torch.no_grad()
