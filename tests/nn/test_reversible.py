@@ -59,3 +59,20 @@ def test_wrong_input_size_names_shape():
     model = RevMLP(8, 2, 12, 1)
     with pytest.raises(ValueError, match=r"expects 8 input features.*\(3, 9\)"):
         model(torch.randn(3, 9))
+
+
+@pytest.mark.parametrize("inverted_bottleneck", [True, False])
+def test_couple_with_the_blocks_branches_is_its_forward(inverted_bottleneck):
+    torch.manual_seed(0)
+    model = RevMLP(8, 2, 12, 2, norm=True, inverted_bottleneck=inverted_bottleneck).double()
+    block = model.body.blocks[1]
+    x = torch.randn(5, 8, dtype=torch.float64)
+    assert torch.equal(block.couple(x, block.f, block.g), block(x))
+
+
+def test_features_are_the_activation_of_the_pre_activation():
+    torch.manual_seed(0)
+    branch = RevMLP(8, 2, 12, 2, norm=True, nonlinearity="tanh").double().body.blocks[1].f
+    z = torch.randn(5, 4, dtype=torch.float64)
+    pre = torch.nn.functional.layer_norm(z, (4,), eps=1e-6) @ branch.expansion
+    assert torch.allclose(branch.features(z), torch.tanh(pre)) and pre.shape == (5, 12)

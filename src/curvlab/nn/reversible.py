@@ -25,6 +25,7 @@ with orthonormal columns (QR of a Gaussian matrix).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -71,12 +72,14 @@ class InvertedBottleneck(nn.Module):
         if bias:
             nn.init.zeros_(self.proj.bias)
 
+    def pre_activation(self, z: Tensor) -> Tensor:
+        r"""Pre-activation :math:`\operatorname{norm}(z) C`, ``[N, m] -> [N, h]``."""
+        z = self.norm(z)
+        return z if self.expansion is None else z @ self.expansion
+
     def features(self, z: Tensor) -> Tensor:
         r"""Features :math:`a = \sigma(\operatorname{norm}(z) C)`, ``[N, m] -> [N, h]``."""
-        z = self.norm(z)
-        if self.expansion is not None:
-            z = z @ self.expansion
-        return self.activation(z)
+        return self.activation(self.pre_activation(z))
 
     def forward(self, z: Tensor) -> Tensor:
         """Branch output ``[N, m]``."""
@@ -93,9 +96,19 @@ class ReversibleBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Block output ``[N, 2m]``."""
+        return self.couple(x, self.f, self.g)
+
+    @staticmethod
+    def couple(x: Tensor, f: Callable[[Tensor], Tensor], g: Callable[[Tensor], Tensor]) -> Tensor:
+        r"""The coupling :math:`y_1 = x_1 + f(x_2)`, :math:`y_2 = x_2 + g(y_1)`, ``[N, 2m] -> [N, 2m]``.
+
+        :meth:`forward` with the branches ``f`` and ``g`` passed in, e.g. functions that compute
+        the block's own branches and keep what they computed (as :class:`curvlab.optim.ExactGN`
+        does for its linearization).
+        """
         x1, x2 = x.chunk(2, dim=-1)
-        y1 = x1 + self.f(x2)
-        y2 = x2 + self.g(y1)
+        y1 = x1 + f(x2)
+        y2 = x2 + g(y1)
         return torch.cat([y1, y2], dim=-1)
 
     def inverse(self, y: Tensor) -> Tensor:

@@ -51,10 +51,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from curvlab.backprop.rules.activation import first_derivative
 from curvlab.nn.reversible import InvertedBottleneck, RevMLP
 from curvlab.optim.batch import check_inputs, check_targets
 from curvlab.optim.function_space import LOSSES, as_targets, loss_value, newton_step
@@ -103,8 +103,9 @@ class _Branch:
     Holds what the forward pass computed, so no step recomputes it: the features
     :math:`A = \sigma(\operatorname{norm}(z) C)` ``[N, h]`` (without the bias's ones column; a bias
     enters the Gram matrix as :math:`A A^\top + \mathbf 1 \mathbf 1^\top`), the activation's slope
-    :math:`\sigma'` at the pre-activation (``None`` for the identity, a ``bool`` mask for ReLU) and
-    the branch input ``[N, m]`` (for the norm's derivatives).
+    :math:`\sigma'` at the pre-activation (``None`` for the identity; from
+    :mod:`curvlab.backprop.rules.activation`) and the branch input ``[N, m]`` (for the norm's
+    derivatives).
     """
 
     module: InvertedBottleneck
@@ -117,8 +118,8 @@ class _Branch:
         return self.module.proj.bias is not None
 
     def output(self) -> Tensor:
-        r"""Branch output :math:`A W^\top + b`, ``[N, m]``."""
-        return F.linear(self.features, self.module.proj.weight, self.module.proj.bias)
+        r"""Branch output :math:`A W^\top + b`, ``[N, m]`` (the branch's own projection)."""
+        return self.module.proj(self.features)
 
     def gram(self) -> Tensor:
         r"""Gram matrix :math:`A A^\top` (:math:`+\mathbf 1 \mathbf 1^\top` with a bias), ``[N, N]``."""
@@ -178,15 +179,6 @@ class StepInfo:
     blocks_used: list[int] = field(default_factory=list)
     residual: float | None = None
     loss_after: float | None = None  # measured by the divergence check; None when it is off
-
-
-def _activation_slope(activation: nn.Module, pre: Tensor) -> Tensor | None:
-    """Elementwise derivative of ``activation`` at ``pre`` (``None``: identity; ReLU: a bool mask)."""
-    if isinstance(activation, nn.Identity):
-        return None
-    if isinstance(activation, nn.ReLU):
-        return pre > 0
-    return jvp(activation, (pre,), (torch.ones_like(pre),))[1]
 
 
 def _with_ones(branch: _Branch) -> Tensor:
@@ -544,30 +536,32 @@ class ExactGN(torch.optim.Optimizer):
             yield block.g
 
     def _linearize(self, x: Tensor) -> tuple[list[_Branch], Tensor]:
-        """Forward pass storing every branch's input, features and activation slope."""
-        branches = []
+        """Forward pass storing every branch's input, features and activation slope.
+
+        Each block's own coupling (:meth:`curvlab.nn.reversible.ReversibleBlock.couple`) runs
+        with branches that record their linearization (F before G, block by block).
+        """
+        branches: list[_Branch] = []
+
+        def recorded(module: InvertedBottleneck) -> Callable[[Tensor], Tensor]:
+            def branch(z: Tensor) -> Tensor:
+                branches.append(self._branch(module, z))
+                return branches[-1].output()
+
+            return branch
+
         for block in self.model.body.blocks:
-            x1, x2 = x.chunk(2, dim=-1)
-            branch_f = self._branch(block.f, x2)
-            y1 = x1 + branch_f.output()
-            branch_g = self._branch(block.g, y1)
-            y2 = x2 + branch_g.output()
-            branches += [branch_f, branch_g]
-            x = torch.cat([y1, y2], dim=-1)
+            x = block.couple(x, recorded(block.f), recorded(block.g))
         return branches, x
 
     @staticmethod
     def _branch(module: InvertedBottleneck, z: Tensor) -> _Branch:
-        pre = module.norm(z)
-        if module.expansion is not None:
-            pre = pre @ module.expansion
-        slope = _activation_slope(module.activation, pre)
-        if slope is None:
-            features = pre
-        elif isinstance(module.activation, nn.ReLU):
-            features = pre.relu_() if pre is not z else pre.relu()  # the slope is kept as a mask
-        else:
-            features = module.activation(pre)
+        r"""The branch's pre-activation, features and slope :math:`\sigma'` at the input ``z``."""
+        pre = module.pre_activation(z)
+        slope = None
+        if not isinstance(module.activation, nn.Identity):
+            slope = first_derivative(module.activation, pre)
+        features = module.activation(pre)
         return _Branch(module=module, features=features, slope=slope, inputs=z)
 
     def _gram_inverse(self, branches: list[_Branch], rtol: float) -> tuple[GramInverse, Tensor]:
