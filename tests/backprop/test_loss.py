@@ -29,20 +29,23 @@ def _case(loss: str, shape: tuple[int, ...]):
     return spec, output, target
 
 
-def _per_sample(spec: LossSpec, target, n: int):
-    def loss(f):
-        return spec.per_sample_loss(f[None], target[n : n + 1])[0]
+def _per_sample_reference(transform, spec: LossSpec, output, target):
+    """``transform`` (``grad`` or ``hessian``) of every per-sample loss, stacked over samples."""
 
-    return loss
+    def derivative(n: int):
+        def loss(f):
+            return spec.per_sample_loss(f[None], target[n : n + 1])[0]
+
+        return transform(loss)(output[n])
+
+    return torch.stack([derivative(n) for n in range(output.shape[0])])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_per_sample_gradient_is_the_autograd_gradient(loss, shape):
     spec, output, target = _case(loss, shape)
-    reference = torch.stack(
-        [grad(_per_sample(spec, target, n))(output[n]) for n in range(output.shape[0])]
-    )
+    reference = _per_sample_reference(grad, spec, output, target)
     assert torch.allclose(spec.per_sample_gradient(output, target), reference)
 
 
@@ -50,9 +53,7 @@ def test_per_sample_gradient_is_the_autograd_gradient(loss, shape):
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_hessian_is_the_autograd_hessian(loss, shape):
     spec, output, target = _case(loss, shape)
-    reference = torch.stack(
-        [hessian(_per_sample(spec, target, n))(output[n]) for n in range(output.shape[0])]
-    )
+    reference = _per_sample_reference(hessian, spec, output, target)
     assert torch.allclose(spec.hessian(output, target), reference)
 
 
