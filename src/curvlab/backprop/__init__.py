@@ -36,7 +36,7 @@ from curvlab.backprop.quantities import (
     Variance,
 )
 from curvlab.backprop.results import Results
-from curvlab.backprop.rules import RULES, Rule
+from curvlab.backprop.rules import RULES, SAME_FORWARD, KronSums, Rule
 from curvlab.backprop.sources import (
     EXACT,
     GRAD,
@@ -57,6 +57,7 @@ __all__ = [
     "ExactSqrt",
     "KronEigen",
     "KronFactors",
+    "KronSums",
     "Layout",
     "MonteCarloSqrt",
     "NonFiniteError",
@@ -70,6 +71,7 @@ __all__ = [
     "KFLR",
     "KFRA",
     "RULES",
+    "SAME_FORWARD",
     "BatchDiagGGN",
     "BatchDiagHessian",
     "BatchGrad",

@@ -97,6 +97,7 @@ class AttentionRule(Rule):
 
     kronecker = True
     kron_kind = "rows"
+    channels_last = True
     claims = tuple(OUT_PROJ)
 
     def applies(self, module: nn.Module, calls: list[Call]) -> bool:

@@ -12,6 +12,7 @@ columns of a loss-Hessian square root for GGN quantities) — a rule returns, pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,9 @@ class Rule:
     linear_in_input: bool = False
     kronecker: bool = False
     kron_kind: str = "rows"
+    channels_last: bool = False
+    """The output's channel (the output factor's) dimension is the last (``Linear``,
+    ``Embedding``), not dimension 1 (convolutions)."""
     claims: tuple[str, ...] = ()
     """Parameters of child modules the rule handles although the children are never called
     (e.g. ``MultiheadAttention``'s ``out_proj.weight``)."""
@@ -147,6 +151,48 @@ class Rule:
         """Kronecker statistics per parameter (weights: both sides; biases: output side)."""
         raise NotImplementedError(f"no Kronecker factors for {type(module).__name__}")
 
+    # ------------------------------------------------------------------ input side
+    def diag_backprop(
+        self,
+        module: nn.Module,
+        call: Call,
+        d_out: Tensor,
+        grad_out: Tensor | None,
+        vjp: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        r"""BL89 / HesScale step: the Hessian diagonal w.r.t. the input from the output's.
+
+        :math:`d_x = (J \odot J)^\top d_y`, plus :math:`\phi''(h) \odot \partial\ell_n/\partial a`
+        for an elementwise activation; off-diagonal terms are dropped (Becker & LeCun, 1989).
+
+        Args:
+            module: The module.
+            call: Its call (the input is ``call.args[0]``).
+            d_out: :math:`d_y` per sample, ``[N, *out]``.
+            grad_out: :math:`\partial \ell_n / \partial y`, ``[N, *out]`` (if recorded).
+            vjp: The call's input VJP through the recorded graph, ``[N, *out] -> [N, *in]``.
+
+        Returns:
+            :math:`d_x`, ``[N, *in]``.
+        """
+        raise NotImplementedError("no diagonal backpropagation rule")
+
+    def diag_params(
+        self, module: nn.Module, call: Call, d_out: Tensor, names: list[str]
+    ) -> dict[str, Tensor]:
+        r"""BL89 parameter diagonals :math:`\sum_{n,t} d_{y,nt}\, x_{nt}^{\odot 2}` (no :math:`r`)."""
+        raise NotImplementedError("no parameter diagonals for this layer")
+
+    def ggn_backprop(self, module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor:
+        r"""KFRA step: :math:`\frac1N\sum_n J_n^\top \bar G J_n` ``[D_in, D_in]`` from ``[D_out, D_out]``.
+
+        The default needs one Jacobian when the module is linear in its input
+        (:attr:`linear_in_input`), and averages per-sample sandwiches otherwise.
+        """
+        if self.linear_in_input:
+            return sandwich(module, x[0], g_bar)
+        return sum(sandwich(module, xn, g_bar) for xn in x) / x.shape[0]
+
     def jvp(self, module: nn.Module, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:
         r"""Parameter Jacobian-vector products :math:`J_n v_k` of the call's outputs.
 
@@ -173,3 +219,29 @@ class Rule:
             return jvp(outputs, (value,), (v,))[1]
 
         return vmap(single)(vectors)
+
+
+def sandwich(module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor:
+    r""":math:`J^\top \bar G J` for the input Jacobian :math:`J` of ``module`` at one sample ``x``.
+
+    Two batched VJPs: rows of :math:`\bar G J` from the rows of :math:`\bar G`, then rows of
+    :math:`J^\top (\bar G J)` (symmetric) from the columns of :math:`\bar G J`.
+
+    Args:
+        module: A module that treats samples independently.
+        x: One sample's input, ``[*in]``.
+        g_bar: ``[D_out, D_out]``.
+
+    Returns:
+        ``[D_in, D_in]``.
+    """
+    with torch.enable_grad():
+        _, pullback = torch.func.vjp(module, x.unsqueeze(0))
+    out_shape = module(x.unsqueeze(0)).shape
+
+    def rows(m: Tensor) -> Tensor:
+        (vjp,) = torch.func.vmap(pullback)(m.reshape(m.shape[0], *out_shape))
+        return vjp.reshape(m.shape[0], -1)
+
+    g_j = rows(g_bar)  # [D_out, D_in]
+    return rows(g_j.T.contiguous())  # [D_in, D_in]

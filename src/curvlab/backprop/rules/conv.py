@@ -282,6 +282,38 @@ class ConvRule(Rule):
             out["bias"] = KronSums(None, n if approx == "reduce" else n * t, summed)
         return out
 
+    # ------------------------------------------------------------------ input side
+    def diag_backprop(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        d_out: Tensor,
+        grad_out: Tensor | None,
+        vjp: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        if module.padding_mode != "zeros":
+            raise NotImplementedError("padding modes other than zeros")
+        weight_sq = module.weight.detach().square()
+        _, pullback = torch.func.vjp(
+            lambda z: module._conv_forward(z, weight_sq, None), call.args[0]
+        )
+        return pullback(d_out)[0]
+
+    def diag_params(  # noqa: D102
+        self, module: nn.modules.conv._ConvNd, call: Call, d_out: Tensor, names: list[str]
+    ) -> dict[str, Tensor]:
+        x = call.args[0]
+        u = unfold(module, x).square()  # [N, in*K, T]
+        n, g = x.shape[0], module.groups
+        ds = d_out.reshape(n, g, module.out_channels // g, -1)
+        us = u.reshape(n, g, -1, u.shape[-1])
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.einsum("ngot,ngit->goi", ds, us).reshape(module.weight.shape)
+        if "bias" in names:
+            out["bias"] = ds.sum((0, 3)).reshape(-1)
+        return out
+
 
 def _expand_input_sum(module: nn.modules.conv._ConvNd, x: Tensor, n: int, t: int) -> Tensor:
     r""":math:`\sum_{n,t} u_{nt} u_{nt}^\top` ``[in*K, in*K]`` (``[G, ...]`` if grouped)."""

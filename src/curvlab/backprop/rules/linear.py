@@ -7,6 +7,8 @@ when ``T = 1``; with ``T > 1`` the norm uses Gram matrices over ``t`` when that 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +29,7 @@ class LinearRule(Rule):
 
     linear_in_input = True
     kronecker = True
+    channels_last = True
 
     def jac_t(  # noqa: D102
         self, module: nn.Linear, call: Call, factors: tuple[Tensor, ...], names: list[str]
@@ -130,3 +133,33 @@ class LinearRule(Rule):
                 bias_sum = gram(g.sum(2).reshape(-1, module.out_features).T)
             out["bias"] = KronSums(None, rows.shape[0], bias_sum)
         return out
+
+    # ------------------------------------------------------------------ input side
+    def diag_backprop(  # noqa: D102
+        self,
+        module: nn.Linear,
+        call: Call,
+        d_out: Tensor,
+        grad_out: Tensor | None,
+        vjp: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        return d_out @ module.weight.detach().square()
+
+    def diag_params(  # noqa: D102
+        self, module: nn.Linear, call: Call, d_out: Tensor, names: list[str]
+    ) -> dict[str, Tensor]:
+        x = call.args[0]
+        xs = x.reshape(x.shape[0], -1, x.shape[-1]).square()
+        ds = d_out.reshape(d_out.shape[0], -1, d_out.shape[-1])
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.einsum("nto,nti->oi", ds, xs)
+        if "bias" in names:
+            out["bias"] = ds.sum((0, 1))
+        return out
+
+    def ggn_backprop(self, module: nn.Linear, x: Tensor, g_bar: Tensor) -> Tensor:  # noqa: D102
+        if x.dim() == 2:  # one position: W^T G W
+            w = module.weight.detach()
+            return w.T @ g_bar @ w
+        return super().ggn_backprop(module, x, g_bar)

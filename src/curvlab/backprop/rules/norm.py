@@ -98,6 +98,7 @@ class EmbeddingRule(Rule):
     linear_in_input = True
     kronecker = True
     kron_kind = "columns"
+    channels_last = True
 
     def _check(self, module: nn.Module) -> None:
         if module.max_norm is not None:
