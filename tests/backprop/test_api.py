@@ -155,7 +155,7 @@ def test_kfac_covers_grouped_and_transposed_convolutions():
         assert list(results["KFAC"]) == [name for name, _ in model.named_parameters()]
 
 
-@pytest.mark.parametrize("quantity", [KFRA(), BL89(), HesScale()])
+@pytest.mark.parametrize("quantity", [KFRA()])
 def test_recursions_need_sequential(quantity):
     model, loss_func, x, y = build(_named("residual-shared"), "ce-mean")
     with pytest.raises(UnsupportedModuleError, match="nn.Sequential"):

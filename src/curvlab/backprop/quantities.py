@@ -512,9 +512,12 @@ class BL89(Quantity):
     dropping every off-diagonal term: through a linear map (Linear, Conv, pooling)
     :math:`d_x = (J \odot J)^\top d_y`, through an elementwise activation
     :math:`d_h = \phi'(h)^2 d_a + \phi''(h)\,\partial\ell_n/\partial a`. A weight gets
-    :math:`r \sum_{n,t} d_{y,nt} x_{nt}^2` (bias :math:`r\sum_{n,t} d_{y,nt}`). Supported:
-    ``nn.Sequential`` of Linear, Conv1d/2d/3d (zero padding), elementwise activations,
-    Max/Avg/AdaptiveAvg pooling, Flatten, Dropout, Identity.
+    :math:`r \sum_{n,t} d_{y,nt} x_{nt}^2` (bias :math:`r\sum_{n,t} d_{y,nt}`). Any graph:
+    a tensor used several times (residual connections, branches) sums its consumers'
+    contributions. Supported: Linear, Conv1d/2d/3d (zero padding) and any module whose rule has
+    the input-side steps, elementwise activations, Max/Avg/AdaptiveAvg pooling, padding,
+    reshapes, dropout, and between modules additions, concatenation, views, slicing, ``mean``
+    and products with constants (:mod:`~curvlab.backprop.diagonals`).
     """
 
     layerwise = True

@@ -1,11 +1,11 @@
-r"""Quantities defined by a backward recursion over a chain of layers: KFRA, BL89, HesScale.
+r"""Quantities defined by a backward recursion over the layers: KFRA, BL89, HesScale.
 
-These approximations are defined layer by layer for feed-forward chains, so they need the model
-to be an ``nn.Sequential`` (nested ``Sequential`` s are flattened) of modules with a known
-recursion step; any other module raises :class:`~curvlab.backprop.errors.UnsupportedModuleError`
-naming it. Modules *below* the lowest parametric layer are never visited, so e.g. a leading
-``Flatten`` is always fine. The per-sample loss gradients w.r.t. every module output come from
-the engine's single backward pass (:attr:`Context.output_grads`).
+BL89 and HesScale run on any graph the rules cover (:mod:`~curvlab.backprop.diagonals`). KFRA
+propagates a dense batch-averaged GGN per activation and needs the model to be an
+``nn.Sequential`` (nested ``Sequential`` s are flattened); every step asks the module's rule
+(:meth:`~curvlab.backprop.rules.base.Rule.ggn_backprop`), and a module without one raises
+:class:`~curvlab.backprop.errors.UnsupportedModuleError` naming it. Modules *below* the lowest
+parametric layer are never visited, so e.g. a leading ``Flatten`` is always fine.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from curvlab.backprop.derivatives import Context
 from curvlab.backprop.errors import UnsupportedModuleError
 from curvlab.backprop.kron import KronFactors, Layout, kron_block
 from curvlab.backprop.rules import find_rule
-from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.backprop.rules.base import Call, KronSums
 from curvlab.backprop.rules.conv import grouped_output_sum
-from curvlab.backprop.rules.parameter_free import ElementwiseRule, input_rule
+from curvlab.backprop.rules.parameter_free import input_rule
 
 
 def _chain(ctx: Context, quantity: str) -> list[tuple[str, nn.Module, Call]]:
@@ -62,22 +62,6 @@ def _unsupported(quantity: str, name: str, module: nn.Module, why: str) -> Unsup
         f"{quantity} has no recursion step for {type(module).__name__} (module '{name}'): {why}; "
         "exact alternatives (DiagHessian, DiagGGN, KFLR) remain available"
     )
-
-
-def _graph_vjp(ctx: Context, call: Call, vectors: Tensor, batched: bool = False) -> Tensor:
-    """VJP through the recorded graph of a call (input 0), for subsampled ``vectors``."""
-    out, inp = call.outputs[0], call.graph_inputs[0]
-    if ctx.index is not None:
-        shape = (vectors.shape[0], *out.shape) if batched else out.shape
-        full = vectors.new_zeros(shape)
-        full.index_copy_(1 if batched else 0, ctx.index.to(vectors.device), vectors)
-        vectors = full
-    (result,) = torch.autograd.grad(
-        out, inp, grad_outputs=vectors, retain_graph=True, is_grads_batched=batched
-    )
-    if ctx.index is not None:
-        result = result.index_select(1 if batched else 0, ctx.index.to(result.device))
-    return result
 
 
 def _names(name: str, module: nn.Module) -> dict[str, str]:
@@ -180,75 +164,8 @@ def _select(ctx: Context, t: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- BL89 / HesScale
-def _param_diagonals(
-    quantity: str, name: str, module: nn.Module, call: Call, d_out: Tensor, r: float
-) -> dict[str, Tensor]:
-    """BL89 parameter diagonals of a layer from the diagonal w.r.t. its output, by full name."""
-    names = _names(name, module)
-    try:
-        local = find_rule(module).diag_params(module, call, d_out, list(names))
-    except (AttributeError, NotImplementedError) as err:
-        raise _unsupported(quantity, name, module, "no BL89 parameter diagonals") from err
-    return {names[k]: r * v for k, v in local.items()}
-
-
-def _diag_step(
-    ctx: Context, name: str, module: nn.Module, call: Call, d_out: Tensor, quantity: str
-) -> Tensor:
-    r"""One BL89 step: the diagonal w.r.t. the module input from the one w.r.t. its output."""
-    grads = ctx.output_grads.get(call)
-    grad_out = None if grads is None else grads[0]
-    rule = input_rule(module, find_rule)
-    try:
-        return rule.diag_backprop(module, call, d_out, grad_out, lambda v: _graph_vjp(ctx, call, v))
-    except NotImplementedError as err:
-        raise _unsupported(quantity, name, module, str(err)) from err
-
-
 def diagonal_recursion(ctx: Context, exact_last_layer: bool) -> dict[str, Tensor]:
-    r"""BL89 (``exact_last_layer=False``) or HesScale parameter diagonals."""
-    quantity = "HesScale" if exact_last_layer else "BL89"
-    chain = _chain(ctx, quantity)
-    parametric = [i for i, (_, m, _) in enumerate(chain) if _has_params(m)]
-    if not parametric:
-        return {}
-    for i in parametric:
-        name, module, _ = chain[i]
-        rule = find_rule(module)
-        if rule is None or type(rule).diag_params is Rule.diag_params:
-            raise _unsupported(
-                quantity, name, module, "only Linear and Conv layers hold parameters"
-            )
-    output = _select(ctx, ctx.output)
-    sqrt = ctx.spec.sqrt_hessian(output, _select(ctx, ctx.targets))  # [M, N, *out]
-    results: dict[str, Tensor] = {}
-    top = len(chain) - 1
-    d = sqrt.square().sum(0)
-    if exact_last_layer:
-        last = parametric[-1]
-        for name, module, _ in chain[last + 1 :]:
-            above = input_rule(module, find_rule)
-            if isinstance(above, ElementwiseRule) and not above.piecewise_linear:
-                raise _unsupported(
-                    quantity,
-                    name,
-                    module,
-                    "HesScale needs the last parametric layer to be "
-                    "followed by (piecewise) linear modules only",
-                )
-        name, module, call = chain[last]
-        cols = sqrt
-        for above in range(top, last - 1, -1):
-            if above == last:
-                d_out = cols.square().sum(0)
-                results.update(_param_diagonals(quantity, name, module, call, d_out, ctx.r))
-            cols = _graph_vjp(ctx, chain[above][2], cols, batched=True)
-        d = cols.square().sum(0)
-        top = last - 1
-    for i in range(top, parametric[0] - 1, -1):
-        name, module, call = chain[i]
-        if _has_params(module):
-            results.update(_param_diagonals(quantity, name, module, call, d, ctx.r))
-        if i > parametric[0]:
-            d = _diag_step(ctx, name, module, call, d, quantity)
-    return dict(sorted(results.items(), key=lambda kv: ctx.param_names.index(kv[0])))
+    """BL89 or HesScale (``exact_last_layer``) diagonals: :mod:`~curvlab.backprop.diagonals`."""
+    from curvlab.backprop.diagonals import diagonals
+
+    return diagonals(ctx, exact_last_layer)

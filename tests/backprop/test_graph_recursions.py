@@ -1,0 +1,182 @@
+"""BL89 and HesScale on residual and branching graphs against their definitions, densely.
+
+The definition on a graph: per sample, a diagonal ``d`` at every activation, pushed through each
+module as ``(J ⊙ J)ᵀ d`` (activations ``φ'² d + φ'' ∂ℓ/∂a``), a tensor consumed several times
+summing its consumers' contributions, glue ops with 0/1 Jacobians passing ``d`` on (a sum sends
+``d`` to both summands, a concatenation splits it). Built below from dense per-sample Jacobians
+(``tests/reference.py``), written out for each model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import grad, hessian
+
+from curvlab.backprop import BL89, HesScale, UnsupportedModuleError, compute
+from tests import reference
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.tanh, self.lin1 = nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5)
+        self.sig, self.lin2 = nn.Sigmoid(), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = self.lin0(x)
+        r = h0 + self.lin1(self.tanh(h0))
+        return self.lin2(self.sig(r))
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act = nn.Linear(4, 5), nn.Softplus()
+        self.left, self.left_act = nn.Linear(5, 3), nn.Tanh()
+        self.right, self.right_act = nn.Linear(5, 2), nn.Sigmoid()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.act(self.stem(x))
+        h = torch.cat([self.left_act(self.left(s)), self.right_act(self.right(s))], dim=1)
+        return self.head(0.5 * h - h.mean(1, keepdim=True))
+
+
+def _phi(module: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    f = lambda t: module(t)  # noqa: E731
+    return torch.func.vmap(grad(f))(h), torch.func.vmap(grad(grad(f)))(h)
+
+
+def _act(module, h, d, g):
+    first, second = _phi(module, h.reshape(-1))
+    return first.square() * d + second * g
+
+
+def _lin(layer, x, d, total, key, h=None):
+    """Parameter diagonals into ``total[key]``; ``(J ⊙ J)ᵀ d`` (or exact with ``h``) returned."""
+    j_x, j_p = reference._dense_layer(layer, x.reshape(-1))
+    total[key] = total.get(key, 0) + j_p.square().T @ d
+    return torch.diagonal(j_x.T @ h @ j_x) if h is not None else j_x.square().T @ d
+
+
+def _per_sample(model, loss_func, x, y):
+    for n in range(x.shape[0]):
+        yield x[n : n + 1], y[n : n + 1]
+
+
+def _loss_hessian(loss_func, out, y):
+    h = hessian(lambda o: loss_func(o.reshape(out.shape), y))(out.reshape(-1).detach())
+    return h, torch.diagonal(h).clone()
+
+
+def _dense_residual(model: Residual, loss_func, x, y, exact: bool) -> Tensor:
+    total: dict[str, Tensor] = {}
+    for xn, yn in _per_sample(model, loss_func, x, y):
+        h0 = model.lin0(xn)
+        a = model.tanh(h0)
+        r = h0 + model.lin1(a)
+        b = model.sig(r)
+        out = model.lin2(b)
+        g_a, g_b = torch.autograd.grad(loss_func(out, yn), [a, b])
+        h, d_out = _loss_hessian(loss_func, out, yn)
+        d_b = _lin(model.lin2, b, d_out, total, "lin2", h if exact else None)
+        d_r = _act(model.sig, r, d_b, g_b.reshape(-1))
+        d_a = _lin(model.lin1, a, d_r, total, "lin1")
+        d_h0 = d_r + _act(model.tanh, h0, d_a, g_a.reshape(-1))  # the residual sums both uses
+        _lin(model.lin0, xn, d_h0, total, "lin0")
+    return torch.cat([total[k] for k in ("lin0", "lin1", "lin2")])
+
+
+def _dense_branches(model: Branches, loss_func, x, y, exact: bool) -> Tensor:
+    total: dict[str, Tensor] = {}
+    for xn, yn in _per_sample(model, loss_func, x, y):
+        z = model.stem(xn)
+        s = model.act(z)
+        zl, zr = model.left(s), model.right(s)
+        al, ar = model.left_act(zl), model.right_act(zr)
+        hcat = torch.cat([al, ar], dim=1)
+        u = 0.5 * hcat - hcat.mean(1, keepdim=True)
+        out = model.head(u)
+        g_s, g_al, g_ar = torch.autograd.grad(loss_func(out, yn), [s, al, ar])
+        h, d_out = _loss_hessian(loss_func, out, yn)
+        d_u = _lin(model.head, u, d_out, total, "head", h if exact else None)
+        # u = 0.5 h - mean(h): (J ⊙ J)ᵀ with entries 0.5 and -1/5 applied op by op
+        d_h = 0.25 * d_u + (d_u.sum() / 25.0)
+        d_al, d_ar = d_h[:3], d_h[3:]
+        d_zl = _act(model.left_act, zl, d_al, g_al.reshape(-1))
+        d_zr = _act(model.right_act, zr, d_ar, g_ar.reshape(-1))
+        d_s = _lin(model.left, s, d_zl, total, "left") + _lin(model.right, s, d_zr, total, "right")
+        d_z = _act(model.act, z, d_s, g_s.reshape(-1))
+        _lin(model.stem, xn, d_z, total, "stem")
+    return torch.cat([total[k] for k in ("stem", "left", "right", "head")])
+
+
+MODELS = {"residual": (Residual, _dense_residual), "branches": (Branches, _dense_branches)}
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_graph_diagonals_match_their_definition(model_name, exact, loss):
+    cls, dense = MODELS[model_name]
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    if loss.startswith("ce"):
+        loss_func, y = nn.CrossEntropyLoss(), torch.randint(0, 3, (5,))
+    else:
+        loss_func, y = nn.MSELoss(reduction="sum"), torch.randn(5, 3, dtype=torch.float64)
+    q = HesScale() if exact else BL89()
+    ours = compute(model, loss_func, x, y, [q])[q.name]
+    r = 1.0 / 5 if loss_func.reduction == "mean" else 1.0
+    actual = torch.cat([v.flatten() for v in ours.values()])
+    torch.testing.assert_close(
+        actual, r * dense(model, loss_func, x, y, exact), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_graph_diagonals_with_subsampling():
+    torch.manual_seed(0)
+    model = Residual().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss_func = nn.CrossEntropyLoss()
+    ours = compute(model, loss_func, x, y, [BL89()], subsampling=[1, 3])["BL89"]
+    expected = _dense_residual(model, loss_func, x[[1, 3]], y[[1, 3]], False) / 5
+    torch.testing.assert_close(torch.cat([v.flatten() for v in ours.values()]), expected)
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))  # a nonlinearity outside any module
+
+
+def test_functional_nonlinearity_between_modules_is_named():
+    model = Functional().double()
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    with pytest.raises(
+        UnsupportedModuleError, match=r"the operation TanhBackward0 between modules"
+    ):
+        compute(model, nn.CrossEntropyLoss(), x, y, [BL89()])
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_hesscale_needs_one_last_layer():
+    model = TwoHeads().double()
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    with pytest.raises(UnsupportedModuleError, match=r"depends on \['a', 'b'\] in parallel"):
+        compute(model, nn.CrossEntropyLoss(), x, y, [HesScale()])
+    compute(model, nn.CrossEntropyLoss(), x, y, [BL89()])  # BL89 is defined
