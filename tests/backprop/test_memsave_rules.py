@@ -31,9 +31,10 @@ from curvlab.backprop import (
     compute,
 )
 from curvlab.backprop.errors import GenericPathWarning
+from curvlab.backprop.hessian import FUNCTION_KINDS, graph_obstacle
 from curvlab.backprop.kron import DenseBlock, KronFactors
 from curvlab.backprop.recording import _WARNED
-from curvlab.backprop.rules import RULES, SAME_FORWARD, find_rule
+from curvlab.backprop.rules import RULES, SAME_FORWARD, Call, find_rule
 from curvlab.nn import memsave
 from tests.backprop.problems import LOSSES, make_targets
 
@@ -131,11 +132,6 @@ COMMON = [
 ]
 RECURSIONS = [BL89(), HesScale(), KFRA()]
 
-# DiagHessian's graph check (backprop/hessian.py) does not know memsave's autograd nodes
-# (_MaxPoolBackward, _DropoutBackward, _ConvolutionBackward): it warns and falls back to the
-# whole-model torch.func path, which cannot vmap memsave's autograd Functions.
-_HESSIAN_GAP = {"cnn2d", "cnn2d-dropout-train", "cnn1d", "cnn1d-dropout-train"}
-
 
 def _quantity_cases() -> list:
     params = []
@@ -143,11 +139,7 @@ def _quantity_cases() -> list:
         quantities = list(COMMON)
         if builder != "norm-net":  # an nn.Sequential with Linear and Conv parameters only
             quantities += [q for q in RECURSIONS if not (train and isinstance(q, KFRA))]
-        for q in quantities:
-            marks = []
-            if isinstance(q, DiagHessian) and case in _HESSIAN_GAP:
-                marks = [pytest.mark.xfail(strict=True, reason="hessian.py: memsave graph nodes")]
-            params.append(pytest.param(case, q, id=f"{case}-{q.name}", marks=marks))
+        params += [pytest.param(case, q, id=f"{case}-{q.name}") for q in quantities]
     return params
 
 
@@ -284,3 +276,41 @@ def test_declaring_a_non_subclass_is_rejected(monkeypatch):
     monkeypatch.setitem(SAME_FORWARD, _OwnForward, nn.Linear)
     with pytest.raises(TypeError, match="_OwnForward must subclass Linear"):
         find_rule(_OwnForward(1, 1, 1))
+
+
+def test_every_memsave_function_has_a_hessian_kind():
+    """A new memsave autograd Function must be declared linear or bilinear for DiagHessian."""
+    functions = [
+        obj
+        for obj in vars(memsave).values()
+        if isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
+    ]
+    assert functions and all(f in FUNCTION_KINDS for f in functions)
+
+
+class AddSquare(torch.autograd.Function):
+    """A custom Function with a nonzero second derivative, named like a linear op ("Add...")."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2.0 * x * grad_output
+
+
+def test_unregistered_custom_function_is_a_hessian_obstacle():
+    torch.manual_seed(0)
+    linear = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    hidden = linear(x)
+    output = AddSquare.apply(hidden)
+    call = Call(args=(x,), outputs=(hidden,), input_nodes=[None])
+    obstacle = graph_obstacle(output, [("lin", linear, call, True)], [])
+    assert obstacle is not None and "AddSquareBackward" in obstacle

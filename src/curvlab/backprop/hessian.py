@@ -15,7 +15,9 @@ back-propagated as the columns :math:`\sqrt{|\rho_k|}\, e_j` with the signs of
 :math:`\rho_k = \phi_k'' \odot \partial\ell_n/\partial a_k` kept apart ("hessian+" and
 "hessian-" factors). :func:`graph_obstacle` checks the condition on the autograd graph with a
 list of operations known to be linear (views, additions, concatenation, pooling, ReLU, products
-with a constant, ...); anything else sends the Hessian quantities to the generic path.
+with a constant, ...) and a table of custom autograd Functions keyed by their class
+(:data:`FUNCTION_KINDS`, holding :mod:`curvlab.nn.memsave`'s); anything else sends the Hessian
+quantities to the generic path.
 
 :math:`\phi_k''` comes from the activation rules (:mod:`curvlab.backprop.rules.activation`), which
 also define :data:`ELEMENTWISE` and :data:`PIECEWISE_LINEAR` (re-exported here).
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 
 from curvlab.backprop.rules.activation import ELEMENTWISE, PIECEWISE_LINEAR, second_derivative
 from curvlab.backprop.rules.base import Call
+from curvlab.nn.memsave import BILINEAR_FUNCTIONS, LINEAR_FUNCTIONS
 
 _LINEAR_PREFIXES = (
     "Add",
@@ -89,7 +92,25 @@ _PRODUCT_PREFIXES = (
 )
 
 
-def _kind(name: str) -> str:
+FUNCTION_KINDS: dict[type[torch.autograd.Function], str] = {
+    **dict.fromkeys(LINEAR_FUNCTIONS, "linear"),
+    **dict.fromkeys(BILINEAR_FUNCTIONS, "product"),
+}
+"""``FUNCTION_KINDS[cls]``: how the custom autograd Function ``cls`` (a subclass of
+:class:`torch.autograd.Function`) enters second derivatives. ``"linear"``: (piecewise) linear in
+its differentiable inputs, zero second derivative almost everywhere; ``"product"``: linear in each
+tensor operand separately (a product of two activations is then an obstacle). Holds
+:mod:`curvlab.nn.memsave`'s Functions; register your own so their nodes do not send the Hessian
+quantities to the generic path. Custom Functions not listed here are obstacles, whatever their
+name."""
+
+
+def _kind(node: Any) -> str:
+    """``"linear"``, ``"product"`` or ``"other"`` for an autograd node."""
+    function = getattr(type(node), "_forward_cls", None)  # set on custom Functions' nodes
+    if function is not None:
+        return FUNCTION_KINDS.get(function, "other")
+    name = node.name()
     if name.startswith(_PRODUCT_PREFIXES):
         return "product"
     if name.startswith(_LINEAR_PREFIXES):
@@ -156,7 +177,7 @@ def graph_obstacle(
             if kind == "module" and dependent_kids and not info[3]:
                 return f"{type(info[1]).__name__} (module '{info[0]}') is not linear in its input"
             continue
-        kind = _kind(node.name())
+        kind = _kind(node)
         if kind == "linear":
             continue
         if kind == "product":
@@ -195,4 +216,10 @@ def residual_columns(
     return columns.reshape(d, *rho.shape), flat.sign().T
 
 
-__all__ = ["ELEMENTWISE", "PIECEWISE_LINEAR", "graph_obstacle", "residual_columns"]
+__all__ = [
+    "ELEMENTWISE",
+    "FUNCTION_KINDS",
+    "PIECEWISE_LINEAR",
+    "graph_obstacle",
+    "residual_columns",
+]

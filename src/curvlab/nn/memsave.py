@@ -61,7 +61,9 @@ from torch.nn.modules.utils import _ntuple
 from curvlab.nn.einconv import conv_transpose_to_size, pad_explicitly, padding_pairs
 
 __all__ = [
+    "BILINEAR_FUNCTIONS",
     "KEPT_STOCK",
+    "LINEAR_FUNCTIONS",
     "MEMSAVE_CLASSES",
     "MemSaveBatchNorm1d",
     "MemSaveBatchNorm2d",
@@ -656,6 +658,22 @@ MEMSAVE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
 """The torch layers :func:`convert` replaces, and their memory-saving variants."""
 
 _STOCK_CLASSES = {memsave: stock for stock, memsave in MEMSAVE_CLASSES.items()}
+
+LINEAR_FUNCTIONS: tuple[type[torch.autograd.Function], ...] = (
+    _ReLU,
+    _MaxPool,
+    _Dropout,
+    _BiasGradient,
+)
+r"""The autograd Functions here that are (piecewise) linear in their differentiable tensor input,
+with a zero second derivative almost everywhere: ReLU and max pooling (a fixed selection once the
+argmax is known), dropout (a fixed mask), and the bias-only graph of the norm layers
+(:math:`y = z + \beta`). Graph checks that need second derivatives (the exact Hessian diagonal)
+read this instead of the autograd node names."""
+
+BILINEAR_FUNCTIONS: tuple[type[torch.autograd.Function], ...] = (_Convolution,)
+r"""The autograd Functions here that are linear in each tensor operand separately (the convolution
+:math:`w \star x + b`): second derivatives only mix two operands."""
 
 KEPT_STOCK: tuple[type[nn.Module], ...] = (nn.Linear,)
 """Layers :func:`convert` leaves alone because torch already stores only what they need."""
