@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian
 
-from curvlab.backprop import BL89, HesScale, UnsupportedModuleError, compute
+from curvlab.backprop import BL89, KFLR, KFRA, HesScale, UnsupportedModuleError, compute
 from tests import reference
 
 
@@ -180,3 +180,88 @@ def test_hesscale_needs_one_last_layer():
     with pytest.raises(UnsupportedModuleError, match=r"depends on \['a', 'b'\] in parallel"):
         compute(model, nn.CrossEntropyLoss(), x, y, [HesScale()])
     compute(model, nn.CrossEntropyLoss(), x, y, [BL89()])  # BL89 is defined
+
+
+# ------------------------------------------------------------------------------- KFRA
+def _first(module, h):
+    return torch.func.vmap(torch.func.vmap(grad(lambda t: module(t))))(h)  # [N, D]
+
+
+def _avg_outer(v: Tensor) -> Tensor:
+    return v.T @ v / v.shape[0]
+
+
+def _kfra_residual(model: Residual, loss_func, x, y) -> dict[str, Tensor]:
+    """Output factors B by the definition, written out for the residual model."""
+    h0 = model.lin0(x)
+    a = model.tanh(h0)
+    r = h0 + model.lin1(a)
+    out = model.lin2(model.sig(r))
+    scale = 1.0 / x.shape[0] if loss_func.reduction == "mean" else 1.0
+    g_out = scale * sum(
+        _loss_hessian(loss_func, out[n : n + 1], y[n : n + 1])[0] for n in range(x.shape[0])
+    )
+    w1, w2 = model.lin1.weight, model.lin2.weight
+    g_b = w2.T @ g_out @ w2
+    g_r = g_b * _avg_outer(_first(model.sig, r))
+    g_h1 = g_r  # the sum: each summand gets the whole of its output's block
+    g_a = w1.T @ g_h1 @ w1
+    g_h0 = g_r + g_a * _avg_outer(_first(model.tanh, h0))  # both uses of h0
+    return {"lin0": g_h0, "lin1": g_h1, "lin2": g_out}
+
+
+def _kfra_branches(model: Branches, loss_func, x, y) -> dict[str, Tensor]:
+    z = model.stem(x)
+    s = model.act(z)
+    zl, zr = model.left(s), model.right(s)
+    hcat = torch.cat([model.left_act(zl), model.right_act(zr)], dim=1)
+    out = model.head(0.5 * hcat - hcat.mean(1, keepdim=True))
+    scale = 1.0 / x.shape[0] if loss_func.reduction == "mean" else 1.0
+    g_out = scale * sum(
+        _loss_hessian(loss_func, out[n : n + 1], y[n : n + 1])[0] for n in range(x.shape[0])
+    )
+    g_u = model.head.weight.T @ g_out @ model.head.weight
+    glue = 0.5 * torch.eye(5, dtype=x.dtype) - torch.full((5, 5), 0.2, dtype=x.dtype)  # du/dh
+    j_left, j_right = glue[:, :3], glue[:, 3:]
+    g_zl = (j_left.T @ g_u @ j_left) * _avg_outer(_first(model.left_act, zl))
+    g_zr = (j_right.T @ g_u @ j_right) * _avg_outer(_first(model.right_act, zr))
+    wl, wr = model.left.weight, model.right.weight
+    g_s = wl.T @ g_zl @ wl + wr.T @ g_zr @ wr
+    g_z = g_s * _avg_outer(_first(model.act, z))
+    return {"stem": g_z, "left": g_zl, "right": g_zr, "head": g_out}
+
+
+KFRA_MODELS = {"residual": (Residual, _kfra_residual), "branches": (Branches, _kfra_branches)}
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+@pytest.mark.parametrize("model_name", list(KFRA_MODELS))
+def test_graph_kfra_matches_its_definition(model_name, loss):
+    cls, dense = KFRA_MODELS[model_name]
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    if loss.startswith("ce"):
+        loss_func, y = nn.CrossEntropyLoss(), torch.randint(0, 3, (5,))
+    else:
+        loss_func, y = nn.MSELoss(reduction="sum"), torch.randn(5, 3, dtype=torch.float64)
+    ours = compute(model, loss_func, x, y, [KFRA(), KFLR()])
+    with torch.no_grad():
+        expected = dense(model, loss_func, x, y)
+    for layer, b in expected.items():
+        for param in ("weight", "bias"):
+            block = ours["KFRA"][f"{layer}.{param}"]
+            torch.testing.assert_close(block.output_factor[0], b, rtol=1e-9, atol=1e-12, msg=layer)
+        kflr = ours["KFLR"][f"{layer}.weight"]  # the input factors are KFLR's (one position)
+        torch.testing.assert_close(ours["KFRA"][f"{layer}.weight"].input_factor, kflr.input_factor)
+
+
+def test_graph_kfra_equals_kflr_for_one_sample():
+    torch.manual_seed(0)
+    model = Residual().double()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randint(0, 3, (1,))
+    results = compute(model, nn.CrossEntropyLoss(), x, y, [KFRA(), KFLR()])
+    for name, block in results["KFLR"].items():
+        if name.startswith("lin0"):
+            continue  # h0 has two uses: KFRA drops the cross term between them, KFLR keeps it
+        torch.testing.assert_close(results["KFRA"][name].dense(), block.dense(), msg=name)

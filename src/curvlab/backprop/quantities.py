@@ -484,7 +484,9 @@ class KFRA(Quantity):
     r"""Kronecker factors with recursive batch averages (Botev et al., 2017).
 
     ``A`` as in :class:`KFLR`; ``B`` comes from the batch-averaged GGN :math:`\bar G` w.r.t. each
-    activation (flattened per sample), propagated backward through an ``nn.Sequential``:
+    activation (flattened per sample), propagated backward through the model's modules (any
+    graph: a module output used several times sums its consumers' blocks, the functional glue
+    between modules enters through its Jacobian):
     :math:`\bar G_{\mathrm{out}} = r \sum_n H_n`, and below a module with per-sample input
     Jacobian :math:`J_n`, :math:`\bar G_x = \frac1N \sum_n J_n^\top \bar G_y J_n` (one
     Jacobian for modules linear in their input — Linear, Conv, ConvTranspose, average pooling,

@@ -10,6 +10,7 @@ whole blocks) live here too.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -105,6 +106,7 @@ class Recorder:
     def __init__(self, model: nn.Module, every_module: bool) -> None:
         self.records: dict[str, list[Call]] = {}
         self._handles: list[Any] = []
+        self._counter = itertools.count()
         for name, module in model.named_modules():
             if not every_module and not any(p.requires_grad for p in module.parameters()):
                 continue
@@ -112,8 +114,7 @@ class Recorder:
             self.records[name] = calls
             self._handles.append(module.register_forward_hook(self._hook(calls), with_kwargs=True))
 
-    @staticmethod
-    def _hook(calls: list[Call]):
+    def _hook(self, calls: list[Call]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not torch.is_grad_enabled():
                 return  # an evaluation pass: nothing to differentiate
@@ -134,6 +135,7 @@ class Recorder:
                     versions=[o._version for o in outputs],
                     input_nodes=[a.grad_fn for a in inputs],
                     graph_inputs=inputs,
+                    order=next(self._counter),
                 )
             )
 

@@ -1,10 +1,10 @@
 r"""Quantities defined by a backward recursion over the layers: KFRA, BL89, HesScale.
 
-BL89 and HesScale run on any graph the rules cover (:mod:`~curvlab.backprop.diagonals`). KFRA
-propagates a dense batch-averaged GGN per activation and needs the model to be an
-``nn.Sequential`` (nested ``Sequential`` s are flattened); every step asks the module's rule
-(:meth:`~curvlab.backprop.rules.base.Rule.ggn_backprop`), and a module without one raises
-:class:`~curvlab.backprop.errors.UnsupportedModuleError` naming it. Modules *below* the lowest
+BL89 and HesScale run on any graph the rules cover (:mod:`~curvlab.backprop.diagonals`), and so
+does KFRA, which propagates a dense batch-averaged GGN per module output: every module step asks
+the module's rule (:meth:`~curvlab.backprop.rules.base.Rule.ggn_backprop`), the functional glue
+between modules (sample-independent linear maps) enters through its Jacobian, and a module or op
+without a step raises :class:`~curvlab.backprop.errors.UnsupportedModuleError` naming it. Modules *below* the lowest
 parametric layer are never visited, so e.g. a leading ``Flatten`` is always fine.
 """
 
@@ -23,38 +23,6 @@ from curvlab.backprop.rules import find_rule
 from curvlab.backprop.rules.base import Call, KronSums
 from curvlab.backprop.rules.conv import grouped_output_sum
 from curvlab.backprop.rules.parameter_free import input_rule
-
-
-def _chain(ctx: Context, quantity: str) -> list[tuple[str, nn.Module, Call]]:
-    """``(name, module, call)`` of the leaf modules of a (nested) ``nn.Sequential``, in order."""
-    if not isinstance(ctx.model, nn.Sequential):
-        raise UnsupportedModuleError(
-            f"{quantity} is a layer-by-layer recursion and needs an nn.Sequential model; got "
-            f"{type(ctx.model).__name__} with a custom forward (exact alternatives: DiagHessian, "
-            "DiagGGN)"
-        )
-    chain = []
-
-    def visit(prefix: str, seq: nn.Sequential) -> None:
-        for child_name, child in seq.named_children():
-            name = f"{prefix}{child_name}"
-            if isinstance(child, nn.Sequential):
-                visit(f"{name}.", child)
-                continue
-            calls = ctx.records.get(name, [])
-            if len(calls) != 1:
-                raise UnsupportedModuleError(
-                    f"{quantity}: module '{name}' ({type(child).__name__}) was called "
-                    f"{len(calls)} times; the recursion needs each module called once"
-                )
-            chain.append((name, child, calls[0]))
-
-    visit("", ctx.model)
-    return chain
-
-
-def _has_params(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def _unsupported(quantity: str, name: str, module: nn.Module, why: str) -> UnsupportedModuleError:
@@ -139,24 +107,152 @@ def _kfra_factors(
 
 
 def kfra(ctx: Context) -> dict[str, Any]:
-    r"""KFRA factors (see :class:`~curvlab.backprop.quantities.KFRA`)."""
-    chain = _chain(ctx, "KFRA")
-    lowest = min((i for i, (_, m, _) in enumerate(chain) if _has_params(m)), default=-1)
+    r"""KFRA factors (see :class:`~curvlab.backprop.quantities.KFRA`), on any graph of atoms.
+
+    The batch-averaged GGN :math:`\bar G` w.r.t. every module output is the sum over the
+    module's consumers of :math:`J^\top \bar G_{\text{consumer input}} J`, :math:`J` the
+    Jacobian of the functional glue between them (the cross terms between consumers are
+    dropped, as KFRA keeps one block per activation); below a module, the module's rule gives
+    :math:`\frac1N\sum_n J_n^\top \bar G J_n`. Modules are visited in reverse call order, so
+    every consumer comes before its producers.
+    """
+    from curvlab.backprop.diagonals import atoms
+
     if ctx.output.dim() != 2:
         raise UnsupportedModuleError(
             f"KFRA needs a model output [N, C]; got {list(ctx.output.shape)}"
         )
+    steps = sorted(atoms(ctx, "KFRA"), key=lambda a: a.original.order)
+    calls: dict[str, int] = {}
+    for atom in steps:
+        calls[atom.name] = calls.get(atom.name, 0) + 1
+        if atom.parametric and calls[atom.name] > 1:
+            raise _unsupported(
+                "KFRA",
+                atom.name,
+                atom.module,
+                "it is called more than once (shared weights); KFLR and KFAC sum the calls",
+            )
+    root_calls = ctx.records.get("", [])
+    if not root_calls:
+        raise UnsupportedModuleError("KFRA: the model's output was not recorded")
+    output = root_calls[0].outputs[0]
     sqrt = ctx.spec.sqrt_hessian(_select(ctx, ctx.output), _select(ctx, ctx.targets))
-    g_bar = ctx.r * torch.einsum("mnd,mne->de", sqrt, sqrt)
+    glue = _Glue(steps, ctx.output.shape[0])
+    at: dict[Any, Tensor] = {}
+    glue.distribute(output, ctx.r * torch.einsum("mnd,mne->de", sqrt, sqrt), at)
     results: dict[str, Any] = {}
-    for i in range(len(chain) - 1, lowest - 1, -1):
-        name, module, call = chain[i]
-        x = call.args[0]
-        if _has_params(module):
-            results.update(_kfra_factors(name, module, call, x, g_bar, ctx))
-        if i > lowest:
-            g_bar = _kfra_step(name, module, x, g_bar)
+    for atom in reversed(steps):
+        g_bar = at.pop(atom, None)
+        if g_bar is None:
+            continue  # the loss does not depend on it
+        x = atom.original.args[0] if atom.original.args else None
+        if atom.parametric:
+            results.update(_kfra_factors(atom.name, atom.module, atom.original, x, g_bar, ctx))
+        if atom.input is not None and atom.input.requires_grad and glue.feeds_parameters(atom):
+            glue.distribute(atom.input, _kfra_step(atom.name, atom.module, x, g_bar), at)
     return dict(sorted(results.items(), key=lambda kv: ctx.param_names.index(kv[0])))
+
+
+class _Glue:
+    """The functional ops between modules: which module outputs feed a tensor, and their Jacobian.
+
+    Args:
+        steps: The atoms (module calls) of the pass.
+        batch_size: ``N`` of the recorded graph.
+    """
+
+    def __init__(self, steps: list, batch_size: int) -> None:
+        self.steps = steps
+        self.stops = {a.output.grad_fn: a for a in steps if a.output.grad_fn is not None}
+        self.n = batch_size
+        self._feeds: dict[Any, bool] = {}
+
+    def producers(self, tensor: Tensor) -> list:
+        """The atoms whose outputs reach ``tensor`` through glue only (checking each glue op)."""
+        if tensor.grad_fn in self.stops:
+            return [self.stops[tensor.grad_fn]]
+        found, seen, stack = [], set(), [tensor.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in self.stops:
+                found.append(self.stops[node])
+                continue
+            name = type(node).__name__
+            if name == "AccumulateGrad":
+                continue
+            if not _sample_independent_linear(node, name, self.n):
+                raise UnsupportedModuleError(
+                    f"KFRA: the operation {name} between modules (in the model's forward) is not "
+                    "a sample-independent linear map; use modules for it (exact alternatives: "
+                    "KFLR, DiagGGN)"
+                )
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+        return found
+
+    def distribute(self, tensor: Tensor, g_bar: Tensor, at: dict) -> None:
+        r"""Add :math:`J_p^\top \bar G J_p` to every producer ``p`` of ``tensor``."""
+        for producer in self.producers(tensor):
+            if producer.output is tensor:
+                jac = None
+            else:
+                jac = self._jacobian(tensor, producer)  # [D_t, D_p]
+            part = g_bar if jac is None else jac.T @ g_bar @ jac
+            at[producer] = part if producer not in at else at[producer] + part
+
+    def _jacobian(self, tensor: Tensor, producer) -> Tensor:
+        """The glue's per-sample Jacobian ``[D_t, D_p]`` (sample slots carry the basis vectors)."""
+        d_t = tensor[0].numel()
+        k = -(-d_t // self.n)
+        basis = torch.zeros(k * self.n, d_t, dtype=tensor.dtype, device=tensor.device)
+        basis[:d_t] = torch.eye(d_t, dtype=tensor.dtype, device=tensor.device)
+        grads = basis.reshape(k, self.n, *tensor.shape[1:])
+        handles = [  # paths through other modules carry nothing: glue only
+            a.output.register_hook(lambda g: torch.zeros_like(g))
+            for a in self.steps
+            if a is not producer and a.output.requires_grad
+        ]
+        try:
+            with torch.enable_grad():
+                (rows,) = torch.autograd.grad(
+                    tensor, producer.output, grads, retain_graph=True, is_grads_batched=True
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return rows.reshape(k * self.n, -1)[:d_t]
+
+    def feeds_parameters(self, atom) -> bool:
+        """Whether a parametric atom lies below ``atom``'s input (else stop there)."""
+        if atom not in self._feeds:
+            targets = {a.output.grad_fn for a in self.steps if a.parametric}
+            stack, seen, hit = [atom.input.grad_fn], set(), False
+            while stack and not hit:
+                node = stack.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                hit = node in targets
+                stack.extend(f for f, _ in node.next_functions if f is not None)
+            self._feeds[atom] = hit
+        return self._feeds[atom]
+
+
+def _sample_independent_linear(node: Any, name: str, batch_size: int) -> bool:
+    """Glue with the same linear Jacobian for every sample (0/1 entries or scalar constants)."""
+    from curvlab.backprop.diagonals import _ZERO_ONE, _constant
+
+    if name.startswith((*_ZERO_ONE, "Neg", "Sub", "Mean")):
+        return True
+    if name.startswith(("Mul", "Div")):
+        c = _constant(node)
+        if c is None:
+            return False
+        return not (isinstance(c, Tensor) and c.dim() > 0 and c.shape[0] == batch_size > 1)
+    return False
 
 
 def _select(ctx: Context, t: Tensor) -> Tensor:

@@ -35,6 +35,8 @@ class Call:
         input_nodes: ``grad_fn`` of the tensor inputs before detaching (graph checks).
         graph_inputs: The tensor inputs before detaching (for back-propagating from them).
         values: The tensor outputs, detached and restricted to the subsample.
+        order: When the call returned, counting every recorded call of the pass (``-1``: not
+            recorded); a call's inputs come from calls of lower order.
     """
 
     args: tuple[Any, ...]
@@ -44,6 +46,7 @@ class Call:
     input_nodes: list[Any] = field(default_factory=list)
     graph_inputs: list[Tensor] = field(default_factory=list)
     values: tuple[Tensor, ...] = ()
+    order: int = -1
 
 
 KRON_APPROXIMATIONS = ("expand", "reduce")
