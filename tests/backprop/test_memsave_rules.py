@@ -30,7 +30,7 @@ from curvlab.backprop import (
     Variance,
     compute,
 )
-from curvlab.backprop.errors import GenericPathWarning
+from curvlab.backprop.errors import GenericPathWarning, UnsupportedModuleError
 from curvlab.backprop.hessian import FUNCTION_KINDS, graph_obstacle
 from curvlab.backprop.kron import DenseBlock, KronFactors
 from curvlab.backprop.recording import _WARNED
@@ -314,3 +314,25 @@ def test_unregistered_custom_function_is_a_hessian_obstacle():
     call = Call(args=(x,), outputs=(hidden,), input_nodes=[None])
     obstacle = graph_obstacle(output, [("lin", linear, call, True)], [])
     assert obstacle is not None and "AddSquareBackward" in obstacle
+
+
+@pytest.mark.parametrize("case", ["norm-net", "cnn2d", "cnn1d-dropout-train"])
+@pytest.mark.parametrize("quantity", [BatchGrad(), DiagGGN()], ids=lambda q: q.name)
+def test_func_method_on_converted_model_equals_stock(case, quantity):
+    """memsave's autograd Functions vmap (``generate_vmap_rule``): the torch.func path runs."""
+    model, converted, x, y, loss_func = _models(case)
+    expected = _run(model, loss_func, x, y, quantity, method="func")
+    actual = _run(converted, loss_func, x, y, quantity, method="func")
+    torch.testing.assert_close(
+        torch.cat([v.flatten() for v in actual.values()]),
+        torch.cat([v.flatten() for v in expected.values()]),
+        rtol=1e-10,
+        atol=1e-13,
+    )
+
+
+def test_func_hessian_on_converted_model_names_the_layer_and_the_way_out():
+    """Hessians by torch.func need forward mode, which memsave's Functions cannot provide."""
+    _, converted, x, y, loss_func = _models("cnn2d")
+    with pytest.raises(UnsupportedModuleError, match=r"MemSaveConv.*memsave\.revert\(model"):
+        _run(converted, loss_func, x, y, DiagHessian(), method="func")

@@ -43,6 +43,10 @@ input and its statistics, whether or not the affine parameters train: torch stor
 and the variants above only differ where no input gradient is needed.
 
 Use :func:`convert` to swap the variants into any model in place.
+
+Under ``torch.func``: the custom autograd Functions here have vmap rules, so ``vmap``, ``grad``
+and ``vjp`` work; forward mode (``jvp``, ``jacfwd``, ``hessian``) would need the tensors they do
+not keep and raises, naming the layer; use :func:`revert` for it.
 """
 
 from __future__ import annotations
@@ -97,6 +101,23 @@ def _stub(like: Tensor, shape: torch.Size) -> Tensor:
     It holds one element, so passing it where only the shape matters allocates nothing.
     """
     return like.new_zeros(()).expand(shape)
+
+
+def _no_forward_mode(layer: str) -> Any:
+    """A ``jvp`` staticmethod for the Functions here: they keep too little for forward mode.
+
+    Forward-mode derivatives (``torch.func.jvp``, ``jacfwd``, ``hessian``) would need the very
+    inputs these Functions avoid storing, so they raise instead, naming the layer and the way out.
+    """
+
+    def jvp(ctx: FunctionCtx, *tangents: Any) -> Any:
+        raise NotImplementedError(
+            f"{layer} (curvlab.nn.memsave) has no forward-mode derivative: it does not keep the "
+            "tensors one needs. For Hessians by torch.func (method='func', or the generic "
+            "fallback), run the stock model: curvlab.nn.memsave.revert(model, inplace=False)"
+        )
+
+    return staticmethod(jvp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +191,9 @@ class _Convolution(torch.autograd.Function):
     :math:`x` is kept only for the weight gradient, :math:`w` only for the input gradient; the bias
     gradient needs neither.
     """
+
+    generate_vmap_rule = True
+    jvp = _no_forward_mode("MemSaveConv1d/2d/3d")
 
     @staticmethod
     def forward(
@@ -294,28 +318,31 @@ class MemSaveConv3d(nn.Conv3d):
 # --------------------------------------------------------------------------------------------------
 
 
-class _BiasGradient(torch.autograd.Function):
+def _with_bias_gradient(
+    forward: Any, x: Tensor, bias: Tensor, bias_view: tuple[int, ...]
+) -> Tensor:
     r"""Run a layer without a graph and attach only the gradient of its additive bias.
 
     For :math:`y = z(x) + \beta` (broadcast) where neither :math:`x` nor anything in :math:`z`
     needs a gradient, :math:`\partial L/\partial \beta = \sum_{\text{broadcast dims}}
-    \partial L/\partial y`; nothing is stored. ``forward(x)`` computes the whole output
-    (:math:`\beta` included) with the stock layer, so values and side effects (running statistics)
-    are the stock ones.
+    \partial L/\partial y`. ``forward(x)`` computes the whole output (:math:`\beta` included)
+    with the stock layer and no graph, so values and side effects (running statistics) are the
+    stock ones; adding :math:`\beta - \operatorname{sg}(\beta) = 0` (``sg``: detached) attaches
+    the bias gradient with a subtraction, a view and an addition, which store nothing. Being plain
+    torch operations, they also work under ``torch.func`` transforms.
+
+    Args:
+        forward: The stock forward of the layer.
+        x: Its input (needs no gradient).
+        bias: Its bias (needs a gradient).
+        bias_view: Shape that broadcasts ``bias`` against the output.
+
+    Returns:
+        The stock output, attached to ``bias`` only.
     """
-
-    @staticmethod
-    def forward(x: Tensor, bias: Tensor, forward: Any, sum_dims: tuple[int, ...]) -> Tensor:
-        return forward(x)
-
-    @staticmethod
-    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _, bias, _, ctx.sum_dims = inputs
-        ctx.bias_shape = bias.shape
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad_output: Tensor) -> tuple[None, Tensor, None, None]:
-        return None, grad_output.sum(ctx.sum_dims).reshape(ctx.bias_shape), None, None
+    with torch.no_grad():
+        output = forward(x)
+    return output.detach() + (bias - bias.detach()).view(bias_view)
 
 
 def _bias_only(module: nn.Module, x: Tensor) -> bool:
@@ -369,7 +396,7 @@ def _bn_forward(bn: nn.modules.batchnorm._BatchNorm, stock_forward: Any, x: Tens
     if _bn_uses_running_stats(bn) and (x.requires_grad or _requires_grad(bn.bias)):
         return _bn_affine_forward(bn, x)
     if _bias_only(bn, x):
-        return _BiasGradient.apply(x, bn.bias, stock_forward, (0, *range(2, x.dim())))
+        return _with_bias_gradient(stock_forward, x, bn.bias, (-1,) + (1,) * (x.dim() - 2))
     return stock_forward(x)
 
 
@@ -423,8 +450,7 @@ class MemSaveLayerNorm(nn.LayerNorm):
         """Normalize ``input`` ``[*, *normalized_shape]`` over its last dimensions."""
         if not _bias_only(self, input):
             return super().forward(input)
-        sum_dims = tuple(range(input.dim() - len(self.normalized_shape)))
-        return _BiasGradient.apply(input, self.bias, super().forward, sum_dims)
+        return _with_bias_gradient(super().forward, input, self.bias, self.bias.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,6 +465,9 @@ class _ReLU(torch.autograd.Function):
     :math:`y = \max(x, 0)`, as torch's ``threshold_backward(grad, y, 0)``: :math:`y \ne 0` exactly
     where :math:`x > 0`, and a NaN input passes the gradient in both.
     """
+
+    generate_vmap_rule = True
+    jvp = _no_forward_mode("MemSaveReLU")
 
     @staticmethod
     def forward(x: Tensor, inplace: bool) -> Tensor:
@@ -489,6 +518,9 @@ _MAX_POOL = {
 
 class _MaxPool(torch.autograd.Function):
     """Max pooling that stores the argmax indices and the input's shape, not the input."""
+
+    generate_vmap_rule = True
+    jvp = _no_forward_mode("MemSaveMaxPool1d/2d/3d")
 
     @staticmethod
     def forward(
@@ -588,6 +620,9 @@ class _Dropout(torch.autograd.Function):
     :math:`\partial L/\partial x = \partial L/\partial y \odot m / (1 - p)`.
     """
 
+    generate_vmap_rule = True
+    jvp = _no_forward_mode("MemSaveDropout")
+
     @staticmethod
     def forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
         if x.device.type == "cpu":
@@ -659,17 +694,11 @@ MEMSAVE_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
 
 _STOCK_CLASSES = {memsave: stock for stock, memsave in MEMSAVE_CLASSES.items()}
 
-LINEAR_FUNCTIONS: tuple[type[torch.autograd.Function], ...] = (
-    _ReLU,
-    _MaxPool,
-    _Dropout,
-    _BiasGradient,
-)
+LINEAR_FUNCTIONS: tuple[type[torch.autograd.Function], ...] = (_ReLU, _MaxPool, _Dropout)
 r"""The autograd Functions here that are (piecewise) linear in their differentiable tensor input,
 with a zero second derivative almost everywhere: ReLU and max pooling (a fixed selection once the
-argmax is known), dropout (a fixed mask), and the bias-only graph of the norm layers
-(:math:`y = z + \beta`). Graph checks that need second derivatives (the exact Hessian diagonal)
-read this instead of the autograd node names."""
+argmax is known) and dropout (a fixed mask). Graph checks that need second derivatives (the exact
+Hessian diagonal) read this instead of the autograd node names."""
 
 BILINEAR_FUNCTIONS: tuple[type[torch.autograd.Function], ...] = (_Convolution,)
 r"""The autograd Functions here that are linear in each tensor operand separately (the convolution
