@@ -35,6 +35,7 @@ from curvlab.backprop.hessian import FUNCTION_KINDS, graph_obstacle
 from curvlab.backprop.kron import DenseBlock, KronFactors
 from curvlab.backprop.recording import _WARNED
 from curvlab.backprop.rules import RULES, SAME_FORWARD, Call, find_rule
+from curvlab.backprop.rules.activation import ACTIVATION_RULES, AUTOGRAD, find_activation_rule
 from curvlab.nn import memsave
 from tests.backprop.problems import LOSSES, make_targets
 
@@ -336,3 +337,22 @@ def test_func_hessian_on_converted_model_names_the_layer_and_the_way_out():
     _, converted, x, y, loss_func = _models("cnn2d")
     with pytest.raises(UnsupportedModuleError, match=r"MemSaveConv.*memsave\.revert\(model"):
         _run(converted, loss_func, x, y, DiagHessian(), method="func")
+
+
+class _OwnReLU(nn.ReLU):
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input) * 2.0
+
+
+@pytest.mark.parametrize(
+    ("module", "registered"),
+    [
+        (memsave.MemSaveReLU(), nn.ReLU),  # a declared equivalent forward
+        (nn.ReLU6(), nn.ReLU6),  # inherits Hardtanh.forward, registered itself
+        (_OwnReLU(), None),  # overrides forward: derivatives by autograd
+    ],
+    ids=["memsave-relu", "relu6", "relu-subclass-forward"],
+)
+def test_activation_lookup_shares_the_same_forward_check(module, registered):
+    expected = AUTOGRAD if registered is None else ACTIVATION_RULES[registered]
+    assert find_activation_rule(module) is expected

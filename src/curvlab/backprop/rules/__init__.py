@@ -23,7 +23,7 @@ from curvlab.backprop.rules.conv import ConvRule
 from curvlab.backprop.rules.conv_transpose import ConvTransposeRule
 from curvlab.backprop.rules.linear import LinearRule
 from curvlab.backprop.rules.norm import EmbeddingRule, NormRule
-from curvlab.nn.memsave import MEMSAVE_CLASSES
+from curvlab.backprop.rules.same_forward import SAME_FORWARD, computes_forward_of
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: LinearRule(),
@@ -43,33 +43,6 @@ RULES: dict[type[nn.Module], Rule] = {
 }
 """Registered rules by module class."""
 
-SAME_FORWARD: dict[type[nn.Module], type[nn.Module]] = {
-    memsave: stock for stock, memsave in MEMSAVE_CLASSES.items()
-}
-"""``SAME_FORWARD[cls] = base``: ``cls`` subclasses ``base`` and its own ``forward`` computes the
-same function of the input, parameters and buffers as ``base.forward`` (only the autograd graph
-differs). Holds :mod:`curvlab.nn.memsave`'s layers; add your own such subclasses."""
-
-
-def _forward_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """The class whose ``forward`` defines what ``cls`` computes, following :data:`SAME_FORWARD`.
-
-    That is the class in ``cls.__mro__`` that defines ``cls.forward``, or the declared base it is
-    equivalent to (itself resolved the same way).
-    """
-    seen = set()
-    owner = next((c for c in cls.__mro__ if "forward" in vars(c)), cls)
-    while owner in SAME_FORWARD and owner not in seen:
-        seen.add(owner)
-        base = SAME_FORWARD[owner]
-        if not issubclass(owner, base):
-            raise TypeError(
-                f"SAME_FORWARD[{owner.__name__}] = {base.__name__}: {owner.__name__} must "
-                f"subclass {base.__name__}"
-            )
-        owner = next((c for c in base.__mro__ if "forward" in vars(c)), base)
-    return owner
-
 
 def find_rule(module: nn.Module) -> Rule | None:
     """The registered rule for ``module``, or ``None`` if it needs the generic path.
@@ -81,8 +54,7 @@ def find_rule(module: nn.Module) -> Rule | None:
     cls = type(module)
     for registered in cls.__mro__:
         if registered in RULES:
-            same = _forward_class(cls).forward is registered.forward
-            return RULES[registered] if same else None
+            return RULES[registered] if computes_forward_of(cls, registered) else None
     return None
 
 

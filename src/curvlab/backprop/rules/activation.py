@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvlab.nn.memsave import MEMSAVE_CLASSES
+from curvlab.backprop.rules.same_forward import computes_forward_of
 
 Derivative = Callable[[nn.Module, Tensor], Tensor]
 r"""A closed form :math:`(\text{module}, h) \mapsto \phi^{(k)}(h)`."""
@@ -266,15 +266,15 @@ def find_activation_rule(module: nn.Module) -> ActivationRule | None:
     """The rule of an elementwise activation module, or ``None`` if it is not one.
 
     The nearest registered class in ``type(module).__mro__`` decides. Its closed forms apply
-    when ``module`` computes that class's ``forward`` (it does not override it, or it is that
-    class's :mod:`curvlab.nn.memsave` variant); a subclass with another ``forward`` gets
+    when ``module`` computes that class's ``forward`` (it does not override it, or overrides it
+    with an equivalent one declared in :data:`~curvlab.backprop.rules.same_forward.SAME_FORWARD`,
+    as :mod:`curvlab.nn.memsave`'s variants are); a subclass with another ``forward`` gets
     :data:`AUTOGRAD`.
     """
     cls = type(module)
     for registered in cls.__mro__:
         if registered in ACTIVATION_RULES:
-            owner = next(c for c in cls.__mro__ if "forward" in vars(c))
-            same = owner is registered or MEMSAVE_CLASSES.get(registered) is owner
+            same = computes_forward_of(cls, registered)
             return ACTIVATION_RULES[registered] if same else AUTOGRAD
     return None
 
