@@ -116,18 +116,22 @@ def _dense_branches(model: Branches, loss_func, x, y, exact: bool) -> Tensor:
 MODELS = {"residual": (Residual, _dense_residual), "branches": (Branches, _dense_branches)}
 
 
+def _graph_case(cls: type[nn.Module], loss: str):
+    """``(model, loss_func, x, y)``: five samples, cross-entropy (mean) or MSE (sum)."""
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    if loss.startswith("ce"):
+        return model, nn.CrossEntropyLoss(), x, torch.randint(0, 3, (5,))
+    return model, nn.MSELoss(reduction="sum"), x, torch.randn(5, 3, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_graph_diagonals_match_their_definition(model_name, exact, loss):
     cls, dense = MODELS[model_name]
-    torch.manual_seed(0)
-    model = cls().double()
-    x = torch.randn(5, 4, dtype=torch.float64)
-    if loss.startswith("ce"):
-        loss_func, y = nn.CrossEntropyLoss(), torch.randint(0, 3, (5,))
-    else:
-        loss_func, y = nn.MSELoss(reduction="sum"), torch.randn(5, 3, dtype=torch.float64)
+    model, loss_func, x, y = _graph_case(cls, loss)
     q = HesScale() if exact else BL89()
     ours = compute(model, loss_func, x, y, [q])[q.name]
     r = 1.0 / 5 if loss_func.reduction == "mean" else 1.0
@@ -238,13 +242,7 @@ KFRA_MODELS = {"residual": (Residual, _kfra_residual), "branches": (Branches, _k
 @pytest.mark.parametrize("model_name", list(KFRA_MODELS))
 def test_graph_kfra_matches_its_definition(model_name, loss):
     cls, dense = KFRA_MODELS[model_name]
-    torch.manual_seed(0)
-    model = cls().double()
-    x = torch.randn(5, 4, dtype=torch.float64)
-    if loss.startswith("ce"):
-        loss_func, y = nn.CrossEntropyLoss(), torch.randint(0, 3, (5,))
-    else:
-        loss_func, y = nn.MSELoss(reduction="sum"), torch.randn(5, 3, dtype=torch.float64)
+    model, loss_func, x, y = _graph_case(cls, loss)
     ours = compute(model, loss_func, x, y, [KFRA(), KFLR()])
     with torch.no_grad():
         expected = dense(model, loss_func, x, y)
