@@ -123,6 +123,30 @@ def test_kflr_input_factor(problem):
     torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
 
 
+def _sequence_mlp_data(n: int = 3, t: int = 4):
+    """Linear layers applied to sequences ``[N, T, D]`` (a weight shared over T positions)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(2 * t, 3)
+    ).double()
+    x = torch.randn(n, t, 3, dtype=torch.float64)
+    loss_func = LOSSES["ce-mean"]()
+    return model, loss_func, x, make_targets(loss_func, model(x).detach())
+
+
+@pytest.mark.parametrize("quantity", [KFLR(), KFAC()], ids=lambda q: q.name)
+def test_input_factor_of_linear_on_sequences(quantity):
+    """A of a Linear on ``[N, T, D]`` is the mean over all N*T rows of the recorded inputs."""
+    model, loss_func, x, y = _sequence_mlp_data()
+    ours = compute(model, loss_func, x, y, [quantity])[quantity.name]
+    actual, expected = [], []
+    for k in (0, 2):
+        rows = model[:k](x).detach().reshape(-1, model[k].in_features)  # [N*T, in]
+        expected.append((rows.T @ rows / rows.shape[0]).flatten())
+        actual.append(_factors(ours[f"{k}.weight"])[0].flatten())
+    torch.testing.assert_close(torch.cat(actual), torch.cat(expected), rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_kflr_bias_factor_is_output_factor(loss):
     model, loss_func, x, y = _case("mlp", loss)
