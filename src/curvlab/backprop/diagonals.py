@@ -31,39 +31,13 @@ from torch import Tensor, nn
 
 from curvlab.backprop.derivatives import Context
 from curvlab.backprop.errors import UnsupportedModuleError
+from curvlab.backprop.hessian import ZERO_ONE_OPS
 from curvlab.backprop.rules import find_rule
 from curvlab.backprop.rules.base import Call, Rule
 from curvlab.backprop.rules.parameter_free import ElementwiseRule, input_rule
 
-_ZERO_ONE = (
-    "Add",
-    "View",
-    "UnsafeView",
-    "ReshapeAlias",
-    "Reshape",
-    "Cat",
-    "Stack",
-    "Transpose",
-    "Permute",
-    "TBackward",
-    "Expand",
-    "Squeeze",
-    "Unsqueeze",
-    "Select",
-    "Slice",
-    "Index",
-    "Clone",
-    "Sum",
-    "Split",
-    "Unbind",
-    "ToCopy",
-    "Alias",
-    "Flip",
-    "Roll",
-    "Repeat",
-    "ConstantPadNd",
-)
-"""Autograd node names whose Jacobians have entries 0 and 1: BL89's step is the plain VJP."""
+_ZERO_ONE = ZERO_ONE_OPS
+"""Glue ops whose Jacobians have entries 0 and 1: BL89's step is the plain VJP."""
 
 
 class Atom:

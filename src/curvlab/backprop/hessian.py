@@ -35,10 +35,8 @@ from curvlab.backprop.rules.activation import ELEMENTWISE, PIECEWISE_LINEAR, sec
 from curvlab.backprop.rules.base import Call
 from curvlab.nn.memsave import BILINEAR_FUNCTIONS, LINEAR_FUNCTIONS
 
-_LINEAR_PREFIXES = (
+ZERO_ONE_OPS = (
     "Add",
-    "Sub",
-    "Neg",
     "View",
     "UnsafeView",
     "ReshapeAlias",
@@ -55,8 +53,23 @@ _LINEAR_PREFIXES = (
     "Slice",
     "Index",
     "Clone",
-    "Mean",
     "Sum",
+    "Split",
+    "Unbind",
+    "ToCopy",
+    "Alias",
+    "Flip",
+    "Roll",
+    "Repeat",
+    "ConstantPadNd",
+)
+"""Autograd node names (prefixes) of linear ops whose Jacobians have entries 0 and 1 only."""
+
+_LINEAR_PREFIXES = (
+    *ZERO_ONE_OPS,
+    "Sub",
+    "Neg",
+    "Mean",
     "AvgPool",
     "AdaptiveAvgPool",
     "MaxPool",
@@ -65,16 +78,8 @@ _LINEAR_PREFIXES = (
     "Threshold",
     "LeakyRelu",
     "Hardtanh",
-    "ConstantPadNd",
     "ReflectionPad",
     "ReplicationPad",
-    "Split",
-    "Unbind",
-    "ToCopy",
-    "Alias",
-    "Flip",
-    "Roll",
-    "Repeat",
     "NativeDropout",
 )
 _PRODUCT_PREFIXES = (
