@@ -1,0 +1,158 @@
+r"""Operators of the form :math:`r \sum_n J_n^\top M_n J_n`: GGN, MC Fisher, empirical Fisher.
+
+:math:`J_n` ``[D, P]`` is the Jacobian of the model output :math:`f_n` w.r.t. the parameters and
+:math:`M_n` ``[D, D]`` a symmetric matrix in output space:
+
+* :class:`GGN`: :math:`M_n = H_n = \nabla^2_{f_n} \ell_n` (exact), or with ``mc_samples=k`` its
+  unbiased estimate :math:`\frac1k \sum_i s_{ni} s_{ni}^\top` from labels sampled from the
+  model's predictive distribution (``seed`` fixes the samples; the operator is then a fixed
+  symmetric matrix);
+* :class:`FisherMC`: the MC-sampled Fisher, :math:`\frac1k \sum_i g_{ni} g_{ni}^\top` with
+  :math:`g_{ni}` the gradient of the loss at a sampled label; for the supported losses (the
+  negative log-likelihoods of a Gaussian, a categorical and a Bernoulli) this is ``GGN`` with
+  ``mc_samples`` (the Fisher equals the GGN);
+* :class:`EmpiricalFisher`: :math:`M_n = \nabla_{f_n}\ell_n \nabla_{f_n}\ell_n^\top` at the
+  true labels, i.e. :math:`r \sum_n g_n g_n^\top` with :math:`g_n = \nabla_\theta \ell_n`.
+
+A product with ``K`` columns costs per batch one forward pass, one batched Jacobian-vector
+product (``vmap`` over the columns of ``jvp``), the output-space product and one batched
+vector-Jacobian product.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
+
+from curvlab.linops.empirical_risk import Data, ModelOperator, Params, generator_for
+
+
+class _OutputSpaceCurvature(ModelOperator):
+    r""":math:`r \sum_n J_n^\top M_n J_n` with :meth:`_middle` giving :math:`M_n z`."""
+
+    def _middle(self, index: int, output: Tensor, targets: Tensor, z: Tensor) -> Tensor:
+        """:math:`M_n z_{kn}` for ``z`` ``[K, N, *out]`` (per-sample, without :math:`r`)."""
+        raise NotImplementedError
+
+    def _batch_matmat(self, index, inputs, targets, columns):
+        def f(p):
+            return self.model_output(p, inputs)
+
+        output, pullback = vjp(f, self.params)
+        tangents = vmap(lambda v: jvp(f, (self.params,), (v,))[1], randomness="same")(columns)
+        middle = self._middle(index, output.detach(), targets, tangents) * self.batch_factor
+        return vmap(pullback)(middle)[0]
+
+
+class GGN(_OutputSpaceCurvature):
+    r"""The generalised Gauss-Newton matrix :math:`G = r \sum_n J_n^\top H_n J_n` over the data.
+
+    Exact (:math:`H_n = \nabla^2_{f_n}\ell_n`) or, with ``mc_samples=k``, Monte-Carlo with
+    ``k`` sampled labels per input (unbiased). Scales like the loss: :math:`r = 1/N` for a
+    mean over all ``N`` samples of ``data``, ``1`` for a sum.
+
+    Args:
+        model: Any module.
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
+        params: The parameters that span the operator (``None``: all trainable ones).
+        data: Re-iterable ``(inputs, targets)`` batches.
+        mc_samples: ``None`` for the exact GGN, ``k >= 1`` for the MC estimate.
+        seed: Seed of the MC samples (the same samples at every product).
+        check_deterministic: Check at construction that two passes over the data agree.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        params: Params,
+        data: Data,
+        mc_samples: int | None = None,
+        seed: int = 0,
+        check_deterministic: bool = True,
+    ) -> None:
+        if mc_samples is not None and (not isinstance(mc_samples, int) or mc_samples < 1):
+            raise ValueError(
+                f"mc_samples must be None (exact) or a positive int, got {mc_samples!r}"
+            )
+        self.mc_samples, self.seed = mc_samples, seed
+        super().__init__(model, loss_func, params, data, check_deterministic)
+
+    def _middle(self, index, output, targets, z):
+        if self.mc_samples is None:
+            terms = self.spec.hessian_terms(output)
+            hz = terms.diagonal * z
+            if terms.rank_one is not None:  # cross-entropy: classes (dim 1) coupled per position
+                u = terms.rank_one
+                hz = hz - u * (u * z).sum(dim=2, keepdim=True)
+            return terms.scale * hz
+        generator = generator_for(self.seed, index, output.device)
+        sqrt = self.spec.sampled_sqrt_hessian(output, self.mc_samples, generator)  # [k, N, *out]
+        s, flat = sqrt.flatten(2), z.flatten(2)
+        coeff = torch.einsum("ind,knd->kin", s, flat)  # [K, k, N]
+        return torch.einsum("kin,ind->knd", coeff, s).reshape(z.shape)
+
+
+class FisherMC(GGN):
+    r"""The Monte-Carlo Fisher :math:`r \sum_n \frac1k \sum_i g_{ni} g_{ni}^\top` over the data.
+
+    :math:`g_{ni}` is the gradient of the per-sample loss at a label sampled from the model's
+    predictive distribution. For the supported losses this equals :class:`GGN` with
+    ``mc_samples`` (same samples for the same ``seed``).
+
+    Args:
+        model: Any module.
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
+        params: The parameters (``None``: all trainable ones).
+        data: Re-iterable ``(inputs, targets)`` batches.
+        mc_samples: Sampled labels per input ``k`` (default 1).
+        seed: Seed of the samples.
+        check_deterministic: Check that two passes over the data agree.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        params: Params,
+        data: Data,
+        mc_samples: int = 1,
+        seed: int = 0,
+        check_deterministic: bool = True,
+    ) -> None:
+        if mc_samples is None:
+            raise ValueError("FisherMC samples labels; use GGN for the exact matrix")
+        super().__init__(model, loss_func, params, data, mc_samples, seed, check_deterministic)
+
+
+class EmpiricalFisher(_OutputSpaceCurvature):
+    r"""The empirical Fisher :math:`r \sum_n g_n g_n^\top`, :math:`g_n = \nabla_\theta \ell_n`.
+
+    The uncentred second moment of the per-sample gradients at the true labels (no :math:`1/N`
+    in :math:`g_n`; :math:`r` of the loss over all the data). Computed as
+    :math:`J_n^\top (\nabla_{f_n}\ell_n)(\nabla_{f_n}\ell_n)^\top J_n` without per-sample
+    gradients.
+
+    Args:
+        model: Any module.
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``.
+        params: The parameters (``None``: all trainable ones).
+        data: Re-iterable ``(inputs, targets)`` batches.
+        check_deterministic: Check that two passes over the data agree.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: nn.Module,
+        params: Params,
+        data: Data,
+        check_deterministic: bool = True,
+    ) -> None:
+        super().__init__(model, loss_func, params, data, check_deterministic)
+
+    def _middle(self, index, output, targets, z):
+        g = self.spec.per_sample_gradient(output, targets).flatten(1)  # [N, D]
+        coeff = torch.einsum("nd,knd->kn", g, z.flatten(2))  # [K, N]
+        return (coeff[..., None] * g).reshape(z.shape)

@@ -1,0 +1,204 @@
+"""Every model operator against its dense float64 reference, over unequal batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.linalg import eigsh
+
+from curvlab.linops import (
+    GGN,
+    CurvatureOperator,
+    EmpiricalFisher,
+    Hessian,
+    Jacobian,
+    JacobianT,
+    NondeterminismError,
+)
+from tests.linops.cases import CASES, dense_reference, make_case
+
+OPERATORS = {"ggn": GGN, "hessian": Hessian, "ef": EmpiricalFisher}
+LOSSES = ["ce-mean", "mse-mean"]
+TOL = {"atol": 1e-10, "rtol": 1e-8}
+
+
+def _setup(kind: str, case: str, loss: str = "ce-mean"):
+    model, loss_func, data, inputs, targets = make_case(case, loss)
+    op = OPERATORS[kind](model, loss_func, None, data)
+    return op, dense_reference(kind, model, loss_func, inputs, targets)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_matmat_list_equals_dense_reference(kind, case, loss):
+    op, ref = _setup(kind, case, loss)
+    m = torch.randn(ref.shape[1], 3, dtype=torch.float64)
+    as_list, start = [], 0
+    for shape in op.in_shapes:
+        size = int(np.prod(shape))
+        as_list.append(m[start : start + size].reshape(*shape, 3))
+        start += size
+    result = torch.cat([t.reshape(-1, 3) for t in op @ as_list])
+    torch.testing.assert_close(result, ref @ m, **TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_matvec_and_rmatvec_flat(kind, case):
+    op, ref = _setup(kind, case)
+    v = torch.randn(ref.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.stack([op @ v, v @ op]), torch.stack([ref @ v, v @ ref]), **TOL
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_jacobian_and_its_transpose(case):
+    model, _, data, inputs, _ = make_case(case)
+    jac = Jacobian(model, None, data)
+    ref = dense_reference("jacobian", model, None, inputs, None)
+    u = torch.randn(ref.shape[0], 2, dtype=torch.float64)
+    v = torch.randn(ref.shape[1], 2, dtype=torch.float64)
+    assert jac.shape == tuple(ref.shape)
+    torch.testing.assert_close(
+        torch.cat([jac @ v, jac.T @ u, (u.T @ jac).T, JacobianT(model, None, data) @ u]),
+        torch.cat([ref @ v, ref.T @ u, ref.T @ u, ref.T @ u]),
+        **TOL,
+    )
+
+
+def test_jacobian_list_form_is_per_batch():
+    model, _, data, inputs, _ = make_case("mlp")
+    jac = Jacobian(model, None, data)
+    v = [torch.randn(p.shape, dtype=torch.float64) for p in model.parameters()]
+    out = jac @ v
+    assert [tuple(t.shape) for t in out] == [(3, 3), (1, 3), (3, 3)]
+
+
+def test_sum_reduction_over_unequal_batches():
+    model, loss_func, data, inputs, targets = make_case("mlp", "ce-sum")
+    op = GGN(model, loss_func, None, data)
+    torch.testing.assert_close(
+        op.dense(), dense_reference("ggn", model, loss_func, inputs, targets), **TOL
+    )
+
+
+@pytest.mark.parametrize("case", ["mlp", "attention"])
+def test_composition_against_dense(case):
+    model, loss_func, data, inputs, targets = make_case(case)
+    g, h = GGN(model, loss_func, None, data), Hessian(model, loss_func, None, data)
+    jac = Jacobian(model, None, data)
+    rg, rh = (dense_reference(k, model, loss_func, inputs, targets) for k in ("ggn", "hessian"))
+    rj = dense_reference("jacobian", model, None, inputs, None)
+    combined = 2.0 * g - h / 4 + (-g) * 0.5 + g @ h + jac.T @ jac
+    expected = 2.0 * rg - rh / 4 - 0.5 * rg + rg @ rh + rj.T @ rj
+    m = torch.randn(rg.shape[1], 4, dtype=torch.float64)
+    torch.testing.assert_close(combined @ m, expected @ m, **TOL)
+
+
+def test_adjoint_of_composition():
+    model, loss_func, data, inputs, targets = make_case("mlp")
+    g, h = GGN(model, loss_func, None, data), Hessian(model, loss_func, None, data)
+    rg, rh = (dense_reference(k, model, loss_func, inputs, targets) for k in ("ggn", "hessian"))
+    torch.testing.assert_close((g @ h - 3 * h).T.dense(), (rg @ rh - 3 * rh).T, **TOL)
+
+
+def test_scipy_export_matmat_and_top_eigenvalue():
+    model, loss_func, data, inputs, targets = make_case("cnn")
+    op = GGN(model, loss_func, None, data)
+    ref = dense_reference("ggn", model, loss_func, inputs, targets)
+    lin = op.to_scipy()
+    m = np.random.default_rng(0).standard_normal((ref.shape[1], 2))
+    top = eigsh(lin, k=1, which="LA", tol=1e-10)[0][0]
+    assert np.allclose(lin @ m, ref.numpy() @ m, atol=1e-10) and np.isclose(
+        top, float(torch.linalg.eigvalsh(ref)[-1]), rtol=1e-7
+    )
+
+
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_restriction_to_parameters_is_the_block(kind):
+    model, loss_func, data, inputs, targets = make_case("residual-layernorm")
+    op = OPERATORS[kind](model, loss_func, None, data)
+    ref = dense_reference(kind, model, loss_func, inputs, targets)
+    names = ["norm.weight", "head.bias"]
+    offsets, start = {}, 0
+    for name, p in model.named_parameters():
+        offsets[name] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    index = torch.cat([offsets[n] for n in names])
+    sub = op.restrict(names)
+    generic = (op + 0.0 * op).restrict(names)  # a sum restricts its terms
+    params_subset = OPERATORS[kind](
+        model, loss_func, {n: dict(model.named_parameters())[n] for n in names}, data
+    )
+    expected = ref[index][:, index]
+    torch.testing.assert_close(
+        torch.stack(
+            [
+                sub.dense(),
+                generic.dense(),
+                params_subset.dense(),
+                CurvatureOperator.restrict(op, names).dense(),
+            ]
+        ),
+        torch.stack([expected] * 4),
+        **TOL,
+    )
+
+
+def test_float32_matches_float64_reference():
+    model, loss_func, data, inputs, targets = make_case("cnn")
+    ref = dense_reference("ggn", model, loss_func, inputs, targets)
+    model32 = model.float()
+    data32 = [(x.float(), y) for x, y in data]
+    op = GGN(model32, loss_func, None, data32)
+    v = torch.randn(ref.shape[1], dtype=torch.float64)
+    out = op @ v.float()
+    assert out.dtype == torch.float32 and op.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref @ v, atol=1e-5, rtol=1e-4)
+
+
+class _Shuffled:
+    """Data that reshuffles at every pass, as a ``DataLoader(shuffle=True)``."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets, self.calls = inputs, targets, 0
+
+    def __iter__(self):
+        self.calls += 1
+        order = torch.randperm(
+            len(self.inputs), generator=torch.Generator().manual_seed(self.calls)
+        )
+        return iter(zip(self.inputs[order].split(3), self.targets[order].split(3), strict=True))
+
+
+def test_determinism_check_catches_shuffling_and_can_be_switched_off():
+    model, loss_func, _, inputs, targets = make_case("mlp")
+    data = _Shuffled(inputs, targets)
+    with pytest.raises(NondeterminismError, match="batch 0"):
+        GGN(model, loss_func, None, data)
+    assert GGN(model, loss_func, None, data, check_deterministic=False).shape == (39, 39)
+
+
+def test_determinism_check_catches_dropout_in_training_mode():
+    model, loss_func, data, _, _ = make_case("mlp")
+    model = torch.nn.Sequential(model[0], torch.nn.Dropout(0.5), *model[1:]).train()
+    with pytest.raises(NondeterminismError, match="model outputs"):
+        Hessian(model, loss_func, None, data)
+
+
+def test_one_shot_iterator_is_rejected():
+    model, loss_func, data, _, _ = make_case("mlp")
+    with pytest.raises(TypeError, match="re-iterable"):
+        GGN(model, loss_func, None, iter(data))
+
+
+def test_bad_shapes_name_the_problem():
+    model, loss_func, data, _, _ = make_case("mlp")
+    op = GGN(model, loss_func, None, data)
+    with pytest.raises(ValueError, match=r"\[39\]"):
+        op @ torch.ones(5)
+    with pytest.raises(ValueError, match="shapes"):
+        op + Jacobian(model, None, data)
