@@ -64,8 +64,10 @@ PACKAGES = (
     "curvlab.nn",
     "curvlab.backprop",
     "curvlab.optim",
+    "curvlab.diagnostics",
     "curvlab.data",
     "curvlab.linalg",
+    "curvlab.linops",
     "curvlab.experiments",
 )
 
