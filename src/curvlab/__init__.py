@@ -4,6 +4,7 @@ Sub-packages (lower layers never import higher ones):
 
 * :mod:`curvlab.nn` -- models and layers (reversible networks, memory-saving layers, einsum convs).
 * :mod:`curvlab.backprop` -- one-pass extended backpropagation of curvature quantities.
+* :mod:`curvlab.linops` -- matrix-free curvature operators (GGN, Hessian, KFAC, ...) and inverses.
 * :mod:`curvlab.optim` -- optimizers, starting with exact Gauss-Newton (:class:`ExactGN`).
 * :mod:`curvlab.data` -- dataset loaders (IDX, CIFAR pickle) and the bundled Fashion-MNIST subset.
 * :mod:`curvlab.experiments` -- the exact-GN paper's experiments behind ``curvlab run``.
