@@ -95,10 +95,11 @@ def slq_density(
         \phi(t) \approx \frac{1}{n} \sum_{p=1}^n \sum_{l=1}^m \tau_{pl}\,
         \frac{1}{\sigma \sqrt{2 \pi}} \exp\Bigl(-\frac{(t - \theta_{pl})^2}{2 \sigma^2}\Bigr),
 
-    with the nodes and weights of :func:`slq_quadrature`. It integrates to 1 (multiply by
-    :math:`P` for a density of eigenvalue counts); its mean is that of the quadrature, an
-    unbiased estimate of :math:`\operatorname{tr}(A) / P`, and its :math:`k`-th moment that of
-    the quadrature convolved with :math:`\mathcal{N}(0, \sigma^2)` (the second is
+    with the nodes and weights of :func:`slq_quadrature`. It integrates to 1 (on the default
+    grid up to the Gaussian tails beyond :math:`5 \sigma`, below :math:`6 \cdot 10^{-7}`;
+    multiply by :math:`P` for a density of eigenvalue counts); its mean is that of the
+    quadrature, an unbiased estimate of :math:`\operatorname{tr}(A) / P`, and its :math:`k`-th
+    moment that of the quadrature convolved with :math:`\mathcal{N}(0, \sigma^2)` (the second is
     :math:`\operatorname{tr}(A^2) / P + \sigma^2` in expectation, for :math:`m \ge 2`).
 
     Args:

@@ -24,7 +24,7 @@ def hutchinson_diag(
     distribution: str = "rademacher",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Hutchinson's estimate of :math:`\operatorname{diag}(A)` ``[P]`` from ``num_matvecs`` products.
+    r"""Hutchinson's estimate of the diagonal :math:`\operatorname{diag}(A)` ``[P]``.
 
     .. math::
         \operatorname{diag}(A) \approx \frac{1}{m} \sum_{i=1}^m z_i \odot A z_i,

@@ -37,7 +37,8 @@ class LanczosProcess:
     After :math:`j` calls of :meth:`step`, :attr:`alphas` ``[b, j]`` and :attr:`betas`
     ``[b, j]`` hold the diagonals and off-diagonals of :math:`T_j` (``betas[:, -1]`` is the
     norm of the residual that would start step :math:`j + 1`; it measures convergence). When a
-    process breaks down (its Krylov space is invariant, :math:`\beta \approx 0`), it restarts
+    process breaks down (its Krylov space is invariant: :math:`\beta` at most the square root
+    of the machine epsilon times the largest :math:`|\alpha|, \beta` so far), it restarts
     from a random vector orthogonal to its basis and records :math:`\beta = 0`: :math:`T_j`
     becomes block-diagonal and later Ritz values come from the new block.
 
@@ -74,7 +75,7 @@ class LanczosProcess:
         self._alphas: list[Tensor] = []
         self._betas: list[Tensor] = []
         self._scale = torch.zeros(start.shape[1], dtype=start.dtype, device=start.device)
-        self._breakdown_factor = 10 * self.size**0.5 * torch.finfo(start.dtype).eps
+        self._breakdown_factor = torch.finfo(start.dtype).eps ** 0.5
 
     @property
     def alphas(self) -> Tensor:
@@ -180,8 +181,10 @@ def lanczos_eigs(
     or ``max_steps`` is reached (a warning then says how far it got). The eigenvalue error is
     about the squared residual over the gap to the rest of the spectrum; the eigenvector angle,
     the residual over the gap. An eigenvalue of multiplicity :math:`> 1` is found once per
-    breakdown of the process (each restart finds another copy), so all copies are found only
-    when the Krylov spaces exhaust them, as for a low-rank :math:`A`'s zero eigenvalue.
+    breakdown of the process (each restart, from a random vector orthogonal to the basis, finds
+    another copy; convergence is not tested at a breakdown): the copies of a multiple eigenvalue
+    may be missed unless its Krylov space is exhausted first, and the zero eigenvalues of a
+    low-rank :math:`A` can take up to :math:`P` steps.
 
     Args:
         A: The symmetric square operator ``[P, P]`` (``A @ V`` and ``A.shape``).
@@ -213,8 +216,10 @@ def lanczos_eigs(
     while True:
         process.step()
         j = process.steps
-        if j < k or (j < max_steps and j - last_check < max(1, j // 10)):
+        if j < max_steps and (j < k or j - last_check < max(1, j // 10)):
             continue
+        if j < max_steps and bool(process.betas[0, -1] == 0):
+            continue  # a breakdown: the block just completed is exact, the rest is unexplored
         last_check = j
         values, vectors = torch.linalg.eigh(process.tridiagonal()[0])
         wanted = torch.arange(j - 1, j - 1 - k, -1) if which == "largest" else torch.arange(k)
