@@ -5,7 +5,7 @@
   :func:`ntk_change`, :func:`ntk_rate_of_change`.
 * :mod:`curvlab.diagnostics.cka` -- :func:`linear_cka` and :class:`RepresentationCKA`, the CKA of
   named blocks to their initial representations.
-* :mod:`curvlab.diagnostics.linearize` -- :func:`linearize`, the kernel-regime model.
+* :mod:`curvlab.diagnostics.linearized` -- :func:`linearize`, the kernel-regime model.
 
 Guide: ``docs/ntk.md``.
 """
@@ -16,7 +16,7 @@ from curvlab.diagnostics.cka import (
     linear_cka,
     record_representations,
 )
-from curvlab.diagnostics.linearize import LinearizedModel, linearize
+from curvlab.diagnostics.linearized import LinearizedModel, linearize
 from curvlab.diagnostics.ntk import (
     DEFAULT_MAX_JACOBIAN_BYTES,
     METHODS,
