@@ -67,6 +67,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.utils.flop_counter import FlopCounterMode
 
 from curvlab.nn.reversible import RevMLP
+from curvlab.optim.exact_gn import ExactGN
 
 MODES = ("full", "trace", "diagonal")
 METHODS = ("auto", "jacobian", "ntk-vp", "structured")
@@ -425,8 +426,6 @@ def _revmlp_factors(model: RevMLP, x: Tensor) -> list[tuple[Tensor, Tensor]]:
     The linearization is :class:`curvlab.optim.ExactGN`'s (the ``"pinv"`` scheme's structured
     NTK); the optimizer is built only to reuse it and never steps.
     """
-    from curvlab.optim.exact_gn import ExactGN
-
     linearization = ExactGN(model, lr=1.0, scheme="pinv", max_loss_ratio=None)
     with torch.no_grad():
         branches, _ = linearization._linearize(model.flatten_input(x))
