@@ -12,6 +12,7 @@ from curvlab.linops import (
     CGInverse,
     DenseOperator,
     FisherMC,
+    Hessian,
     KFACOperator,
     NeumannInverse,
 )
@@ -93,6 +94,46 @@ def test_kfac_is_exact_for_one_linear_layer_and_one_sample():
     torch.testing.assert_close(
         op.dense(), dense_reference("ggn", model, nn.CrossEntropyLoss(), x, y)
     )
+
+
+def test_empirical_kfac_is_the_empirical_fisher_for_one_linear_layer_and_one_sample():
+    torch.manual_seed(0)
+    model, loss_func = nn.Linear(4, 3).double(), nn.MSELoss()
+    x, y = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    op = KFACOperator(
+        model, loss_func, None, [(x, y)], fisher_type="empirical", separate_weight_and_bias=False
+    )
+    torch.testing.assert_close(op.dense(), dense_reference("ef", model, loss_func, x, y))
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_kfac_types_over_a_loader_equal_one_batch(fisher_type):
+    model, loss_func, data, inputs, targets = make_case("cnn")
+    ops = [
+        KFACOperator(model, loss_func, None, d, fisher_type=fisher_type, mc_samples=4000)
+        for d in (data, [(inputs, targets)])
+    ]
+    loader, whole = (op.dense() for op in ops)
+    assert _relative_error(loader, whole) < (1e-12 if fisher_type == "empirical" else 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_operators_on_the_gpu_match_the_cpu(dtype):
+    model, loss_func, data, _, _ = make_case("attention")
+    tol = {"atol": 1e-4, "rtol": 1e-3} if dtype == torch.float32 else {}
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        m = model.to(device=device, dtype=dtype)
+        ops = [
+            GGN(m, loss_func, None, data),
+            Hessian(m, loss_func, None, data),
+            KFACOperator(m, loss_func, None, data, fisher_type="type-2"),
+            GGN(m, loss_func, None, data, mc_samples=2),
+        ]
+        results.append(torch.stack([(op @ v.to(device, dtype)).cpu().double() for op in ops]))
+    torch.testing.assert_close(results[1], results[0], **tol)
 
 
 def test_kfac_inverse_inverts_the_damped_operator():

@@ -29,14 +29,31 @@ from torch import Tensor, nn
 
 from curvlab.backprop import KFAC, KFLR, DenseBlock, KronFactors, compute
 from curvlab.backprop.loss import LossSpec
+from curvlab.backprop.quantities import _KroneckerQuantity
+from curvlab.backprop.sources import GRAD, Source
 from curvlab.linops.base import CurvatureOperator
 from curvlab.linops.empirical_risk import Data, ModelOperator, Params, generator_for
 
 Block = KronFactors | DenseBlock
 
-#: The Fisher approximations :class:`KFACOperator` knows: ``"mc"`` (KFAC, sampled labels) and
-#: ``"type-2"`` (KFLR, the exact loss Hessian).
-FISHER_TYPES = ("mc", "type-2")
+#: The Fisher approximations :class:`KFACOperator` knows: ``"mc"`` (KFAC, sampled labels),
+#: ``"type-2"`` (KFLR, the exact loss Hessian) and ``"empirical"`` (output gradients at the true
+#: labels: the Kronecker approximation of the empirical Fisher).
+FISHER_TYPES = ("mc", "type-2", "empirical")
+
+
+class _EmpiricalKFAC(_KroneckerQuantity):
+    """KFAC blocks from the per-sample output gradients at the true labels (engine source GRAD)."""
+
+    @property
+    def name(self) -> str:
+        return "KFACEmpirical" + self._variant()
+
+    def sources(self) -> tuple[Source, ...]:
+        return (GRAD,)
+
+    def evaluate(self, view, ctx):
+        return self._block(view, ctx, GRAD)
 
 
 def _accumulate(blocks: list[Block], batch_factor: float, num_data: int) -> Block:
@@ -78,7 +95,8 @@ class KFACOperator(ModelOperator):
         params: The parameters (``None``: all trainable ones); a joint weight-and-bias block
             needs both. The engine works on the model's own parameter values.
         data: Re-iterable ``(inputs, targets)`` batches.
-        fisher_type: ``"mc"`` (KFAC, ``mc_samples`` sampled labels) or ``"type-2"`` (KFLR).
+        fisher_type: ``"mc"`` (KFAC, ``mc_samples`` sampled labels), ``"type-2"`` (KFLR) or
+            ``"empirical"`` (:math:`B` from the output gradients at the true labels).
         mc_samples: Sampled labels per input for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for weights shared over positions.
         separate_weight_and_bias: ``False`` for one joint block per layer.
@@ -103,8 +121,10 @@ class KFACOperator(ModelOperator):
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
         if fisher_type == "mc":
             self.quantity = KFAC(mc_samples, kfac_approx, separate_weight_and_bias)
-        else:
+        elif fisher_type == "type-2":
             self.quantity = KFLR(kfac_approx, separate_weight_and_bias)
+        else:
+            self.quantity = _EmpiricalKFAC(kfac_approx, separate_weight_and_bias)
         self.fisher_type, self.seed = fisher_type, seed
         super().__init__(model, loss_func, params, data, check_deterministic)
         self.blocks = self._compute_blocks()
