@@ -56,3 +56,25 @@ def test_random_vectors_are_isotropic(distribution):
     torch.testing.assert_close(
         Z @ Z.T / 20000, torch.eye(4, dtype=torch.float64), rtol=0, atol=0.05
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_estimators_run_on_the_operators_device():
+    from curvlab.linalg import (
+        hutchinson_squared_fro,
+        hutchpp_trace,
+        lanczos_eigs,
+        slq_density,
+        xtrace,
+    )
+
+    A = torch.diag(torch.linspace(1.0, 2.0, 50, dtype=torch.float64)).cuda()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for estimator in (hutchinson_trace, hutchpp_trace, xtrace, hutchinson_squared_fro):
+        assert estimator(A, 12, generator=generator).device.type == "cuda"
+    assert hutchinson_diag(A, 3, generator=generator).device.type == "cuda"
+    values, vectors = lanczos_eigs(A, 2, generator=generator)
+    assert vectors.device.type == "cuda"
+    torch.testing.assert_close(values.cpu(), torch.tensor([2.0, 2.0 - 1 / 49], dtype=torch.float64))
+    grid, density = slq_density(A, 4, 10, generator=generator)
+    assert abs(float(torch.trapezoid(density, grid)) - 1) < 1e-6
