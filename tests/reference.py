@@ -82,10 +82,19 @@ def ggn(model: nn.Module, loss_func, inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def full_hessian(model: nn.Module, loss_func, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Hessian of the batch loss w.r.t. the flattened parameters, ``[P, P]``."""
+    """Hessian of the batch loss w.r.t. the flattened parameters, ``[P, P]``.
+
+    Reverse over reverse (``jacrev(grad)``): in torch 2.13 forward over reverse
+    (``torch.func.hessian``) gets the blocks *between* parameters wrong through LayerNorm's
+    backward (an asymmetric matrix, off by 0.1-1 on ``layernorm-mlp``; the diagonal blocks are
+    right). The math attention kernel has the double backward that the fused ones lack.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     theta = flatten(trainable_params(model))
     f = _output_fn(model, inputs)
-    return hessian(lambda t: loss_func(f(t), targets))(theta)
+    with sdpa_kernel([SDPBackend.MATH]):
+        return torch.func.jacrev(torch.func.grad(lambda t: loss_func(f(t), targets)))(theta)
 
 
 def gradient(model: nn.Module, loss_func, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -156,7 +165,8 @@ def per_sample_hessian_diagonals(
     with sdpa_kernel([SDPBackend.MATH]):
         for n in range(inputs.shape[0]):
             f = _output_fn(model, inputs[n : n + 1])
-            h = hessian(lambda t, f=f, n=n: loss_func(f(t), targets[n : n + 1]))(theta)
+            loss = lambda t, f=f, n=n: loss_func(f(t), targets[n : n + 1])  # noqa: E731
+            h = torch.func.jacrev(torch.func.grad(loss))(theta)
             rows.append(torch.diagonal(h))
     return torch.stack(rows)
 
