@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from curvlab.backprop import KFAC, KFLR, DenseBlock, KronFactors, compute
+from curvlab.backprop import KFAC, KFLR, DenseBlock, KFACEmpirical, KronFactors, compute, pool
 from tests import reference
 from tests.backprop.problems import LOSSES, PROBLEMS, build, make_targets
 
@@ -323,3 +323,28 @@ def test_kfac_converges_to_kflr_for_grouped_and_transposed(problem):
         torch.testing.assert_close(mc.input_factor, exact.input_factor)
         err = (mc.output_factor - exact.output_factor).norm() / exact.output_factor.norm()
         assert err < 0.1, (name, float(err))
+
+
+def test_empirical_kfac_is_the_gradient_outer_product_for_one_sample():
+    model, loss_func, x, y = _exact_case(
+        nn.Linear(3, 4), [nn.Tanh(), nn.Linear(4, 2)], (1, 3), "ce-mean"
+    )
+    results = compute(model, loss_func, x, y, [KFACEmpirical()])
+    block = results["KFACEmpirical"]["2.weight"]
+    g = results.grad["2.weight"].flatten()  # one sample, r = 1: the per-sample gradient
+    torch.testing.assert_close(block.dense(), torch.outer(g, g), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+def test_pooled_batches_equal_one_pass(loss):
+    model, loss_func, x, y = build(next(p for p in PROBLEMS if p.name == "cnn2d-grouped"), loss)
+    whole = compute(model, loss_func, x, y, [KFLR()])["KFLR"]
+    parts = [
+        compute(model, loss_func, x[s], y[s], [KFLR()])["KFLR"]
+        for s in (slice(0, 1), slice(1, None))
+    ]
+    r = 1.0 / x.shape[0] if loss_func.reduction == "mean" else 1.0
+    for name, block in whole.items():
+        pooled = pool([p[name] for p in parts], r)
+        torch.testing.assert_close(pooled.dense(), block.dense(), rtol=1e-10, atol=1e-12, msg=name)
+        assert pooled.num_samples == block.num_samples

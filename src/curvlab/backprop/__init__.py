@@ -15,7 +15,7 @@ from curvlab.backprop.errors import (
     UnsupportedLossError,
     UnsupportedModuleError,
 )
-from curvlab.backprop.kron import DenseBlock, KronEigen, KronFactors, Layout
+from curvlab.backprop.kron import DenseBlock, KronEigen, KronFactors, Layout, pool
 from curvlab.backprop.quantities import (
     BL89,
     GGNMP,
@@ -30,6 +30,7 @@ from curvlab.backprop.quantities import (
     DiagGGN,
     DiagHessian,
     HesScale,
+    KFACEmpirical,
     Quantity,
     SqrtGGN,
     SumGradSquared,
@@ -65,11 +66,13 @@ __all__ = [
     "SignedHessian",
     "Source",
     "capture",
+    "pool",
     "GGNMP",
     "HMP",
     "KFAC",
     "KFLR",
     "KFRA",
+    "KFACEmpirical",
     "RULES",
     "SAME_FORWARD",
     "BatchDiagGGN",

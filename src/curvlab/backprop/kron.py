@@ -419,3 +419,47 @@ def kron_block(
 
 CurvatureBlock = KronFactors | DenseBlock
 """What ``KFAC``, ``KFLR`` and ``KFRA`` return per parameter."""
+
+
+def pool(blocks: Sequence[CurvatureBlock], batch_factor: float) -> CurvatureBlock:
+    r"""The block of the union of several batches' data, from the blocks of the batches.
+
+    ``+`` averages factors (running averages); pooling adds the *statistics*:
+    :math:`A = \sum_b S^A_b / \sum_b c_b` over the batches' input sums and counts, and
+    :math:`B = r \sum_b S^B_b` with :math:`r` the batch factor of the union (``1 / N`` of all
+    the samples for a mean loss, ``1`` for a sum). For blocks of one batch each this gives the
+    block of one pass over all the data (the data-loader and data-parallel case).
+
+    Args:
+        blocks: Blocks of the same parameters, one per batch.
+        batch_factor: :math:`r` of the union.
+
+    Returns:
+        One block of the same type.
+    """
+    first = blocks[0]
+    samples = sum(b.num_samples for b in blocks)
+    if isinstance(first, DenseBlock):
+        total = sum(b.matrix / b.batch_factor for b in blocks)
+        return replace(
+            first,
+            matrix=batch_factor * total,
+            num_samples=samples,
+            batch_factor=batch_factor,
+            _eigen=None,
+        )
+    if any(b.layout != first.layout for b in blocks):
+        raise TypeError(f"cannot pool blocks of different layouts for {first.names}")
+    count = sum(b.input_count for b in blocks)
+    a = first.input_factor
+    if first.layout.kind != "bias":
+        a = sum(b.input_sum for b in blocks) / count
+    return replace(
+        first,
+        input_factor=a,
+        output_factor=batch_factor * sum(b.output_sum for b in blocks),
+        num_samples=samples,
+        input_count=count,
+        batch_factor=batch_factor,
+        _eigen=None,
+    )

@@ -480,6 +480,29 @@ class KFAC(_KroneckerQuantity):
         return f"KFAC(mc_samples={self.mc_samples!r}, " + super().__repr__().split("(", 1)[1]
 
 
+class KFACEmpirical(_KroneckerQuantity):
+    r"""Kronecker factors of the empirical Fisher: :math:`B` from the output gradients at the labels.
+
+    Same blocks as :class:`KFLR` with :math:`s` the per-sample loss gradient w.r.t. the layer
+    output (``M = 1``): :math:`B = r \sum_{n,t} g_{nt} g_{nt}^\top` (KFAC-expand).
+
+    Args:
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``.
+        separate_weight_and_bias: ``False`` for joint weight-and-bias blocks.
+    """
+
+    @property
+    def name(self) -> str:
+        """``"KFACEmpirical"``, then ``Reduce`` / ``Joint``."""
+        return "KFACEmpirical" + self._variant()
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return (GRAD,)
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context):  # noqa: D102
+        return self._block(view, ctx, GRAD)
+
+
 class KFRA(Quantity):
     r"""Kronecker factors with recursive batch averages (Botev et al., 2017).
 
@@ -561,6 +584,7 @@ ALL = (
     HMP,
     KFAC,
     KFLR,
+    KFACEmpirical,
     KFRA,
     BL89,
     HesScale,

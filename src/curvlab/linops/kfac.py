@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
-from curvlab.backprop import KFAC, KFLR, DenseBlock, KronFactors, compute
+from curvlab.backprop import KFAC, KFLR, DenseBlock, KFACEmpirical, KronFactors, compute, pool
 from curvlab.backprop.loss import LossSpec
-from curvlab.backprop.quantities import _KroneckerQuantity
-from curvlab.backprop.sources import GRAD, Source
 from curvlab.linops.base import CurvatureOperator
 from curvlab.linops.empirical_risk import Data, ModelOperator, Params, generator_for
 
@@ -40,49 +37,6 @@ Block = KronFactors | DenseBlock
 #: ``"type-2"`` (KFLR, the exact loss Hessian) and ``"empirical"`` (output gradients at the true
 #: labels: the Kronecker approximation of the empirical Fisher).
 FISHER_TYPES = ("mc", "type-2", "empirical")
-
-
-class _EmpiricalKFAC(_KroneckerQuantity):
-    """KFAC blocks from the per-sample output gradients at the true labels (engine source GRAD)."""
-
-    @property
-    def name(self) -> str:
-        return "KFACEmpirical" + self._variant()
-
-    def sources(self) -> tuple[Source, ...]:
-        return (GRAD,)
-
-    def evaluate(self, view, ctx):
-        return self._block(view, ctx, GRAD)
-
-
-def _accumulate(blocks: list[Block], batch_factor: float, num_data: int) -> Block:
-    """The block of all the data from the blocks of the batches (statistics add)."""
-    first = blocks[0]
-    if isinstance(first, DenseBlock):
-        total = sum(b.matrix / b.batch_factor for b in blocks)
-        return replace(
-            first,
-            matrix=batch_factor * total,
-            num_samples=num_data,
-            batch_factor=batch_factor,
-            _eigen=None,
-        )
-    count = sum(b.input_count for b in blocks)
-    if first.layout.kind == "bias":
-        a = first.input_factor
-    else:
-        a = sum(b.input_factor * b.input_count for b in blocks) / count
-    b = batch_factor * sum(blk.output_factor / blk.batch_factor for blk in blocks)
-    return replace(
-        first,
-        input_factor=a,
-        output_factor=b,
-        num_samples=num_data,
-        input_count=count,
-        batch_factor=batch_factor,
-        _eigen=None,
-    )
 
 
 class KFACOperator(ModelOperator):
@@ -124,7 +78,7 @@ class KFACOperator(ModelOperator):
         elif fisher_type == "type-2":
             self.quantity = KFLR(kfac_approx, separate_weight_and_bias)
         else:
-            self.quantity = _EmpiricalKFAC(kfac_approx, separate_weight_and_bias)
+            self.quantity = KFACEmpirical(kfac_approx, separate_weight_and_bias)
         self.fisher_type, self.seed = fisher_type, seed
         super().__init__(model, loss_func, params, data, check_deterministic)
         self.blocks = self._compute_blocks()
@@ -153,7 +107,7 @@ class KFACOperator(ModelOperator):
                 if name == block.names[0]:
                     per_block[block.names].append(block)
         r = LossSpec(self.loss_func).batch_factor(self.num_data)
-        return [_accumulate(blocks, r, self.num_data) for blocks in per_block.values()]
+        return [pool(blocks, r) for blocks in per_block.values()]
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         return self._apply(matrix, lambda block, value: block.matvec(value))
