@@ -6,8 +6,12 @@
 * :mod:`curvlab.diagnostics.cka` -- :func:`linear_cka` and :class:`RepresentationCKA`, the CKA of
   named blocks to their initial representations.
 * :mod:`curvlab.diagnostics.linearized` -- :func:`linearize`, the kernel-regime model.
+* :mod:`curvlab.diagnostics.monitor` -- :class:`Monitor`, Cockpit's instruments around the
+  user's own backward on schedules, and their JSONL log (:func:`read_log`).
+* :mod:`curvlab.diagnostics.instruments` -- the instruments' definitions (:data:`PRESETS`,
+  :data:`INSTRUMENTS`), the gradient tests and the mean GSNR as functions, schedules.
 
-Guide: ``docs/ntk.md``.
+Guides: ``docs/ntk.md``, ``docs/diagnostics.md``.
 """
 
 from curvlab.diagnostics.cka import (
@@ -16,7 +20,21 @@ from curvlab.diagnostics.cka import (
     linear_cka,
     record_representations,
 )
+from curvlab.diagnostics.instruments import (
+    INSTRUMENTS,
+    PRESETS,
+    BatchGradDots,
+    Instrument,
+    StepData,
+    inner_product_test,
+    linear_schedule,
+    logarithmic_schedule,
+    mean_gsnr,
+    norm_test,
+    orthogonality_test,
+)
 from curvlab.diagnostics.linearized import LinearizedModel, linearize
+from curvlab.diagnostics.monitor import JSONLLog, Monitor, read_log
 from curvlab.diagnostics.ntk import (
     DEFAULT_MAX_JACOBIAN_BYTES,
     METHODS,
@@ -31,18 +49,32 @@ from curvlab.diagnostics.ntk import (
 
 __all__ = [
     "DEFAULT_MAX_JACOBIAN_BYTES",
+    "INSTRUMENTS",
     "METHODS",
     "MODES",
+    "PRESETS",
+    "BatchGradDots",
+    "Instrument",
+    "JSONLLog",
     "LinearizedModel",
+    "Monitor",
     "RepresentationCKA",
     "empirical_ntk",
     "first_middle_last",
+    "inner_product_test",
+    "linear_schedule",
     "linear_cka",
     "linearize",
+    "logarithmic_schedule",
+    "mean_gsnr",
+    "norm_test",
     "ntk_change",
     "ntk_method",
     "ntk_rate_of_change",
     "ntk_similarity",
     "ntk_vector_product",
+    "orthogonality_test",
+    "read_log",
     "record_representations",
+    "StepData",
 ]
