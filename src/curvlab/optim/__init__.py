@@ -1,4 +1,8 @@
-"""Optimizers: exact Gauss-Newton for reversible networks (more second-order methods to come)."""
+"""Optimizers: exact Gauss-Newton for reversible networks, KFAC, and the parts they share.
+
+``curvlab.optim.parts`` holds the small composable parts (curvature statistic, running average,
+inverse and damping, update rule) that the optimizers are assembled from.
+"""
 
 from curvlab.optim.exact_gn import (
     DEFAULT_CE_OUTPUT_DAMPING,
@@ -7,11 +11,15 @@ from curvlab.optim.exact_gn import (
     NoExactRightInverseError,
     StepInfo,
 )
+from curvlab.optim.kfac import FALLBACKS, KFAC, KRONECKER_MODULES
 
 __all__ = [
     "DEFAULT_CE_OUTPUT_DAMPING",
     "DivergedStepError",
     "ExactGN",
+    "FALLBACKS",
+    "KFAC",
+    "KRONECKER_MODULES",
     "NoExactRightInverseError",
     "StepInfo",
 ]
