@@ -143,6 +143,39 @@ class Rule:
             for k, v in self.jac_t(module, call, factors, names).items()
         }
 
+    def gram(
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        other: tuple[Tensor, ...] | None = None,
+    ) -> dict[str, Tensor]:
+        r"""Gram matrices of the VJPs, :math:`\langle J_n^\top F_{mn}, J_{n'}^\top F'_{m'n'} \rangle`.
+
+        The default forms the VJPs (``[M, N, *p]``) with :meth:`jac_t`; rules with a factored
+        form override it (ViViT, :mod:`curvlab.vivit`).
+
+        Args:
+            module: The module.
+            call: One of its calls.
+            factors: ``F``, ``[M, N, *out]`` per output tensor.
+            names: The parameters to return.
+            other: ``F'``, ``[M', N, *out]`` per output tensor (``None``: ``F`` itself).
+
+        Returns:
+            ``{name: [M, N, M', N]}``.
+        """
+        left = self.jac_t(module, call, factors, names)
+        right = left if other is None else self.jac_t(module, call, other, names)
+        out = {}
+        for k, v in left.items():
+            a, b = v.flatten(start_dim=2), right[k].flatten(start_dim=2)
+            out[k] = (a.flatten(end_dim=1) @ b.flatten(end_dim=1).T).reshape(
+                *a.shape[:2], *b.shape[:2]
+            )
+        return out
+
     def kron_sums(
         self,
         module: nn.Module,

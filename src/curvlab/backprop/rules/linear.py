@@ -2,7 +2,8 @@ r"""Rule for ``nn.Linear``: :math:`y = x W^\top + b` on inputs ``[N, *T, in]``.
 
 The per-sample weight gradient is :math:`\sum_t g_{nt} x_{nt}^\top`; norms and squares use
 factored forms (outer products of inputs and output gradients) that never form ``[N, out, in]``
-when ``T = 1``; with ``T > 1`` the norm uses Gram matrices over ``t`` when that is cheaper.
+when ``T = 1`` (so do the Gram matrices of :meth:`LinearRule.gram`:
+:math:`(x_n \cdot x_{n'})(g_{mn} \cdot g_{m'n'})`); with ``T > 1`` the norm uses Gram matrices over ``t`` when that is cheaper.
 """
 
 from __future__ import annotations
@@ -97,6 +98,27 @@ class LinearRule(Rule):
                 out["weight"] = torch.einsum("mnto,nti->mnoi", g, x).square().sum((-2, -1))
         if "bias" in names:
             out["bias"] = g.sum(2).square().sum(-1)
+        return out
+
+    def gram(  # noqa: D102
+        self,
+        module: nn.Linear,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        other: tuple[Tensor, ...] | None = None,
+    ) -> dict[str, Tensor]:
+        x, g = _flat(module, call, factors)
+        if x.shape[1] != 1:
+            return super().gram(module, call, factors, names, other)
+        h = g if other is None else _flat(module, call, other)[1]
+        # <g_mn x_n^T, h_kq x_q^T> = (g_mn . h_kq)(x_n . x_q): no [M, N, out, in] tensor
+        out = {"bias": torch.einsum("mno,kqo->mnkq", g[:, :, 0], h[:, :, 0])}
+        if "weight" in names:
+            inputs = x[:, 0]
+            out["weight"] = out["bias"] * (inputs @ inputs.T)[None, :, None, :]
+        if "bias" not in names:
+            del out["bias"]
         return out
 
     def jvp(self, module: nn.Linear, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
