@@ -293,6 +293,7 @@ def _deep_mlp():
 )
 def test_streamed_path_frees_each_factor(make, monkeypatch):
     """No list of output gradients: a module's factor is gone when the next one arrives."""
+    monkeypatch.setattr(streamed, "BATCHED_COLUMNS_ELEMENTS", 0)  # the per-column loop
     alive = _track_factors(monkeypatch)
     model, x, y = _deep_mlp()
     compute(model, nn.CrossEntropyLoss(), x, y, [make()])
@@ -364,3 +365,26 @@ def test_both_paths_reject_with_the_named_reason(make_model, make, message, path
     subsampling = list(range(x.shape[0])) if path == "general" else None
     with pytest.raises(UnsupportedModuleError, match=message):
         compute(model, nn.CrossEntropyLoss(), x, y, [make()], subsampling=subsampling)
+
+
+@pytest.mark.parametrize("make", [lambda: DiagGGN(mc_samples=2), DiagGGN, KFLR, SqrtGGN])
+def test_batched_columns_equal_the_loop(make, monkeypatch):
+    """Small Linear models back-propagate all columns in one vmapped backward: same numbers."""
+    model, x, y = _deep_mlp()
+    calls = []
+    original = streamed.StreamedPass._batched
+
+    def spy(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(streamed.StreamedPass, "_batched", spy)
+    loss_func = nn.CrossEntropyLoss()
+    batched = compute(model, loss_func, x, y, [make()], generator=torch.Generator().manual_seed(1))
+    assert calls
+    monkeypatch.setattr(streamed, "BATCHED_COLUMNS_ELEMENTS", 0)
+    loop = compute(model, loss_func, x, y, [make()], generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 1
+    name = make().name
+    for param, value in loop[name].items():
+        _assert_close(batched[name][param], value)

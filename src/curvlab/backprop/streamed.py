@@ -15,6 +15,7 @@ module hook keeps its columns until the last one arrives, then reduces them the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,10 @@ def sinks(outputs: list[Tensor]) -> list[Tensor]:
     return found
 
 
+BATCHED_COLUMNS_ELEMENTS = 2**19
+"""Largest number of column entries (columns x module-output entries) back-propagated at once."""
+
+
 class StreamedPass:
     """The hooks and partial values of one streamed pass (see the module docstring).
 
@@ -93,6 +98,7 @@ class StreamedPass:
         self.grad_scale = 1.0
         self.like: dict[Owner, assembly.TensorLike] = {}
         self.sinks: list[Tensor] = []
+        self.outputs: list[Tensor] | None = None  # kept only for batched columns
         self.handles: list[Any] = []
 
     # ------------------------------------------------------------------------ set-up
@@ -108,9 +114,34 @@ class StreamedPass:
             self.like[own] = assembly.TensorLike.of(out)
         if any(isinstance(s, SqrtSource) for s in self.by_source):
             self.sinks = sinks(outputs)
+            if self._batched_columns():
+                self.outputs = outputs  # one batched backward needs them as its inputs
+                return
         del outputs
         for own in self.plan.owners:
             own.calls[0].outputs = ()
+
+    def _batched_columns(self) -> bool:
+        """One vmapped backward for all columns (else one plain backward per column).
+
+        Measured on the CPU (mlp-mnist, ``C = 10`` exact columns, one thread, ratio to a
+        gradient of the column passes): batched 1.76 against a loop's 2.15 at ``N = 32``, equal
+        at ``N = 128`` (2.07 / 2.05), 2.36 against 2.10 at ``N = 512``; on 3C3D the loop wins at
+        every size (the batched convolution and pooling kernels: 4.7 against 2.1 at 128). So:
+        batched when every owner is a ``Linear`` layer and all the columns of all module outputs
+        stay under :data:`BATCHED_COLUMNS_ELEMENTS`.
+        """
+        if any(
+            own.rule.kron_kind != "rows" or not own.rule.channels_last for own in self.plan.owners
+        ):
+            return False
+        plan = self.plan
+        columns = 0
+        for source in self.by_source:
+            if isinstance(source, SqrtSource):
+                columns = max(columns, getattr(source, "samples", plan.output[0].numel()))
+        elements = columns * sum(math.prod(like.shape) for like in self.like.values())
+        return elements <= BATCHED_COLUMNS_ELEMENTS
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -172,6 +203,9 @@ class StreamedPass:
         sqrt_sources = [s for s in self.by_source if isinstance(s, SqrtSource)]
         for k, source in enumerate(sqrt_sources):
             sqrt = source.columns(plan.spec, plan.output, plan.targets, plan.generator)
+            if self.outputs is not None:
+                self._batched(source, sqrt)
+                continue
             self.source, self.done, self.expected_columns = source, set(), sqrt.shape[0]
             for m in range(sqrt.shape[0]):
                 last = k == len(sqrt_sources) - 1 and m == sqrt.shape[0] - 1
@@ -181,6 +215,23 @@ class StreamedPass:
             self.columns.clear()
             self._unreached(source, sqrt.shape[0])
         self.source = None
+
+    def _batched(self, source: Source, sqrt: Tensor) -> None:
+        """All columns of ``sqrt`` ``[M, N, *out]`` in one vmapped backward to the outputs."""
+        self.source = None  # the hooks stand aside: the factors come back as results
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                self.plan.output,
+                self.outputs,
+                sqrt,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        for own, g in zip(self.plan.owners, grads, strict=True):
+            factor = assembly.zero_factor(self.like[own], sqrt.shape[0]) if g is None else g
+            self._evaluate(own, source, factor)
+        del grads
 
     def start_gradient(self, grad_scale: float) -> None:
         """The next backward carries the gradient, ``grad_scale`` times the loss's."""
