@@ -68,6 +68,7 @@ PACKAGES = (
     "curvlab.data",
     "curvlab.linalg",
     "curvlab.linops",
+    "curvlab.vivit",
     "curvlab.experiments",
 )
 

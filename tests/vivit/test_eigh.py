@@ -137,3 +137,24 @@ def test_unknown_group_is_rejected():
     model, loss_func, x, y = problem("mlp", "ce-mean")
     with pytest.raises(ValueError, match="nope"):
         ggn_eigh(model, loss_func, x, y, k=1, per_parameter=[["0.weight", "nope"]])
+
+
+def test_linear_layers_never_form_per_sample_vjps(monkeypatch):
+    """On an MLP the Gram matrix and eigenvectors come from factored forms only."""
+    from curvlab.backprop.rules.linear import LinearRule
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("LinearRule.jac_t formed [M, N, out, in]")
+
+    monkeypatch.setattr(LinearRule, "jac_t", forbidden)
+    model, loss_func, x, y = problem("mlp", "ce-mean")
+    ggn = dense_ggn(model, loss_func, x, y)
+    values, vectors = ggn_eigh(model, loss_func, x, y, k=rank(ggn))
+    assert_eigenpairs(values, vectors, ggn)
+
+
+def test_attention_model_on_the_default_gram():
+    model, loss_func, x, y = problem("attention-layernorm", "ce-mean")
+    ggn = dense_ggn(model, loss_func, x, y)
+    values, vectors = ggn_eigh(model, loss_func, x, y, k=rank(ggn))
+    assert_eigenpairs(values, vectors, ggn)

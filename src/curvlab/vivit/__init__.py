@@ -11,12 +11,11 @@ from curvlab.vivit.directional import (
     directional_derivatives,
     gradient_projections,
 )
-from curvlab.vivit.eigh import Eigenspace, ggn_eigh
+from curvlab.vivit.eigh import ggn_eigh
 from curvlab.vivit.newton import constant_damping, damped_newton_step
 
 __all__ = [
     "DirectionalDerivatives",
-    "Eigenspace",
     "constant_damping",
     "curvature_projections",
     "damped_newton_step",

@@ -28,19 +28,16 @@ from curvlab.vivit.eigh import Blocks, Eigenspace, block_result, decompose
 
 
 class DirectionalDerivatives(NamedTuple):
-    r"""What :func:`directional_derivatives` returns (tensors, or dicts over the blocks).
-
-    Attributes:
-        gammas: :math:`\gamma_{nk} = g_n^\top e_k`, ``[|S|, k]``.
-        lambdas: :math:`\lambda_{nk} = e_k^\top G_n e_k`, ``[|S|, k]``.
-        eigenvalues: :math:`\lambda_k`, descending, ``[k]``.
-        eigenvectors: :math:`e_k`, ``[P, k]`` (see :func:`~curvlab.vivit.eigh.ggn_eigh`).
-    """
+    """What :func:`directional_derivatives` returns (tensors, or dicts over the blocks)."""
 
     gammas: Tensor | dict
+    r""":math:`\gamma_{nk} = g_n^\top e_k`, ``[|S|, k]``."""
     lambdas: Tensor | dict
+    r""":math:`\lambda_{nk} = e_k^\top G_n e_k`, ``[|S|, k]``."""
     eigenvalues: Tensor | dict
+    r""":math:`\lambda_k`, descending, ``[k]``."""
     eigenvectors: Tensor | dict
+    r""":math:`e_k`, ``[P, k]`` (see :func:`~curvlab.vivit.eigh.ggn_eigh`)."""
 
 
 def gammas_of(space: Eigenspace) -> Tensor:

@@ -153,10 +153,7 @@ def _eigenspace(
 ) -> Eigenspace:
     first = factors[block[0]]
     columns = max(factors[name].columns for name in block)
-    samples = next(
-        (f.factors[c][0].shape[1] for n in block for f in [factors[n]] for _, _, c in f.calls),
-        0,
-    )
+    samples = max(factors[name].samples for name in block)
     size = columns * samples
     sample_scale = 1.0 / samples if reduction == "mean" and samples else 1.0
     if k > size:

@@ -50,6 +50,11 @@ class ParamFactor:
         """``M``, the factor's columns per sample (``0`` if no module used the parameter)."""
         return next(iter(self.factors.values()))[0].shape[0] if self.factors else 0
 
+    @property
+    def samples(self) -> int:
+        """``N``, the samples of the factor (``0`` if no module used the parameter)."""
+        return next(iter(self.factors.values()))[0].shape[1] if self.factors else 0
+
     def jac_t(self) -> Tensor:
         r"""The factor itself, :math:`s \sum_c J_{n,c}^\top F_{mn,c}`, ``[M, N, *p]``."""
         values = [
@@ -58,7 +63,7 @@ class ParamFactor:
         ]
         return sum(values[1:], values[0]) * self.scale
 
-    def gram(self, other: ParamFactor | None = None, cache: dict | None = None) -> Tensor:
+    def gram(self, other: ParamFactor | None = None, cache: dict | None = None) -> Tensor | None:
         r""":math:`\langle V_{mn}, V'_{m'n'} \rangle` with ``other``'s factor :math:`V'`.
 
         One call: the rule's :meth:`~curvlab.backprop.Rule.gram` (results shared by the
