@@ -3,7 +3,8 @@ r"""Rule for ``nn.Linear``: :math:`y = x W^\top + b` on inputs ``[N, *T, in]``.
 The per-sample weight gradient is :math:`\sum_t g_{nt} x_{nt}^\top`; norms and squares use
 factored forms (outer products of inputs and output gradients) that never form ``[N, out, in]``
 when ``T = 1`` (so do the Gram matrices of :meth:`LinearRule.gram`:
-:math:`(x_n \cdot x_{n'})(g_{mn} \cdot g_{m'n'})`); with ``T > 1`` the norm uses Gram matrices over ``t`` when that is cheaper.
+:math:`(x_n \cdot x_{n'})(g_{mn} \cdot g_{m'n'})`); with ``T > 1`` the norm uses Gram matrices
+over ``t`` when that is cheaper.
 """
 
 from __future__ import annotations
