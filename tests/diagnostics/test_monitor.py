@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.diagnostics import PRESETS, Monitor, linear_schedule, logarithmic_schedule, read_log
-from curvlab.diagnostics.instruments import HessianMaxEig, HessianTrace
+from curvlab.diagnostics import (
+    PRESETS,
+    HessianMaxEig,
+    HessianTrace,
+    Monitor,
+    linear_schedule,
+    logarithmic_schedule,
+    read_log,
+)
 from tests import reference
 
 LOSSES = {
