@@ -281,3 +281,26 @@ def test_consecutive_steps_share_the_users_backward(monkeypatch):
         for step in range(3):
             monitored_step(model, loss_func, x, y, monitor, step)
     assert "inner_product_test" in monitor.latest()
+
+
+def monitored_run(use_closure: bool) -> dict:
+    model, loss_func, x, y = problem("ce-mean")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    with Monitor(model, loss_func, "economy", schedule=1) as monitor:
+        for step in range(3):
+
+            def closure(step=step):
+                return monitored_step(model, loss_func, x, y, monitor, step, optimizer)
+
+            if use_closure:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+    return monitor.latest()
+
+
+def test_monitor_inside_a_closure():
+    """optimizer.step(closure) with the monitored backward inside the closure: same records."""
+    record, in_closure = monitored_run(False), monitored_run(True)
+    assert in_closure == record and "update_size" in in_closure
