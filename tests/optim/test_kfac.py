@@ -161,8 +161,14 @@ def test_intervals_skip_the_engine_and_the_decompositions(monkeypatch):
     assert calls == {"capture": 4, "inverse": 3 * 2}  # two joint blocks per decomposition
 
 
-RESUME_SETTINGS = [
-    dict(momentum=0.5, adaptive_damping=True, damping_interval=2, factor_update_interval=2),
+RESUME_SETTINGS = [  # both resume mid-interval (at step 3) and draw MC labels after it
+    dict(
+        momentum=0.5,
+        adaptive_damping=True,
+        damping_interval=2,
+        factor_update_interval=2,
+        inverse_update_interval=1,
+    ),
     dict(
         pi_damping=True, weight_decay=1e-2, inverse_update_interval=2, fallback="sgd", momentum=0.3
     ),
@@ -192,6 +198,8 @@ def test_state_dict_round_trip_resumes_bit_identically(settings):
     run(fresh, resumed, batches[3:])
     for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q), name
+    for name, block in optimizer.blocks().items():
+        assert torch.equal(block.output_factor, resumed.blocks()[name].output_factor), name
     assert resumed.damping == optimizer.damping and resumed.steps == 6
 
 
