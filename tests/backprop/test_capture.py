@@ -282,3 +282,45 @@ def test_quantities_by_name():
     assert set(results) == {"DiagGGN", "DiagGGNMC", "KFAC"}
     with pytest.raises(ValueError, match=r"unknown quantity 'DiagGN'; valid names: .*DiagGGN"):
         compute(model, loss_func, x, y, ["DiagGN"])
+
+
+@pytest.mark.parametrize(
+    "quantities", [[BatchL2(), KFLR()], [DiagHessian()], [KFRA(), HesScale()], ["DiagGGNMC"]]
+)
+def test_params_restrict_the_quantities(quantities):
+    model, loss_func, x, y = build(_problem("mlp-activations"), "ce-mean")
+    everything = compute(
+        model, loss_func, x, y, quantities, generator=torch.Generator().manual_seed(2)
+    )
+    names = [n for n, _ in model.named_parameters()]
+    chosen = [names[-2], dict(model.named_parameters())[names[0]]]  # by name and by tensor
+    part = compute(
+        model,
+        loss_func,
+        x,
+        y,
+        quantities,
+        params=chosen,
+        generator=torch.Generator().manual_seed(2),
+    )
+    for q in everything:
+        assert list(part[q]) == [names[0], names[-2]]
+        for name in part[q]:
+            _same(part[q][name], everything[q][name])
+    assert list(part.grad) == [names[0], names[-2]]
+
+
+def test_unknown_params_are_named():
+    model, loss_func, x, y = build(_problem("mlp"), "ce-mean")
+    with pytest.raises(ValueError, match=r"params: 'nope' is not a trainable parameter"):
+        compute(model, loss_func, x, y, [BatchL2()], params=["nope"])
+
+
+def test_cancel_drops_the_capture():
+    model, loss_func, x, y = build(_problem("mlp"), "ce-mean")
+    with capture(model, loss_func, [BatchL2()]) as captured:
+        captured.cancel()
+        loss_func(model(x), y).backward()  # a plain backward, nothing captured
+    with pytest.raises(CaptureError):
+        captured.results  # noqa: B018
+    assert all(p.grad is not None for p in model.parameters())

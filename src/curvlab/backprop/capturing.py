@@ -111,6 +111,7 @@ class Capture:
         method: str,
         subsampling: Sequence[int] | None,
         generator: torch.Generator | None,
+        params: Iterable[str | Tensor] | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -120,7 +121,7 @@ class Capture:
         self.spec = LossSpec(loss_func)
         self.quantities = check_quantities(quantities)
         self.method, self.subsampling, self.generator = method, subsampling, generator
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.named = _selected(model, params)
         if not self.named:
             raise ValueError(
                 f"model ({type(model).__name__}) has no trainable parameters "
@@ -132,6 +133,7 @@ class Capture:
         self._handles: list[Any] = []
         self._recorder: Recorder | None = None
         self._backward_seen = False
+        self._cancelled = False
         self._param_grads: dict[str, Tensor] = {}
 
     # -------------------------------------------------------------------------- the block
@@ -149,10 +151,15 @@ class Capture:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
+            if exc_type is None and not self._cancelled:
                 self._finish()
         finally:
             self._remove_hooks()
+
+    def cancel(self) -> None:
+        """Drop the capture: remove its hooks now; the block's end computes nothing."""
+        self._cancelled = True
+        self._remove_hooks()
 
     @property
     def results(self) -> Results:
@@ -346,6 +353,26 @@ def _filled(
     }
 
 
+def _selected(model: nn.Module, params: Iterable[str | Tensor] | None) -> list[tuple[str, Tensor]]:
+    """The trainable ``(name, parameter)`` pairs to compute quantities for, in model order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is None:
+        return named
+    names = {n for n, _ in named}
+    by_tensor = {p: n for n, p in named}
+    keep = set()
+    for item in params:
+        name = item if isinstance(item, str) else by_tensor.get(item)
+        if name not in names:
+            shown = item if isinstance(item, str) else f"a tensor of shape {list(item.shape)}"
+            raise ValueError(
+                f"params: {shown!r} is not a trainable parameter of the model; trainable: "
+                f"{sorted(names)}"
+            )
+        keep.add(name)
+    return [(n, p) for n, p in named if n in keep]
+
+
 def capture(
     model: nn.Module,
     loss_func: nn.Module,
@@ -354,6 +381,7 @@ def capture(
     method: str = "auto",
     subsampling: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    params: Iterable[str | Tensor] | None = None,
 ) -> Capture:
     r"""Compute ``quantities`` during the forward and backward inside the ``with`` block.
 
@@ -370,6 +398,8 @@ def capture(
         subsampling: Indices of the samples that per-sample and curvature quantities use
             (scaling :math:`r` stays that of the full batch).
         generator: Random number generator for MC sampling.
+        params: The parameters (names or the tensors) to compute quantities and ``grad`` for
+            (default: every trainable one); the others cost nothing extra.
 
     Returns:
         A :class:`Capture`; its ``results`` are ready when the block ends.
@@ -380,4 +410,4 @@ def capture(
         UnsupportedLossError: An unsupported loss, reduction or target.
         NonFiniteError: NaN or Inf in the model output or the loss.
     """
-    return Capture(model, loss_func, quantities, method, subsampling, generator)
+    return Capture(model, loss_func, quantities, method, subsampling, generator, params)

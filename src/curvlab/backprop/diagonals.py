@@ -50,6 +50,7 @@ class Atom:
         rule: Its input-side rule.
         output: The call's output (attached).
         input: The call's tensor input (attached), or ``None``.
+        parametric: Whether the module holds parameters the pass computes quantities for.
     """
 
     def __init__(self, name: str, module: nn.Module, call: Call, rule: Rule) -> None:
@@ -59,11 +60,7 @@ class Atom:
         full = () if self.input is None else (self.input.detach(),)
         self.call = Call(args=full, outputs=call.outputs, graph_inputs=call.graph_inputs)
         self.original = call
-
-    @property
-    def parametric(self) -> bool:
-        """Whether the module holds trainable parameters."""
-        return any(p.requires_grad for p in self.module.parameters())
+        self.parametric = any(p.requires_grad for p in self.module.parameters())
 
 
 def _unsupported(quantity: str, name: str, module: nn.Module, why: str) -> UnsupportedModuleError:
@@ -94,7 +91,14 @@ def atoms(ctx: Context, quantity: str) -> list[Atom]:
                 continue  # returns its input (Identity, dropout in eval): nothing to do
             if not call.outputs[0].requires_grad:
                 continue  # below every parameter (e.g. a leading Flatten)
-            found.append(Atom(name, module, call, input_rule(module, find_rule)))
+            atom = Atom(name, module, call, input_rule(module, find_rule))
+            prefix = f"{name}." if name else ""
+            atom.parametric = any(
+                f"{prefix}{k}" in ctx.param_names
+                for k, p in module.named_parameters()
+                if p.requires_grad
+            )
+            found.append(atom)
     return found
 
 
@@ -213,6 +217,8 @@ class _Propagation:
         local = find_rule(atom.module).diag_params(atom.module, atom.call, d_out, list(names))
         for k, v in local.items():
             full = names[k]
+            if full not in self.ctx.param_names:
+                continue  # not asked for (compute(..., params=...))
             value = self.ctx.r * v
             self.results[full] = value if full not in self.results else self.results[full] + value
 

@@ -39,6 +39,7 @@ def compute(
     method: str = "auto",
     subsampling: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    params: Iterable[str | Tensor] | None = None,
 ) -> Results:
     r"""One forward and one backward pass that return the loss, gradient and ``quantities``.
 
@@ -57,6 +58,8 @@ def compute(
             (scaling :math:`r` stays that of the full batch); the gradient and loss always use
             the full batch.
         generator: Random number generator for MC sampling.
+        params: The parameters (names or tensors) to compute quantities and ``grad`` for
+            (default: every trainable one).
 
     Returns:
         :class:`~curvlab.backprop.results.Results` with ``loss``, ``grad``, ``output`` and
@@ -70,7 +73,13 @@ def compute(
     if isinstance(inputs, Tensor):
         check_finite("inputs", inputs)
     with capture(
-        model, loss_func, quantities, method=method, subsampling=subsampling, generator=generator
+        model,
+        loss_func,
+        quantities,
+        method=method,
+        subsampling=subsampling,
+        generator=generator,
+        params=params,
     ) as captured:
         loss_func(model(inputs), targets)
     return captured.results

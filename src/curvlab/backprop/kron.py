@@ -247,23 +247,20 @@ class KronFactors:
         """
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
-        if pi_damping:
-            a, b = self.input_factor, self.output_factor
-            ta = a.diagonal(dim1=-2, dim2=-1).mean(-1)
-            tb = b.diagonal(dim1=-2, dim2=-1).mean(-1)
-            pi = (ta / tb).sqrt()[:, None, None]
-            root = math.sqrt(damping)
-            eye_a = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-            eye_b = torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
-            inv_a = torch.linalg.inv(a + pi * root * eye_a)
-            inv_b = torch.linalg.inv(b + root / pi * eye_b)
-            return self._apply(value, inv_b, inv_a)
-        la, qa, lb, qb = self.eigh()
+        la, qa, lb, qb = self.eigh()  # cached: every solve after the first is two rotations
         tensors, bare = _as_tensors(value, len(self.names), f"block of {self.names}")
         lead = _lead(tensors, self.layout.shapes, f"block of {self.names}")
         m = self.layout.to_matrix(tensors, lead)
-        rotated = qb.transpose(-2, -1) @ m @ qa
-        rotated = rotated / (lb[..., :, None] * la[..., None, :] + damping)
+        if pi_damping:  # the factored damping, in the same eigenbases
+            a, b = self.input_factor, self.output_factor
+            ta = a.diagonal(dim1=-2, dim2=-1).mean(-1)
+            tb = b.diagonal(dim1=-2, dim2=-1).mean(-1)
+            pi = (ta / tb).sqrt()[:, None]
+            root = math.sqrt(damping)
+            denominator = (lb + root / pi)[..., :, None] * (la + pi * root)[..., None, :]
+        else:
+            denominator = lb[..., :, None] * la[..., None, :] + damping
+        rotated = (qb.transpose(-2, -1) @ m @ qa) / denominator
         out = self.layout.from_matrix(qb @ rotated @ qa.transpose(-2, -1), lead)
         return out[0] if bare else out
 

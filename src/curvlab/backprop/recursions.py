@@ -148,7 +148,8 @@ def kfra(ctx: Context) -> dict[str, Any]:
             continue  # the loss does not depend on it
         x = atom.original.args[0] if atom.original.args else None
         if atom.parametric:
-            results.update(_kfra_factors(atom.name, atom.module, atom.original, x, g_bar, ctx))
+            factors = _kfra_factors(atom.name, atom.module, atom.original, x, g_bar, ctx)
+            results.update({k: v for k, v in factors.items() if k in ctx.param_names})
         if atom.input is not None and atom.input.requires_grad and glue.feeds_parameters(atom):
             glue.distribute(atom.input, _kfra_step(atom.name, atom.module, x, g_bar), at)
     return dict(sorted(results.items(), key=lambda kv: ctx.param_names.index(kv[0])))
