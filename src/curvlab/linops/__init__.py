@@ -17,6 +17,7 @@ from curvlab.linops.base import (
     ScaledOperator,
     SumOperator,
 )
+from curvlab.linops.ekfac import EigenCorrectedBlock, EKFACOperator
 from curvlab.linops.empirical_risk import ModelOperator, NondeterminismError
 from curvlab.linops.ggn import GGN, EmpiricalFisher, FisherMC
 from curvlab.linops.hessian import Hessian
@@ -31,6 +32,8 @@ __all__ = [
     "CGInverse",
     "CurvatureOperator",
     "DenseOperator",
+    "EKFACOperator",
+    "EigenCorrectedBlock",
     "EmpiricalFisher",
     "FisherMC",
     "Hessian",
