@@ -229,8 +229,8 @@ def test_logarithmic_schedule_is_dense_early():
 
 def test_unknown_names_are_named():
     model, loss_func, _, _ = problem("ce-mean")
-    with pytest.raises(ValueError, match="unknown instrument 'alpha'"):
-        Monitor(model, loss_func, ["loss", "alpha"])
+    with pytest.raises(ValueError, match="unknown instrument 'alfa'"):
+        Monitor(model, loss_func, ["loss", "alfa"])
 
 
 def run_logged(log_dir, steps, seed=0):

@@ -28,26 +28,42 @@ instrument                 definition
 ``mean_gsnr``              Liu et al. (2020), :func:`mean_gsnr`
 ``hessian_max_eig``        :math:`\lambda_{\max}(\nabla^2 L)` by Lanczos
 ``hessian_trace``          :math:`\operatorname{tr}(\nabla^2 L)` by Hutch++
+``alpha``                  Cockpit's noise-aware step-length fit, :class:`Alpha`
+``cabs``                   Balles et al. (2017), :func:`cabs`
+``early_stopping``         Mahsereci et al. (2017), :func:`early_stopping`
+``gradient_histogram_1d``  counts of :math:`g_{n,j}`, :class:`GradientHistogram1d`
+``gradient_histogram_2d``  counts of :math:`(g_{n,j}, \theta_j)`, :class:`GradientHistogram2d`
+``tic_diag``               Thomas et al. (2020), :func:`tic` (diagonal)
+``tic_trace``              Thomas et al. (2020), :func:`tic` (trace)
 =========================  ==================================================================
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from curvlab.backprop import GRAD, BatchL2, Quantity, Variance
+from curvlab.backprop import (
+    GRAD,
+    BatchGrad,
+    BatchL2,
+    DiagHessian,
+    Quantity,
+    SumGradSquared,
+    Variance,
+)
 from curvlab.linalg import hutchpp_trace, lanczos_eigs
 from curvlab.linops import Hessian
 
 Schedule = Callable[[int], bool]
-Value = float | dict[str, float]
+Value = float | dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- schedules
@@ -108,10 +124,111 @@ class BatchGradDots(Quantity):
         return per_sample @ per_sample.T
 
 
+# ------------------------------------------------------------------- in-pass quantities
+class BatchGradProjections(Quantity):
+    r"""Per-sample projections :math:`g_n^\top (\theta - \theta_{\text{ref}})` per parameter, ``[N]``.
+
+    ``reference`` maps parameter names to :math:`\theta_{\text{ref}}`; the direction is formed
+    from the parameter's value when the backward runs (after the optimizer step that led to
+    it), so it is the last update. Each parameter's per-sample gradients ``[N, *p]`` are
+    reduced at once and freed. Parameters missing from ``reference`` give zeros. Scaling: none.
+    """
+
+    def __init__(self, reference: Mapping[str, Tensor] | None = None) -> None:
+        self.reference: Mapping[str, Tensor] = {} if reference is None else reference
+
+    def sources(self) -> tuple:  # noqa: D102
+        return (GRAD,)
+
+    def evaluate(self, view, ctx) -> Tensor:  # noqa: D102
+        per_sample = view.jac_t(GRAD)[0].flatten(start_dim=1)
+        start = self.reference.get(view.name)
+        if start is None:
+            return per_sample.new_zeros(per_sample.shape[0])
+        direction = (view.param.detach() - start).flatten()
+        return per_sample @ direction.to(per_sample.dtype)
+
+
+class GradHistogram1d(Quantity):
+    r"""Histogram counts of the per-sample gradient elements :math:`g_{n,j}`, ``[bins]``.
+
+    Values outside ``range`` are clipped into the outer bins (Cockpit's ``GradHist1d``). The
+    per-sample gradients ``[N, *p]`` exist for one parameter at a time inside the backward and
+    are freed after binning. Sum over parameters for the whole network.
+
+    Args:
+        bins: The number of equal bins.
+        range: ``(low, high)``.
+    """
+
+    def __init__(self, bins: int = 100, range: tuple[float, float] = (-2.0, 2.0)) -> None:
+        self.bins, self.range = bins, (float(range[0]), float(range[1]))
+
+    @property
+    def name(self) -> str:  # noqa: D102
+        return f"GradHistogram1d(bins={self.bins}, range={self.range})"
+
+    def sources(self) -> tuple:  # noqa: D102
+        return (GRAD,)
+
+    def evaluate(self, view, ctx) -> Tensor:  # noqa: D102
+        low, high = self.range
+        values = view.jac_t(GRAD)[0].clamp(low, high)
+        return torch.histc(values, self.bins, low, high)
+
+
+def _bin_index(values: Tensor, bins: int, low: float, high: float) -> Tensor:
+    """Bin indices of ``values`` clipped into ``[low, high]`` (equal bins; ``high`` in the last)."""
+    width = (high - low) / bins
+    index = torch.floor((values.clamp(low, high) - low) / width).long()
+    return index.clamp_(0, bins - 1)
+
+
+class GradHistogram2d(Quantity):
+    r"""Joint counts of per-sample gradient elements :math:`g_{n,j}` and parameters :math:`\theta_j`.
+
+    Shape ``[bins_g, bins_theta]``: entry :math:`(a, b)` counts the pairs :math:`(n, j)` with
+    :math:`g_{n,j}` in gradient bin :math:`a` and :math:`\theta_j` in parameter bin :math:`b`;
+    values outside the ranges are clipped into the outer bins (Cockpit's ``GradHist2d``). Inside
+    the backward, one parameter at a time: its per-sample gradients ``[N, *p]`` and one
+    ``int64`` index per element (``N p`` of them) are formed and freed.
+
+    Args:
+        bins: ``(bins_g, bins_theta)``.
+        range: ``((low_g, high_g), (low_theta, high_theta))``.
+    """
+
+    def __init__(
+        self,
+        bins: tuple[int, int] = (40, 50),
+        range: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0)),
+    ) -> None:
+        self.bins = (int(bins[0]), int(bins[1]))
+        self.range = tuple((float(lo), float(hi)) for lo, hi in range)
+
+    @property
+    def name(self) -> str:  # noqa: D102
+        return f"GradHistogram2d(bins={self.bins}, range={self.range})"
+
+    def sources(self) -> tuple:  # noqa: D102
+        return (GRAD,)
+
+    def evaluate(self, view, ctx) -> Tensor:  # noqa: D102
+        (bg, bt), ((lg, hg), (lt, ht)) = self.bins, self.range
+        per_sample = view.jac_t(GRAD)[0].flatten(start_dim=1)  # [N, p]
+        grad_index = _bin_index(per_sample, bg, lg, hg)
+        param_index = _bin_index(view.param.detach().flatten(), bt, lt, ht)
+        joint = (grad_index * bt + param_index).flatten()
+        counts = torch.bincount(joint, minlength=bg * bt)
+        return counts.reshape(bg, bt).to(per_sample.dtype)
+
+
 ENGINE_QUANTITIES: dict[str, Callable[[], Quantity]] = {
     "BatchL2": BatchL2,
     "BatchGradDots": BatchGradDots,
     "Variance": Variance,
+    "SumGradSquared": SumGradSquared,
+    "DiagHessian": DiagHessian,
 }
 """The engine quantities instruments may need, by name."""
 
@@ -132,6 +249,7 @@ class StepData:
         previous: The parameters before the last update, :math:`\theta_{t-1}`, or ``None``.
         inputs: The batch's inputs (for curvature instruments), or ``None``.
         targets: The batch's targets, or ``None``.
+        output: The model's output on the batch (from the engine), ``[N, ...]``, or ``None``.
         num_samples: :math:`N`, or ``None`` without an engine pass.
         grad: This backward's gradient of :math:`L` by name (from the engine), or ``None``.
         quantities: The engine's results by quantity name (each ``dict[str, Tensor]``).
@@ -148,6 +266,7 @@ class StepData:
     previous: dict[str, Tensor] | None = None
     inputs: Any = None
     targets: Tensor | None = None
+    output: Tensor | None = None
     num_samples: int | None = None
     grad: dict[str, Tensor] | None = None
     quantities: dict[str, dict[str, Tensor]] = field(default_factory=dict)
@@ -159,6 +278,27 @@ class StepData:
         reduction = getattr(self.loss_func, "reduction", "mean")
         scale = 1.0 if reduction == "mean" else 1.0 / n
         return {k: g * scale for k, g in self.grad.items()}
+
+    def mean_scale(self) -> float:
+        r"""The factor from :math:`L` to the mean loss :math:`\frac1N \sum_n \ell_n`: 1 or 1/N."""
+        reduction = getattr(self.loss_func, "reduction", "mean")
+        return 1.0 if reduction == "mean" else 1.0 / self.num_samples
+
+    def mean_loss(self) -> float:
+        r"""The mean loss :math:`\bar L = \frac1N \sum_n \ell_n` (``loss`` times :meth:`mean_scale`)."""
+        return float(self.loss) * self.mean_scale()
+
+    def per_sample_losses(self) -> Tensor:
+        r"""The per-sample losses :math:`\ell_n` from ``output`` and ``targets``, ``[N]``.
+
+        The loss function is copied with ``reduction="none"``; the elements of one sample are
+        averaged (torch's per-element mean, MISSION.md's :math:`\ell_n`).
+        """
+        per_element = copy.copy(self.loss_func)
+        per_element.reduction = "none"
+        with torch.no_grad():
+            values = per_element(self.output, self.targets)
+        return values.reshape(values.shape[0], -1).double().mean(1)
 
     def sq_norms(self) -> Tensor:
         r""":math:`\lVert g_n \rVert^2` summed over parameters, ``[N]``."""
@@ -296,6 +436,169 @@ def mean_gsnr(
     return float(total) / count
 
 
+def fit_quadratic(
+    t: float,
+    values: Sequence[float],
+    slopes: Sequence[float],
+    value_vars: Sequence[float],
+    slope_vars: Sequence[float],
+    eps: float = 1e-10,
+) -> Tensor | None:
+    r"""The noise-weighted quadratic fit along the step (Cockpit's ``Alpha``).
+
+    With :math:`q(\tau) = \mu_0 + \mu_1 \tau + \mu_2 \tau^2` observed through
+    :math:`f_0 = q(0)`, :math:`f_1 = q(t)`, :math:`f'_0 = q'(0)`, :math:`f'_1 = q'(t)`, i.e.
+    :math:`y = \Phi^\top \mu` with :math:`\Phi^\top = \begin{pmatrix} 1 & 0 & 0 \\ 1 & t & t^2
+    \\ 0 & 1 & 0 \\ 0 & 1 & 2t \end{pmatrix}`, the weighted least-squares estimate is
+
+    .. math::
+        \mu = (\Phi \Lambda^{-1} \Phi^\top)^{-1} \Phi \Lambda^{-1} y, \qquad
+        \Lambda = \operatorname{diag}(\sigma_{f_0}^2, \sigma_{f_1}^2, \sigma_{f'_0}^2,
+        \sigma_{f'_1}^2).
+
+    Zero variances are replaced by ``eps``.
+
+    Args:
+        t: The step length :math:`t = \lVert \theta_1 - \theta_0 \rVert`.
+        values: :math:`(f_0, f_1)`.
+        slopes: :math:`(f'_0, f'_1)`, the directional derivatives along the step.
+        value_vars: Their variances :math:`(\sigma_{f_0}^2, \sigma_{f_1}^2)`.
+        slope_vars: :math:`(\sigma_{f'_0}^2, \sigma_{f'_1}^2)`.
+        eps: The stand-in for a zero variance.
+
+    Returns:
+        :math:`\mu` ``[3]`` (float64), or ``None`` if the system is singular.
+    """
+    phi_t = torch.tensor(
+        [[1.0, 0.0, 0.0], [1.0, t, t * t], [0.0, 1.0, 0.0], [0.0, 1.0, 2.0 * t]],
+        dtype=torch.float64,
+    )
+    variances = torch.tensor([*value_vars, *slope_vars], dtype=torch.float64)
+    weights = 1.0 / torch.where(variances == 0, torch.full_like(variances, eps), variances)
+    y = torch.tensor([*values, *slopes], dtype=torch.float64)
+    normal = phi_t.T @ (weights[:, None] * phi_t)
+    try:
+        return torch.linalg.solve(normal, phi_t.T @ (weights * y))
+    except RuntimeError:  # singular (t = 0)
+        return None
+
+
+def alpha_from_fit(mu: Tensor | None, t: float) -> float | None:
+    r"""Cockpit's :math:`\alpha` from the fit :math:`\mu` and the step length :math:`t`.
+
+    .. math::
+        \alpha = \frac{2 t}{\bar\tau} - 1, \qquad \bar\tau = -\frac{\mu_1}{\mu_2},
+
+    where :math:`\bar\tau` is the point of the parabola with the start's value on the other
+    side of its minimum: :math:`\alpha = -1` stays at the start, :math:`0` lands on the
+    minimum, :math:`1` on the other side at equal height (overshooting). A concave fit
+    (:math:`\mu_2 < 0`, still going downhill) gives :math:`-1`, as in Cockpit; no fit gives
+    ``-1`` for :math:`t = 0` and ``None`` otherwise.
+    """
+    if mu is None:
+        return -1.0 if t == 0.0 else None
+    if float(mu[2]) < 0:
+        return -1.0
+    return float(2 * t / (-mu[1] / mu[2]) - 1)
+
+
+def cabs(learning_rate: float, variance_sum: float, mean_loss: float) -> float:
+    r"""The CABS batch size (Balles, Romero & Hennig 2017, Eq. 22; Cockpit's ``CABS``).
+
+    .. math::
+        B_{\text{CABS}} = \frac{\eta \operatorname{tr}(\Sigma)}{\bar L}
+        = \frac{\eta \sum_j \sigma_j^2}{\bar L}, \qquad
+        \sigma_j^2 = \frac1N \sum_n (g_{n,j} - \bar g_j)^2,
+
+    with :math:`\eta` the SGD learning rate and :math:`\bar L = \frac1N \sum_n \ell_n` the mean
+    loss (the rule assumes plain SGD and a loss whose minimum is near zero).
+
+    Args:
+        learning_rate: :math:`\eta`.
+        variance_sum: :math:`\sum_j \sigma_j^2`.
+        mean_loss: :math:`\bar L`.
+
+    Returns:
+        The suggested batch size.
+    """
+    return learning_rate * variance_sum / mean_loss
+
+
+def early_stopping(
+    mean_grad: Mapping[str, Tensor],
+    variance: Mapping[str, Tensor],
+    num_samples: int,
+    epsilon: float = 1e-5,
+) -> float:
+    r"""The evidence-based stopping criterion (Mahsereci et al. 2017, Eq. 7; Cockpit's ``EarlyStopping``).
+
+    .. math::
+        \operatorname{EB} = 1 - \frac{N}{P} \sum_j \frac{\bar g_j^2}{\hat\sigma_j^2 + \epsilon},
+        \qquad \hat\sigma_j^2 = \frac{1}{N - 1} \sum_n (g_{n,j} - \bar g_j)^2
+        = \frac{N}{N - 1} \sigma_j^2;
+
+    training should stop once it is positive (the gradient is explained by its noise).
+
+    Args:
+        mean_grad: :math:`\bar g` by parameter name.
+        variance: :math:`\sigma^2` by parameter name (the engine's ``Variance``).
+        num_samples: :math:`N`, at least 2.
+        epsilon: :math:`\epsilon`, as Cockpit's default.
+
+    Returns:
+        :math:`\operatorname{EB}` (``nan`` for ``N = 1``).
+    """
+    n = num_samples
+    if n < 2:
+        return float("nan")
+    total = sum(
+        (mean_grad[k].double().square() / (variance[k].double() * n / (n - 1) + epsilon)).sum()
+        for k in variance
+    )
+    count = sum(v.numel() for v in variance.values())
+    return 1.0 - n * float(total) / count
+
+
+def tic(
+    second_moment: Mapping[str, Tensor],
+    hessian_diagonal: Mapping[str, Tensor],
+    kind: str = "diag",
+    epsilon: float = 1e-7,
+) -> float:
+    r"""The Takeuchi information criterion :math:`\operatorname{tr}(H^{-1} C)` (Thomas et al. 2020).
+
+    Cockpit's ``TICDiag`` and ``TICTrace``, with :math:`C = \frac1N \sum_n g_n g_n^\top` the
+    uncentered gradient covariance and :math:`H` the Hessian of the mean loss
+    :math:`\frac1N \sum_n \ell_n`, both replaced by their diagonals (``"diag"``) or their traces
+    (``"trace"``):
+
+    .. math::
+        \operatorname{TIC}_{\text{diag}} = \sum_j \frac{C_{jj}}{H_{jj} + \epsilon}, \qquad
+        \operatorname{TIC}_{\text{trace}} = \frac{\sum_j C_{jj}}{\sum_j H_{jj} + \epsilon}.
+
+    Args:
+        second_moment: :math:`C_{jj} = \frac1N \sum_n g_{n,j}^2` by parameter name.
+        hessian_diagonal: :math:`H_{jj}` by parameter name.
+        kind: ``"diag"`` or ``"trace"``.
+        epsilon: :math:`\epsilon`, as Cockpit's default.
+
+    Returns:
+        The TIC.
+    """
+    if kind == "diag":
+        return float(
+            sum(
+                (second_moment[k].double() / (hessian_diagonal[k].double() + epsilon)).sum()
+                for k in second_moment
+            )
+        )
+    if kind == "trace":
+        c = sum(v.double().sum() for v in second_moment.values())
+        h = sum(v.double().sum() for v in hessian_diagonal.values())
+        return float(c / (h + epsilon))
+    raise ValueError(f"kind must be 'diag' or 'trace', got {kind!r}")
+
+
 # ------------------------------------------------------------------------------ instruments
 class Instrument:
     """Base of the instruments: a name, a default schedule, engine needs and a computation.
@@ -306,11 +609,26 @@ class Instrument:
         needs: Engine quantity names (:data:`ENGINE_QUANTITIES`) the extended backward must
             compute; ``"batch"`` for the batch's inputs and targets; ``"previous"`` for the
             parameters before the last update.
+        remembers: ``True`` for instruments that keep something of the step before a due
+            step (:meth:`remember`), like :class:`Alpha`.
     """
 
     name: ClassVar[str] = ""
     every: ClassVar[int] = 1
     needs: ClassVar[frozenset[str]] = frozenset()
+    remembers: ClassVar[bool] = False
+
+    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:
+        """The engine quantities by name for a step (``due``: at it; ``due_next``: at the next).
+
+        The default: the :data:`ENGINE_QUANTITIES` named in :attr:`needs` when due.
+        """
+        if not due:
+            return {}
+        return {q: ENGINE_QUANTITIES[q]() for q in sorted(self.needs & set(ENGINE_QUANTITIES))}
+
+    def remember(self, data: StepData) -> None:
+        """Keep what the next step needs (called when due at the next step, if it remembers)."""
 
     def compute(self, data: StepData) -> Value | None:
         """The value at this step (``None``: not available, left out of the record)."""
@@ -507,6 +825,240 @@ class HessianTrace(Instrument):
         )
 
 
+class Alpha(Instrument):
+    r"""Cockpit's :math:`\alpha`: where the last step landed on a noise-aware parabola.
+
+    Due at step :math:`t`, it fits :func:`fit_quadratic` to the step from
+    :math:`\theta_0 = \theta_{t-1}` to :math:`\theta_1 = \theta_t` (direction
+    :math:`d = \theta_1 - \theta_0`, length :math:`t = \lVert d \rVert`) from the mean losses
+    :math:`f_i = \frac1N \sum_n \ell_n(\theta_i)`, the directional derivatives
+    :math:`f'_i = \frac1N \sum_n g_n(\theta_i)^\top d / t` and their sample variances over the
+    batch (:math:`\frac{1}{N-1} \sum_n (\cdot_n - \text{mean})^2`, of :math:`\ell_n` and of
+    :math:`g_n^\top d / t`), and reports :func:`alpha_from_fit`. Each point uses its own batch.
+    Recorded at the end point :math:`t` (Cockpit files it under :math:`t - 1`); left out when
+    step :math:`t - 1` was not monitored.
+
+    Cost and memory: at :math:`t - 1` (the start) the engine's ``BatchGrad`` is kept until
+    step :math:`t`, :math:`N P` numbers, because :math:`d` is known only after the optimizer
+    step; at :math:`t` the per-sample gradients are projected onto :math:`d` inside the pass
+    (:class:`BatchGradProjections`, :math:`N` numbers per parameter). Any optimizer works
+    (Cockpit's default ``Alpha`` assumes plain SGD).
+    """
+
+    name = "alpha"
+    remembers = True
+
+    def __init__(self) -> None:
+        self._projections = BatchGradProjections()
+        self._start: dict[str, Any] | None = None
+
+    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:  # noqa: D102
+        out: dict[str, Quantity] = {}
+        if due:
+            out["BatchGradProjections"] = self._projections
+        if due_next:
+            out["BatchGrad"] = BatchGrad()
+        return out
+
+    def remember(self, data: StepData) -> None:  # noqa: D102
+        self._start = None
+        if "BatchGrad" not in data.quantities or data.output is None:
+            return
+        losses = data.per_sample_losses()
+        params = {k: v.clone() for k, v in data.params.items()}
+        self._start = {
+            "step": data.step,
+            "params": params,
+            "f": float(losses.mean()),
+            "var_f": float(losses.var()),
+            "batch_grad": data.quantities["BatchGrad"],
+        }
+        self._projections.reference = params
+
+    def compute(self, data: StepData) -> float | None:  # noqa: D102
+        start = self._start
+        if (
+            start is None
+            or start["step"] != data.step - 1
+            or "BatchGradProjections" not in data.quantities
+            or data.output is None
+        ):
+            return None
+        direction = {
+            k: data.params[k].double() - start["params"][k].double() for k in start["params"]
+        }
+        t = math.sqrt(float(_sq_norm(direction)))
+        if t == 0.0:
+            return -1.0
+        start_proj = (
+            sum(
+                start["batch_grad"][k].flatten(start_dim=1).double() @ direction[k].flatten()
+                for k in direction
+            )
+            / t
+        )
+        end_proj = _total(data.quantities["BatchGradProjections"]).double() / t
+        losses = data.per_sample_losses()
+        mu = fit_quadratic(
+            t,
+            (start["f"], float(losses.mean())),
+            (float(start_proj.mean()), float(end_proj.mean())),
+            (start["var_f"], float(losses.var())),
+            (float(start_proj.var()), float(end_proj.var())),
+        )
+        return alpha_from_fit(mu, t)
+
+
+class CABS(Instrument):
+    r""":func:`cabs`, the CABS batch-size suggestion, from the engine's ``Variance``.
+
+    Args:
+        learning_rate: :math:`\eta`; ``None`` reads the optimizer's first group's ``lr``.
+    """
+
+    name = "cabs"
+    needs = frozenset({"Variance"})
+
+    def __init__(self, learning_rate: float | None = None) -> None:
+        self.learning_rate = learning_rate
+
+    def compute(self, data: StepData) -> float | None:  # noqa: D102
+        lr = self.learning_rate
+        if lr is None:
+            if data.optimizer is None or "lr" not in data.optimizer.param_groups[0]:
+                return None
+            lr = float(data.optimizer.param_groups[0]["lr"])
+        total = float(sum(v.double().sum() for v in data.quantities["Variance"].values()))
+        return cabs(lr, total, data.mean_loss())
+
+
+class EarlyStopping(Instrument):
+    r""":func:`early_stopping`, the EB criterion, from the engine's ``Variance``.
+
+    Args:
+        epsilon: The :math:`\epsilon` in the denominator.
+    """
+
+    name = "early_stopping"
+    needs = frozenset({"Variance"})
+
+    def __init__(self, epsilon: float = 1e-5) -> None:
+        self.epsilon = epsilon
+
+    def compute(self, data: StepData) -> float:  # noqa: D102
+        return early_stopping(
+            data.mean_grad(), data.quantities["Variance"], data.num_samples, self.epsilon
+        )
+
+
+class GradientHistogram1d(Instrument):
+    r"""Histogram of the per-sample gradient elements :math:`g_{n,j}` (Cockpit's ``GradHist1d``).
+
+    All :math:`N P` elements, clipped into ``range``, in ``bins`` equal bins, computed inside
+    the backward by :class:`GradHistogram1d` (one parameter's ``[N, *p]`` at a time). The value
+    is ``{"counts": [bins], "edges": [bins + 1]}``.
+
+    Args:
+        bins: The number of bins.
+        range: ``(low, high)``.
+    """
+
+    name = "gradient_histogram_1d"
+
+    def __init__(self, bins: int = 100, range: tuple[float, float] = (-2.0, 2.0)) -> None:
+        self.quantity = GradHistogram1d(bins, range)
+
+    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:  # noqa: D102
+        return {self.quantity.name: self.quantity} if due else {}
+
+    def compute(self, data: StepData) -> dict[str, list]:  # noqa: D102
+        counts = _total(data.quantities[self.quantity.name])
+        low, high = self.quantity.range
+        edges = torch.linspace(low, high, self.quantity.bins + 1, dtype=torch.float64)
+        return {"counts": [int(round(c)) for c in counts.tolist()], "edges": edges.tolist()}
+
+
+class GradientHistogram2d(Instrument):
+    r"""Joint histogram of :math:`(g_{n,j}, \theta_j)` (Cockpit's ``GradHist2d``).
+
+    Per-sample gradient elements on the first axis, the parameter values on the second, each
+    clipped into its range; computed inside the backward by :class:`GradHistogram2d`. The value
+    is ``{"counts": [bins_g][bins_theta], "grad_edges": [...], "param_edges": [...]}``. Due
+    every 10 steps by default (its record holds ``bins_g * bins_theta`` numbers).
+
+    Args:
+        bins: ``(bins_g, bins_theta)``.
+        range: ``((low_g, high_g), (low_theta, high_theta))``.
+    """
+
+    name = "gradient_histogram_2d"
+    every = 10
+
+    def __init__(
+        self,
+        bins: tuple[int, int] = (40, 50),
+        range: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0)),
+    ) -> None:
+        self.quantity = GradHistogram2d(bins, range)
+
+    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:  # noqa: D102
+        return {self.quantity.name: self.quantity} if due else {}
+
+    def compute(self, data: StepData) -> dict[str, list]:  # noqa: D102
+        counts = _total(data.quantities[self.quantity.name])
+        edges = [
+            torch.linspace(lo, hi, b + 1, dtype=torch.float64).tolist()
+            for b, (lo, hi) in zip(self.quantity.bins, self.quantity.range, strict=True)
+        ]
+        return {
+            "counts": [[int(round(c)) for c in row] for row in counts.tolist()],
+            "grad_edges": edges[0],
+            "param_edges": edges[1],
+        }
+
+
+class _TIC(Instrument):
+    kind: ClassVar[str] = "diag"
+    every = 10
+    needs = frozenset({"SumGradSquared", "DiagHessian"})
+
+    def __init__(self, epsilon: float = 1e-7) -> None:
+        self.epsilon = epsilon
+
+    def compute(self, data: StepData) -> float:  # noqa: D102
+        n, scale = data.num_samples, data.mean_scale()
+        second = {k: v / n for k, v in data.quantities["SumGradSquared"].items()}
+        hessian = {k: v * scale for k, v in data.quantities["DiagHessian"].items()}
+        return tic(second, hessian, self.kind, self.epsilon)
+
+
+class TICDiag(_TIC):
+    r""":func:`tic` with diagonals, from ``SumGradSquared`` and ``DiagHessian`` (Cockpit's ``TICDiag``).
+
+    The exact Hessian diagonal backpropagates the loss Hessian's square root (``C`` columns for
+    ``C`` classes). Due every 10 steps by default.
+
+    Args:
+        epsilon: The :math:`\epsilon` in the denominator.
+    """
+
+    name = "tic_diag"
+    kind = "diag"
+
+
+class TICTrace(_TIC):
+    r""":func:`tic` with traces, from ``SumGradSquared`` and ``DiagHessian`` (Cockpit's ``TICTrace``).
+
+    Due every 10 steps by default.
+
+    Args:
+        epsilon: The :math:`\epsilon` in the denominator.
+    """
+
+    name = "tic_trace"
+    kind = "trace"
+
+
 INSTRUMENTS: dict[str, type[Instrument]] = {
     cls.name: cls
     for cls in (
@@ -522,12 +1074,21 @@ INSTRUMENTS: dict[str, type[Instrument]] = {
         MeanGSNR,
         HessianMaxEig,
         HessianTrace,
+        Alpha,
+        CABS,
+        EarlyStopping,
+        GradientHistogram1d,
+        GradientHistogram2d,
+        TICDiag,
+        TICTrace,
     )
 }
 """Every instrument class by name."""
 
 _ECONOMY = (
     "loss",
+    "alpha",
+    "gradient_histogram_1d",
     "grad_norm",
     "distance",
     "update_size",
@@ -539,10 +1100,21 @@ _ECONOMY = (
 )
 PRESETS: dict[str, tuple[str, ...]] = {
     "economy": _ECONOMY,
-    "business": (*_ECONOMY, "hessian_trace"),
-    "full": (*_ECONOMY, "hessian_trace", "hessian_max_eig", "mean_gsnr"),
+    "business": (*_ECONOMY, "tic_diag", "hessian_trace"),
+    "full": (
+        *_ECONOMY,
+        "tic_diag",
+        "hessian_trace",
+        "hessian_max_eig",
+        "gradient_histogram_2d",
+        "mean_gsnr",
+        "cabs",
+        "early_stopping",
+        "tic_trace",
+    ),
 }
-"""The instruments of each preset (Cockpit's economy, business, full, less what is missing)."""
+"""The instruments of each preset: Cockpit's economy, business and full, and ``full`` adds the
+instruments no Cockpit preset has (mean GSNR, CABS, early stopping, TIC trace)."""
 
 
 def resolve_instruments(preset: str | list) -> list[Instrument]:

@@ -45,9 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab.backprop import CaptureError, capture, compute
+from curvlab.backprop import CaptureError, Quantity, capture, compute
 from curvlab.diagnostics.instruments import (
-    ENGINE_QUANTITIES,
     Instrument,
     Schedule,
     StepData,
@@ -263,20 +262,26 @@ class Monitor:
         """The instruments due at ``step``."""
         return [i for i in self.instruments if self.schedules[i.name](step)]
 
-    def _engine_needs(self, instruments: Sequence[Instrument]) -> frozenset[str]:
-        needs = set().union(*(i.needs for i in instruments)) & set(ENGINE_QUANTITIES)
-        if "BatchGradDots" in needs:
-            needs.discard("BatchL2")  # its diagonal
-        return frozenset(needs)
+    def _quantities(self, step: int) -> dict[str, Quantity]:
+        """The engine quantities by name that the instruments need at ``step``."""
+        out: dict[str, Quantity] = {}
+        for instrument in self.instruments:
+            schedule = self.schedules[instrument.name]
+            due_next = instrument.remembers and schedule(step + 1)
+            for name, quantity in instrument.engine_quantities(schedule(step), due_next).items():
+                out.setdefault(name, quantity)
+        if "BatchGradDots" in out:
+            out.pop("BatchL2", None)  # its diagonal
+        return out
 
     def _prepare(self, step: int) -> None:
         """Open the capture for ``step`` (before its forward), if its instruments need one."""
-        needs = self._engine_needs(self.due(step))
+        quantities = self._quantities(step)
         self._recorder.clear()
-        if needs:
-            prepared = capture(self.model, self.loss_func, [ENGINE_QUANTITIES[q]() for q in needs])
+        if quantities:
+            prepared = capture(self.model, self.loss_func, list(quantities.values()))
             prepared.__enter__()
-            self._prepared = (step, needs, prepared)
+            self._prepared = (step, frozenset(quantities), prepared)
 
     # ------------------------------------------------------------------ the block
     def __call__(self, step: int, loss: Tensor | None = None, optimizer: Any = None) -> _Step:
@@ -323,7 +328,7 @@ class Monitor:
             return None
         prepared_step, needs, prepared = self._prepared
         self._prepared = None
-        wanted = self._engine_needs(self.due(step))
+        wanted = frozenset(self._quantities(step))
         if prepared_step == step and wanted <= needs and self._recorder.loss_calls == 1:
             return prepared
         _cancel(prepared)
@@ -331,11 +336,12 @@ class Monitor:
 
     def _finish(self, step: int, loss: Tensor | None, optimizer: Any, results: Any) -> None:
         due = self.due(step)
-        needs = self._engine_needs(due)
+        quantities = self._quantities(step)
+        needs = frozenset(quantities)
         inputs, targets = self._recorder.inputs, self._recorder.targets
         if needs and results is None and inputs is not None and targets is not None:
             results = compute(
-                self.model, self.loss_func, inputs, targets, [ENGINE_QUANTITIES[q]() for q in needs]
+                self.model, self.loss_func, inputs, targets, list(quantities.values())
             )
         params = self._params()
         previous = None
@@ -358,19 +364,23 @@ class Monitor:
         )
         if results is not None:
             data.num_samples = results.output.shape[0]
+            data.output = results.output
             data.grad = results.grad
             data.quantities = {q: results[q] for q in needs}
             if data.loss is None:
                 data.loss = results.loss
         record: dict[str, Any] = {"step": step}
         for instrument in due:
-            if needs & instrument.needs and results is None:
+            if results is None and instrument.engine_quantities(True, False):
                 continue  # no batch was recorded
             if "batch" in instrument.needs and (inputs is None or targets is None):
                 continue
             value = instrument.compute(data)
             if value is not None:
                 record[instrument.name] = value
+        for instrument in self.instruments:
+            if instrument.remembers and self.schedules[instrument.name](step + 1):
+                instrument.remember(data)
         self._latest = record
         if self.log is not None:
             self.log.write(record)
