@@ -291,14 +291,18 @@ class StepData:
     def per_sample_losses(self) -> Tensor:
         r"""The per-sample losses :math:`\ell_n` from ``output`` and ``targets``, ``[N]``.
 
-        The loss function is copied with ``reduction="none"``; the elements of one sample are
-        averaged (torch's per-element mean, MISSION.md's :math:`\ell_n`).
+        The loss function applied to one sample with its own reduction (MISSION.md's
+        :math:`\ell_n`, :math:`L = r \sum_n \ell_n`): computed with a copy at
+        ``reduction="none"`` whose elements of one sample are averaged (``"mean"``) or summed
+        (``"sum"``).
         """
+        reduction = getattr(self.loss_func, "reduction", "mean")
         per_element = copy.copy(self.loss_func)
         per_element.reduction = "none"
         with torch.no_grad():
-            values = per_element(self.output, self.targets)
-        return values.reshape(values.shape[0], -1).double().mean(1)
+            values = per_element(self.output, self.targets).reshape(self.output.shape[0], -1)
+        values = values.double()
+        return values.mean(1) if reduction == "mean" else values.sum(1)
 
     def sq_norms(self) -> Tensor:
         r""":math:`\lVert g_n \rVert^2` summed over parameters, ``[N]``."""
