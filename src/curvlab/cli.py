@@ -23,6 +23,7 @@ from pathlib import Path
 
 from curvlab import __version__
 from curvlab.experiments.config import (
+    ALL_OPTIMIZERS,
     BUNDLED_DEFAULTS,
     EXPERIMENTS,
     OPTIMIZERS,
@@ -102,9 +103,9 @@ def _rates(text: str) -> dict[str, float]:
     rates = {}
     for item in text.split(","):
         name, sep, value = item.strip().partition("=")
-        if not sep or name not in OPTIMIZERS:
+        if not sep or name not in ALL_OPTIMIZERS:
             raise argparse.ArgumentTypeError(
-                f"expected NAME=VALUE pairs with NAME in {OPTIMIZERS}, got {item!r}"
+                f"expected NAME=VALUE pairs with NAME in {ALL_OPTIMIZERS}, got {item!r}"
             )
         try:
             rates[name] = float(value)
@@ -254,6 +255,19 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
         f"stopped {_default('diverge_factor')}",
     )
     p.add_argument(
+        "--ntk-probe",
+        dest="ntk_probe",
+        type=_positive_int,
+        metavar="N",
+        help="ntk-cka: training images of the fixed NTK and CKA probe (default: 64)",
+    )
+    p.add_argument(
+        "--ntk-mode",
+        dest="ntk_mode",
+        choices=("full", "trace", "diagonal"),
+        help="ntk-cka: the kernel compared, [N, N, C, C], [N, N] or [N, C, C] (default: full)",
+    )
+    p.add_argument(
         "--out",
         metavar="DIR",
         help="results folder (default: runs/EXPERIMENT-DATASET; sweep: "
@@ -283,6 +297,8 @@ def _config(args: argparse.Namespace, **extra):
         "eval_train_size",
         "device",
         "diverge_factor",
+        "ntk_probe",
+        "ntk_mode",
         "optimizers",
     )
     overrides = {k: getattr(args, k, None) for k in names}
@@ -400,10 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--optimizers",
         type=_csv(
-            str, f"a comma-separated subset of {','.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS
+            str,
+            f"a comma-separated subset of {','.join(ALL_OPTIMIZERS)}",
+            lambda v: v in ALL_OPTIMIZERS,
         ),
         metavar="LIST",
-        help=f"optimizers to run, one after the other (default: {','.join(OPTIMIZERS)})",
+        help=f"optimizers to run, one after the other (default: {','.join(OPTIMIZERS)}; ntk-cka: "
+        "gn-right-inverse,gn-pinv,gn-paper,adam,sgd; gn-SCHEME is ExactGN with that scheme)",
     )
     run.add_argument(
         "--lr",

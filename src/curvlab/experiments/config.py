@@ -13,8 +13,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-EXPERIMENTS = ("fullbatch", "minibatch", "loss-change", "no-bottleneck")
+EXPERIMENTS = ("fullbatch", "minibatch", "loss-change", "ntk-cka", "no-bottleneck")
 OPTIMIZERS = ("gn", "adam", "sgd")
+#: ExactGN with a fixed scheme, as optimizers of their own (``gn`` uses ``gn_scheme``); their
+#: learning rate is ``gn``'s unless ``lr`` names them.
+GN_VARIANTS = ("gn-right-inverse", "gn-pinv", "gn-paper")
+ALL_OPTIMIZERS = OPTIMIZERS + GN_VARIANTS
+NTK_MODES = ("full", "trace", "diagonal")
 
 
 @dataclass
@@ -25,7 +30,7 @@ class ExperimentConfig:
         experiment: One of :data:`EXPERIMENTS`.
         dataset: ``bundled``, ``fashion-mnist``, ``mnist`` or ``cifar10``.
         data_path: Directory of the dataset files (``None``: the loader's search order).
-        optimizers: Subset of :data:`OPTIMIZERS`, run one after the other.
+        optimizers: Subset of :data:`ALL_OPTIMIZERS`, run one after the other.
         seeds: One run per seed and optimizer (same initialization across optimizers).
         subset: Training-set size of the full-batch phase (the paper: 1024).
         steps: Number of full-batch updates (one per epoch).
@@ -50,6 +55,10 @@ class ExperimentConfig:
         device: ``cpu``, ``cuda`` or ``auto``.
         diverge_factor: A run whose loss exceeds this many times its initial loss (the first
             batch's, before the first update) is recorded as diverged and stopped.
+        ntk_probe: ``ntk-cka``: the first this many training images of the phase are the fixed
+            probe of the NTK and the CKA.
+        ntk_mode: ``ntk-cka``: the kernel compared, ``full`` ``[N, N, C, C]``, ``trace``
+            ``[N, N]`` or ``diagonal`` ``[N, C, C]``.
     """
 
     experiment: str
@@ -82,6 +91,8 @@ class ExperimentConfig:
     phases: tuple[str, ...] = ("fullbatch",)
     device: str = "auto"
     diverge_factor: float = 1e3
+    ntk_probe: int = 64
+    ntk_mode: str = "full"
 
     def to_dict(self) -> dict:
         """JSON-ready dict of the config."""
@@ -98,7 +109,7 @@ class ExperimentConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, choices in (
-            ("optimizers", OPTIMIZERS),
+            ("optimizers", ALL_OPTIMIZERS),
             ("phases", ("fullbatch", "minibatch")),
         ):
             values = getattr(self, name)
@@ -121,12 +132,21 @@ class ExperimentConfig:
         for name in ("gn_damping", "gn_output_damping", "gn_atol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.ntk_mode not in NTK_MODES:
+            raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {self.ntk_mode!r}")
         if not self.diverge_factor > 1:
             raise ValueError(f"diverge_factor must be > 1, got {self.diverge_factor!r}")
         for phase, rates in self.lr.items():
             for name, rate in rates.items():
                 if not rate > 0:
                     raise ValueError(f"lr[{phase!r}][{name!r}] must be > 0, got {rate!r}")
+
+    def learning_rate(self, phase: str, optimizer: str) -> float:
+        """The optimizer's rate in the phase; a GN variant without its own takes ``gn``'s."""
+        rates = self.lr[phase]
+        if optimizer not in rates and optimizer in GN_VARIANTS:
+            return rates["gn"]
+        return rates[optimizer]
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
@@ -167,6 +187,7 @@ _POSITIVE = (
     "eval_every",
     "evals_per_epoch",
     "eval_train_size",
+    "ntk_probe",
 )
 
 #: Scaled-down settings for the bundled subset: `make demo` finishes in a minute on 2 cores.
@@ -179,6 +200,18 @@ BUNDLED_DEFAULTS = {
     "eval_every": 1,
     "evals_per_epoch": 2,
 }
+
+
+#: ``ntk-cka`` on the bundled subset: a small width and few updates (a test runs it end to end).
+NTK_CKA_BUNDLED_DEFAULTS = {
+    "subset": 128,
+    "steps": 10,
+    "hidden": 256,
+    "eval_every": 2,
+    "ntk_probe": 64,
+}
+#: At that width SGD diverges at the default 0.03 (loss 4e9 after 4 updates); 0.01 trains.
+NTK_CKA_BUNDLED_LR = {"sgd": 0.01}
 
 
 def make_config(experiment: str, dataset: str = "bundled", **overrides) -> ExperimentConfig:
@@ -198,6 +231,10 @@ def make_config(experiment: str, dataset: str = "bundled", **overrides) -> Exper
     if experiment in ("minibatch", "loss-change"):
         values["phases"] = ("minibatch",)
         values["record_updates"] = experiment == "loss-change"
+    if experiment == "ntk-cka":
+        values["optimizers"] = GN_VARIANTS + ("adam", "sgd")
+        if dataset == "bundled":
+            values.update(NTK_CKA_BUNDLED_DEFAULTS)
     if experiment == "no-bottleneck":
         values.update(
             inverted_bottleneck=False, phases=("fullbatch", "minibatch"), gn_scheme="paper"
@@ -209,6 +246,8 @@ def make_config(experiment: str, dataset: str = "bundled", **overrides) -> Exper
     lr_override = overrides.pop("lr", None) or {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     lr = default_lr(values.get("depth", 4))
+    if experiment == "ntk-cka" and dataset == "bundled":
+        lr["fullbatch"].update(NTK_CKA_BUNDLED_LR)
     for phase, rates in lr_override.items():
         if phase not in lr:
             raise ValueError(f"lr override for unknown phase {phase!r}; phases: {sorted(lr)}")

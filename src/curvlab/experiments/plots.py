@@ -1,4 +1,4 @@
-"""PNG figures like the exact Gauss-Newton paper's Figures 1, 2, 3 and 5, drawn from a results store.
+"""PNG figures like the exact Gauss-Newton paper's Figures 1-5, drawn from a results store.
 
 Each curve is the mean over the seeds that reached that point; with more than one seed a band
 shows the minimum and maximum. What a reader of each figure can rely on:
@@ -34,14 +34,29 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from curvlab.experiments.store import ResultsStore  # noqa: E402
 
-LABELS = {"gn": "Exact GN", "adam": "Adam", "sgd": "SGD"}
-COLORS = {"gn": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
+LABELS = {
+    "gn": "Exact GN",
+    "gn-right-inverse": "Exact GN (right-inverse)",
+    "gn-pinv": "Exact GN (pinv)",
+    "gn-paper": "Exact GN (paper)",
+    "adam": "Adam",
+    "sgd": "SGD",
+}
+COLORS = {
+    "gn": "tab:red",
+    "gn-right-inverse": "tab:red",
+    "gn-pinv": "tab:purple",
+    "gn-paper": "tab:brown",
+    "adam": "tab:blue",
+    "sgd": "tab:green",
+}
 #: Colors for optimizers without an entry in :data:`COLORS`, in order of appearance.
 EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 FIGURES = {
     "fullbatch": "fig1_fullbatch.png",
     "minibatch": "fig2_minibatch.png",
     "loss-change": "fig3_loss_change.png",
+    "ntk-cka": "fig4_ntk_cka.png",
     "no-bottleneck": "fig5_no_bottleneck.png",
 }
 LOSS_LABELS = {"ce": "cross-entropy loss", "mse": "squared-error loss"}
@@ -380,6 +395,39 @@ def loss_change_figure(updates, config, diverged=()) -> Figure:
     )
 
 
+def ntk_cka_figure(records, config, diverged=()) -> Figure:
+    """Figure 4: NTK similarity to init, its rate of change, and the blocks' CKA to init per update.
+
+    The records' phase is the first of ``config["phases"]`` that has NTK fields.
+    """
+    phases = list(config.get("phases", ("fullbatch",)))
+    with_kernel = {r.get("phase") for r in records if r.get("ntk_similarity") is not None}
+    phase = next((p for p in phases if p in with_kernel), phases[0])
+    x = "update"
+    probe = f"{config.get('ntk_probe', 64)} probe images"
+    panels = [
+        PanelSpec(
+            phase, "ntk_similarity", "step", "NTK similarity to init", x, probe, "similarity"
+        ),
+        PanelSpec(
+            phase, "ntk_rate", "step", "NTK rate of change", x, "relative change / update", "loss"
+        ),
+    ]
+    for role in ("first", "middle", "last"):
+        panels.append(
+            PanelSpec(
+                phase,
+                f"cka_{role}",
+                "step",
+                f"CKA to init: {role} block",
+                x,
+                "linear CKA",
+                "similarity",
+            )
+        )
+    return figure(records, config, "Figure 4: NTK and CKA", panels, diverged)
+
+
 def no_bottleneck_figure(records, config, diverged=()) -> Figure:
     """Figure 5: both phases without the inverted bottleneck."""
     loss = _loss_label(config)
@@ -422,6 +470,8 @@ def run_figures(folder: str | Path) -> dict[str, Figure]:
     if config["experiment"] == "no-bottleneck":
         return {FIGURES["no-bottleneck"]: no_bottleneck_figure(records, config, diverged)}
     out = {}
+    if config["experiment"] == "ntk-cka":
+        out[FIGURES["ntk-cka"]] = ntk_cka_figure(records, config, diverged)
     if "fullbatch" in phases:
         out[FIGURES["fullbatch"]] = fullbatch_figure(records, config, diverged)
     if "minibatch" in phases:

@@ -11,6 +11,10 @@ A run diverges when its loss or parameters become non-finite, when its loss exce
 ``diverge_factor`` (default 1e3) times its initial value, or when the optimizer refuses a step
 with a :class:`FloatingPointError` (ExactGN's ``DivergedStepError``); a ``"diverged"`` record says
 when and why, and that (phase, optimizer, seed) stops there.
+
+The ``ntk-cka`` experiment (Figure 4) adds its kernel and CKA measurements
+(:class:`~curvlab.experiments.ntk_cka.KernelTracker`) to every evaluation; their references at
+initialization travel in the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from tqdm import tqdm
 from curvlab.backprop.loss import LossSpec
 from curvlab.data import load_dataset, to_float
 from curvlab.data.splits import balanced_indices
-from curvlab.experiments.config import ExperimentConfig
+from curvlab.experiments.config import GN_VARIANTS, ExperimentConfig
+from curvlab.experiments.ntk_cka import KernelTracker
 from curvlab.experiments.store import ResultsStore
 from curvlab.nn import RevMLP
 from curvlab.optim import ExactGN
@@ -88,13 +93,17 @@ def evaluate(
 def build_optimizer(
     name: str, model: RevMLP, lr: float, config: ExperimentConfig
 ) -> torch.optim.Optimizer:
-    """ExactGN, Adam or SGD over the model's trained parameters."""
-    if name == "gn":
+    """ExactGN, Adam or SGD over the model's trained parameters.
+
+    ``gn`` is ExactGN with ``config.gn_scheme``; ``gn-pinv`` (any of
+    :data:`~curvlab.experiments.config.GN_VARIANTS`) with the scheme it names.
+    """
+    if name == "gn" or name in GN_VARIANTS:
         return ExactGN(
             model,
             lr=lr,
             loss=config.loss,
-            scheme=config.gn_scheme,
+            scheme=config.gn_scheme if name == "gn" else name.removeprefix("gn-"),
             solver=config.gn_solver,
             rtol=config.gn_rtol,
             atol=config.gn_atol,
@@ -187,6 +196,10 @@ class Runner:
             raise ValueError(f"subset={c.subset} exceeds the {available} training images")
         if "minibatch" in c.phases and c.batch_size > available:
             raise ValueError(f"batch_size={c.batch_size} exceeds the {available} training images")
+        if c.experiment == "ntk-cka":
+            smallest = min(c.subset if p == "fullbatch" else available for p in c.phases)
+            if c.ntk_probe > smallest:
+                raise ValueError(f"ntk_probe={c.ntk_probe} exceeds the {smallest} training images")
 
     # ------------------------------------------------------------------ one training run
     def _model(self, seed: int, data: Data) -> RevMLP:
@@ -221,9 +234,12 @@ class Runner:
             total = c.epochs * steps_per_epoch
             eval_every = max(1, steps_per_epoch // max(1, c.evals_per_epoch))
         model = self._model(seed, data)
-        optimizer = build_optimizer(name, model, c.lr[phase][name], c)
+        optimizer = build_optimizer(name, model, c.learning_rate(phase, name), c)
         checkpoint = self.store.checkpoint_path(phase, name, seed)
         step, train_time, initial = 0, 0.0, None
+        tracker = None
+        if c.experiment == "ntk-cka":
+            tracker = KernelTracker(train_x[: c.ntk_probe], c.ntk_mode)
         if checkpoint.exists():
             state = torch.load(checkpoint, map_location=self.device, weights_only=True)
             if state.get("diverged"):
@@ -232,12 +248,16 @@ class Runner:
             optimizer.load_state_dict(state["optimizer"])
             step, train_time = state["step"], state["train_time"]
             initial = state.get("initial_loss")
+            if tracker is not None:
+                tracker.load_state_dict(state["ntk"])
+        elif tracker is not None:
+            tracker.start(model)  # the initialization: the kernel's and the blocks' reference
         if step >= total:
             return
         eval_x, eval_y = train_x[: c.eval_train_size], train_y[: c.eval_train_size]
         base = {"experiment": c.experiment, "phase": phase, "optimizer": name, "seed": seed}
         if step == 0:
-            self._evaluate(model, base, 0, steps_per_epoch, 0.0, eval_x, eval_y, data)
+            self._evaluate(model, base, 0, steps_per_epoch, 0.0, eval_x, eval_y, data, tracker)
         bar = tqdm(
             total=total,
             initial=step,
@@ -263,7 +283,9 @@ class Runner:
                 loss = getattr(error, "loss_after", math.nan)
                 reason = f"update {step + 1} refused: {error}"
                 self._record_divergence(base, step, reason, loss, initial)
-                self._checkpoint(checkpoint, model, optimizer, step, train_time, initial, True)
+                self._checkpoint(
+                    checkpoint, model, optimizer, step, train_time, initial, True, tracker
+                )
                 break
             if initial is None:
                 initial = before
@@ -272,7 +294,9 @@ class Runner:
                 reason, at = "non-finite parameters", step + 1
             if reason is not None:
                 self._record_divergence(base, at, reason, before, initial)
-                self._checkpoint(checkpoint, model, optimizer, at, train_time, initial, True)
+                self._checkpoint(
+                    checkpoint, model, optimizer, at, train_time, initial, True, tracker
+                )
                 break
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -294,13 +318,15 @@ class Runner:
                 )
             if step % eval_every == 0 or step == total:
                 loss = self._evaluate(
-                    model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data
+                    model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data, tracker
                 )
                 reason = divergence(loss, initial, c.diverge_factor)
                 if reason is not None:
                     self._record_divergence(base, step, reason, loss, initial)
                 diverged = reason is not None
-                self._checkpoint(checkpoint, model, optimizer, step, train_time, initial, diverged)
+                self._checkpoint(
+                    checkpoint, model, optimizer, step, train_time, initial, diverged, tracker
+                )
                 if diverged:
                     break
         bar.close()
@@ -331,6 +357,7 @@ class Runner:
         train_time: float,
         initial_loss: float | None,
         diverged: bool = False,
+        tracker: KernelTracker | None = None,
     ) -> None:
         state = {
             "model": model.state_dict(),
@@ -340,12 +367,15 @@ class Runner:
             "initial_loss": initial_loss,
             "diverged": diverged,
         }
+        if tracker is not None:
+            state["ntk"] = tracker.state_dict()
         self.store.save_checkpoint(path, state)
 
     def _evaluate(
-        self, model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data
+        self, model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data, tracker=None
     ) -> float:
-        """Append an ``eval`` record; returns its training loss."""
+        """Append an ``eval`` record (with ``tracker``'s fields, if any); returns its train loss."""
+        kernel = {} if tracker is None else tracker.measure(model, step)
         train_loss, train_acc = evaluate(model, eval_x, eval_y, self.config.loss)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, self.config.loss)
         self.store.append(
@@ -359,6 +389,7 @@ class Runner:
                 "test_loss": test_loss,
                 "test_acc": test_acc,
                 "time_s": train_time,
+                **kernel,
             }
         )
         return train_loss

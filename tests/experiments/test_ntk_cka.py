@@ -1,0 +1,171 @@
+"""The ``ntk-cka`` experiment (Figure 4): its records, their checkpointed references, its figure.
+
+One run of the bundled defaults (every GN scheme, Adam, SGD) through the command line is shared
+by the tests that read it; the kill-and-resume test uses a tinier config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvlab.cli import main
+from curvlab.diagnostics import empirical_ntk, linear_cka, ntk_change, ntk_similarity
+from curvlab.diagnostics.cka import record_representations
+from curvlab.experiments import ResultsStore, Runner, make_config
+from curvlab.experiments import runner as runner_module
+from curvlab.experiments.config import GN_VARIANTS
+from curvlab.experiments.ntk_cka import FIELDS, KernelTracker, block_roles
+from curvlab.experiments.plots import LABELS, run_figures
+from curvlab.experiments.store import RESULTS_FILE
+
+OPTIMIZERS = (*GN_VARIANTS, "adam", "sgd")
+TINY = dict(
+    subset=32,
+    steps=4,
+    hidden=64,
+    depth=3,
+    eval_every=1,
+    eval_train_size=32,
+    ntk_probe=16,
+    optimizers=("gn-pinv", "adam"),
+)
+
+
+class Killed(BaseException):
+    """The process dies here (nothing may catch it)."""
+
+
+@pytest.fixture(scope="module")
+def bundled_run(tmp_path_factory) -> Path:
+    """``curvlab run ntk-cka`` with the bundled defaults, figure included."""
+    folder = tmp_path_factory.mktemp("ntk-cka")
+    assert main(["run", "ntk-cka", "--out", str(folder), "--no-progress"]) == 0
+    return folder
+
+
+def test_every_gn_scheme_adam_and_sgd_are_recorded(bundled_run):
+    evals = ResultsStore(bundled_run).evaluations()
+    assert {r["optimizer"] for r in evals} == set(OPTIMIZERS)
+
+
+def test_step_zero_has_similarity_one_change_zero_and_cka_one(bundled_run):
+    first = [r for r in ResultsStore(bundled_run).evaluations() if r["step"] == 0]
+    assert len(first) == len(OPTIMIZERS)
+    for r in first:
+        assert r["ntk_similarity"] == pytest.approx(1.0, abs=1e-6)
+        assert r["ntk_change"] == pytest.approx(0.0, abs=1e-6)
+        assert r["ntk_rate"] is None
+        assert [r[f"cka_{role}"] for role in ("first", "middle", "last")] == pytest.approx(
+            [1.0] * 3, abs=1e-9
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["gn-pinv", "adam"])
+def test_records_match_a_direct_computation_on_the_checkpoint(bundled_run, optimizer):
+    store = ResultsStore(bundled_run)
+    config = make_config("ntk-cka", "bundled")
+    assert store.config() == json.loads(json.dumps(config.to_dict()))
+    runner = Runner(config, bundled_run, progress=False)
+    data = runner_module.load_data(config, torch.device("cpu"))
+    probe = runner._train_set("fullbatch", 42, data)[0][: config.ntk_probe]
+    init = runner._model(42, data)
+    state = torch.load(
+        store.checkpoint_path("fullbatch", optimizer, 42), map_location="cpu", weights_only=True
+    )
+    model = runner._model(42, data)
+    model.load_state_dict(state["model"])
+    last = [r for r in store.evaluations() if r["optimizer"] == optimizer][-1]
+    assert last["step"] == state["step"] == config.steps
+
+    ntk0, ntk = empirical_ntk(init, probe), empirical_ntk(model, probe)
+    torch.testing.assert_close(state["ntk"]["initial"], ntk0)
+    roles = block_roles(model)
+    before = record_representations(init, probe, list(roles.values()))
+    after = record_representations(model, probe, list(roles.values()))
+    direct = {
+        "ntk_similarity": float(ntk_similarity(ntk0, ntk)),
+        "ntk_change": float(ntk_change(ntk0, ntk)),
+        **{f"cka_{r}": float(linear_cka(before[n], after[n])) for r, n in roles.items()},
+    }
+    assert {k: last[k] for k in direct} == pytest.approx(direct, rel=1e-5, abs=1e-7)
+
+
+def test_figure_4_has_ntk_and_cka_panels_and_one_legend_of_every_optimizer(bundled_run):
+    assert (bundled_run / "fig4_ntk_cka.png").stat().st_size > 0
+    fig = run_figures(bundled_run)["fig4_ntk_cka.png"]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "NTK similarity to init",
+        "NTK rate of change",
+        "CKA to init: first block",
+        "CKA to init: middle block",
+        "CKA to init: last block",
+    ]
+    assert all(ax.get_xlabel().startswith("update") and ax.get_ylabel() for ax in fig.axes)
+    (legend,) = fig.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert [label.split(" (diverged")[0] for label in labels] == [LABELS[o] for o in OPTIMIZERS]
+    assert "seed 42" in fig._suptitle.get_text()
+
+
+# ---------------------------------------------------------------------------------- resuming
+@pytest.fixture
+def cached_data(monkeypatch):
+    config = make_config("ntk-cka", "bundled", **TINY)
+    full = runner_module.load_data(config, torch.device("cpu"))
+    data = dataclasses.replace(full, test_x=full.test_x[:64], test_y=full.test_y[:64])
+    monkeypatch.setattr(runner_module, "load_data", lambda config, device: data)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # a simulated kill keeps the page cache
+
+
+def _run(folder: Path) -> None:
+    Runner(make_config("ntk-cka", "bundled", **TINY), folder, progress=False).run()
+
+
+def _results(folder: Path) -> list[tuple]:
+    keys = ("optimizer", "step", "train_loss", "test_loss", *FIELDS)
+    return [tuple(r[k] for k in keys) for r in ResultsStore(folder).evaluations()]
+
+
+def test_killed_and_resumed_run_gives_the_uninterrupted_records(tmp_path, monkeypatch, cached_data):
+    _run(tmp_path / "reference")
+    reference = _results(tmp_path / "reference")
+    assert len(reference) == 2 * (TINY["steps"] + 1)
+
+    # appends: gn-pinv evals 0-4, adam evals 0, 1, 2 <- killed after writing it (checkpoint: 1)
+    folder = tmp_path / "killed"
+    original = runner_module.ResultsStore.append
+    count = {"n": 0}
+
+    def append(self, record):
+        count["n"] += 1
+        original(self, record)
+        if count["n"] == 8:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module.ResultsStore, "append", append)
+        with pytest.raises(Killed):
+            _run(folder)
+    results = folder / RESULTS_FILE
+    checkpoint = ResultsStore(folder).checkpoint_path("fullbatch", "adam", 42)
+    content, state = results.read_bytes(), checkpoint.read_bytes()
+    assert torch.load(checkpoint, weights_only=True)["step"] == 1
+    last = content[:-1].rfind(b"\n") + 1
+
+    def no_start(self, model):
+        raise AssertionError("a resumed run must reload the initial NTK, not recompute it")
+
+    monkeypatch.setattr(KernelTracker, "start", no_start)
+    record = len(content) - last
+    for offset in sorted({0, 1, record // 2, record - 1, record}):
+        results.write_bytes(content[: last + offset])
+        checkpoint.write_bytes(state)
+        _run(folder)
+        assert _results(folder) == reference, f"killed at byte {offset} of the record"
