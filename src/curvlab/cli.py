@@ -391,6 +391,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    """Redraw a Monitor's dashboard PNG from its log (``RUN_DIR/monitor.jsonl``)."""
+    from curvlab.diagnostics.dashboard import write_dashboard
+
+    try:
+        path = write_dashboard(args.run_dir, args.out)
+    except FileNotFoundError as error:
+        print(f"curvlab dashboard: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``curvlab`` command."""
     parser = argparse.ArgumentParser(
@@ -455,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning rates, e.g. 1e-4,1e-3,1e-2 (required)",
     )
     sweep.set_defaults(func=_cmd_sweep)
+
+    dash = sub.add_parser(
+        "dashboard", help="draw a training monitor's dashboard PNG from RUN_DIR/monitor.jsonl"
+    )
+    dash.add_argument("run_dir", metavar="RUN_DIR", help="a Monitor's log_dir")
+    dash.add_argument("--out", help="the PNG (default: RUN_DIR/dashboard.png)")
+    dash.set_defaults(func=_cmd_dashboard)
     return parser
 
 

@@ -31,11 +31,14 @@ The log. With ``log_dir``, every monitored step appends one JSON line to
 torn last line is cut, the complete records are kept, and the first record written after that
 drops the records of the steps it repeats (a restart from an earlier checkpoint). The initial
 parameters are saved once to ``log_dir/initial_parameters.pt`` so that ``distance`` keeps
-measuring from the first run's start.
+measuring from the first run's start. ``dashboard_every=k`` redraws ``log_dir/dashboard.png``
+(:mod:`curvlab.diagnostics.dashboard`) every ``k`` steps; ``tensorboard=True`` also writes the
+scalars as TensorBoard events into ``log_dir``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.backprop import CaptureError, Quantity, capture, compute
+from curvlab.diagnostics.dashboard import DASHBOARD_NAME, write_dashboard
 from curvlab.diagnostics.instruments import (
     Instrument,
     Schedule,
@@ -141,6 +145,34 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line]
 
 
+# ----------------------------------------------------------------------------- tensorboard
+def _tensorboard_writer(log_dir: str | os.PathLike) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``, or a clear error."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ModuleNotFoundError(
+            "Monitor(tensorboard=True) writes through torch.utils.tensorboard, which needs the "
+            "'tensorboard' package: pip install tensorboard"
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _write_scalars(writer: Any, record: dict) -> None:
+    """Every number of ``record`` as a scalar (dicts of numbers as ``name/key``), flushed."""
+    step = record["step"]
+    for name, value in record.items():
+        if name == "step":
+            continue
+        if isinstance(value, int | float):
+            writer.add_scalar(name, value, step)
+        elif isinstance(value, dict):
+            for key, entry in value.items():
+                if isinstance(entry, int | float):
+                    writer.add_scalar(f"{name}/{key}", entry, step)
+    writer.flush()
+
+
 # ---------------------------------------------------------------------------- batch recorder
 class _BatchRecorder:
     """Keeps the last grad-enabled model inputs and loss targets (references, no copies)."""
@@ -197,9 +229,17 @@ class Monitor:
         start_step: The first step the loop will pass (the first capture is prepared for it).
         seed: Seed of the stochastic estimators (the generator is reseeded with
             ``seed + step`` at every step).
+        dashboard_every: Redraw ``log_dir/dashboard.png``
+            (:func:`~curvlab.diagnostics.dashboard.write_dashboard`) at the monitored steps
+            divisible by it, and once more at :meth:`close` (``None``: never).
+        tensorboard: Also write every scalar instrument (and each entry of a dict of scalars,
+            as ``name/key``) to TensorBoard event files in ``log_dir``, through
+            ``torch.utils.tensorboard`` (needs the ``tensorboard`` package).
 
     Raises:
-        ValueError: For an unknown preset, instrument or schedule name.
+        ValueError: For an unknown preset, instrument or schedule name, or a dashboard or
+            TensorBoard without ``log_dir``.
+        ModuleNotFoundError: For ``tensorboard=True`` without the ``tensorboard`` package.
     """
 
     def __init__(
@@ -212,7 +252,19 @@ class Monitor:
         *,
         start_step: int = 0,
         seed: int = 0,
+        dashboard_every: int | None = None,
+        tensorboard: bool = False,
     ) -> None:
+        if log_dir is None and (dashboard_every is not None or tensorboard):
+            raise ValueError("dashboard_every= and tensorboard=True write into log_dir: pass one")
+        if dashboard_every is not None and (
+            isinstance(dashboard_every, bool)
+            or not isinstance(dashboard_every, int)
+            or dashboard_every < 1
+        ):
+            raise ValueError(f"dashboard_every must be a positive int, got {dashboard_every!r}")
+        self.dashboard_every = dashboard_every
+        self._tensorboard = _tensorboard_writer(log_dir) if tensorboard else None
         self.model, self.loss_func, self.seed = model, loss_func, seed
         self.instruments = resolve_instruments(preset)
         self.schedules = self._schedules(schedule)
@@ -312,7 +364,11 @@ class Monitor:
             self._prepared = None
         self._recorder.remove()
         if self.log is not None:
+            if self.dashboard_every is not None and self.log.records:
+                write_dashboard(self.log.records, self.log_dir / DASHBOARD_NAME)
             self.log.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         self._closed = True
 
     def __enter__(self) -> Monitor:
@@ -384,6 +440,10 @@ class Monitor:
         self._latest = record
         if self.log is not None:
             self.log.write(record)
+            if self.dashboard_every is not None and step % self.dashboard_every == 0:
+                write_dashboard(self.log.records, self.log_dir / DASHBOARD_NAME)
+        if self._tensorboard is not None:
+            _write_scalars(self._tensorboard, record)
         self._previous = None
         if any("previous" in i.needs for i in self.due(step + 1)):
             self._previous = (step, {n: p.clone() for n, p in params.items()})
