@@ -1,4 +1,4 @@
-"""Optimizers: exact Gauss-Newton for reversible networks, KFAC, and the parts they share.
+"""Optimizers: exact Gauss-Newton for reversible networks, KFAC, SINGD, and the parts they share.
 
 ``curvlab.optim.parts`` holds the small composable parts (curvature statistic, running average,
 inverse and damping, update rule) that the optimizers are assembled from.
@@ -12,6 +12,7 @@ from curvlab.optim.exact_gn import (
     StepInfo,
 )
 from curvlab.optim.kfac import FALLBACKS, KFAC, KRONECKER_MODULES
+from curvlab.optim.singd import SINGD, STRUCTURES
 
 __all__ = [
     "DEFAULT_CE_OUTPUT_DAMPING",
@@ -21,5 +22,7 @@ __all__ = [
     "KFAC",
     "KRONECKER_MODULES",
     "NoExactRightInverseError",
+    "SINGD",
+    "STRUCTURES",
     "StepInfo",
 ]

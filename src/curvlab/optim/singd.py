@@ -1,0 +1,613 @@
+r"""SINGD: structured inverse-free natural-gradient descent (Lin et al., ICML 2024).
+
+Every ``Linear``/``Conv``/``ConvTranspose`` layer (:data:`curvlab.optim.kfac.KRONECKER_MODULES`)
+keeps two factors of the *inverse* Kronecker preconditioner, :math:`K` ``[G, a, a]`` (input
+side) and :math:`C` ``[G, b, b]`` (output side), with :math:`K K^\top \otimes C C^\top \approx
+(A \otimes B)^{-1}` in the engine's Kronecker order (``docs/backprop.md``). They start at the
+identity and are updated from the engine's statistics :math:`A` (``input_factor``) and
+:math:`B` (``output_factor``) of :func:`curvlab.backprop.capture` by the multiplicative
+Riemannian update with momentum (no inverse, no decomposition):
+
+.. math::
+
+    H_K = K^\top A K, \quad H_C = C^\top B C,
+
+    m_K \leftarrow \alpha_1 m_K + \frac{1}{2 b}\,\Pi_K\big(\mathrm{tr}(H_C) H_K
+        + \lambda\,\mathrm{tr}(C^\top C)\,K^\top K - b I_a\big), \quad
+    K \leftarrow \Pi_K\big(K (I_a - \beta_1 m_K)\big),
+
+    m_C \leftarrow \alpha_1 m_C + \frac{1}{2 a}\,\Pi_C\big(\mathrm{tr}(H_K) H_C
+        + \lambda\,\mathrm{tr}(K^\top K)\,C^\top C - a I_b\big), \quad
+    C \leftarrow \Pi_C\big(C (I_b - \beta_1 m_C)\big),
+
+with :math:`\Pi` the projection onto the factor's structure (:data:`STRUCTURES`). Each
+structure is a matrix group (closed under products), so the update keeps it; the outer
+projection only removes round-off. At the fixed point (:math:`m_K = m_C = 0`),
+:math:`(K K^\top)^{-1} = \frac{\mathrm{tr}(B C C^\top)}{b} A + \lambda \frac{\mathrm{tr}(C
+C^\top)}{b} I` and likewise for :math:`C`: a damped KFAC inverse. The parameters move by
+
+.. math::
+
+    m_\theta \leftarrow \alpha_2 m_\theta + C C^\top \hat G K K^\top + \gamma \theta, \qquad
+    \theta \leftarrow \theta - \beta_2 m_\theta
+
+(:math:`\hat G` ``[G, b, a]`` the gradient matrices of :class:`curvlab.backprop.Layout`,
+:math:`\gamma` the weight decay, :math:`\alpha_2` the momentum, :math:`\beta_2` the learning
+rate). Every other parameter goes to a fallback optimizer, as in
+:class:`curvlab.optim.KFAC`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.backprop import KronFactors, capture
+from curvlab.backprop.loss import LossSpec
+from curvlab.optim import parts
+from curvlab.optim.kfac import FALLBACKS, FallbackFactory, _is_int, _kronecker_units, _Unit
+
+
+# ------------------------------------------------------------------------------ structures
+class Structure:
+    r"""A matrix structure: the orthogonal (Frobenius) projection :math:`\Pi` onto it.
+
+    Subclasses implement :meth:`project` on batches of square matrices ``[G, d, d]``; the
+    result has the structure and ``project(project(M)) == project(M)``.
+    """
+
+    name = "structure"
+
+    def project(self, matrix: Tensor) -> Tensor:
+        """The nearest structured matrices ``[G, d, d]`` to ``matrix`` ``[G, d, d]``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _MaskStructure(Structure):
+    """A structure given by a fixed pattern of free entries (zero elsewhere)."""
+
+    def mask(self, dim: int, device: torch.device) -> Tensor:
+        """The pattern ``[d, d]`` (bool) of the free entries."""
+        return self._pattern(dim, device)
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def project(self, matrix: Tensor) -> Tensor:
+        """``matrix`` with the entries outside :meth:`mask` set to zero ``[G, d, d]``."""
+        mask = self.mask(matrix.shape[-1], matrix.device)
+        return matrix * mask.to(matrix.dtype)
+
+
+class Dense(_MaskStructure):
+    """Every entry free (the projection is the identity)."""
+
+    name = "dense"
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        return torch.ones(dim, dim, dtype=torch.bool, device=device)
+
+    def project(self, matrix: Tensor) -> Tensor:
+        """``matrix`` itself."""
+        return matrix
+
+
+class Diagonal(_MaskStructure):
+    """Only the diagonal."""
+
+    name = "diagonal"
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        return torch.eye(dim, dtype=torch.bool, device=device)
+
+
+class BlockDiagonal(_MaskStructure):
+    """Dense diagonal blocks of ``block_size`` (the last one smaller if ``d`` is no multiple)."""
+
+    name = "block_diagonal"
+
+    def __init__(self, block_size: int = 30) -> None:
+        if not _is_int(block_size) or block_size < 1:
+            raise ValueError(f"SINGD: block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        block = torch.arange(dim, device=device) // self.block_size
+        return block[:, None] == block[None, :]
+
+    def __repr__(self) -> str:
+        return f"BlockDiagonal(block_size={self.block_size})"
+
+
+class LowerTriangular(_MaskStructure):
+    """Entries on and below the diagonal."""
+
+    name = "lower_triangular"
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        return torch.ones(dim, dim, dtype=torch.bool, device=device).tril()
+
+
+class UpperTriangular(_MaskStructure):
+    """Entries on and above the diagonal."""
+
+    name = "upper_triangular"
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        return torch.ones(dim, dim, dtype=torch.bool, device=device).triu()
+
+
+class Hierarchical(_MaskStructure):
+    r"""The hierarchical structure of SINGD.
+
+    .. math::
+
+        \begin{pmatrix} A_{11} & A_{12} & A_{13} \\ 0 & D & 0 \\ 0 & A_{32} & A_{33}
+        \end{pmatrix}
+
+    with the first ``k1`` rows dense, a diagonal :math:`D` in the middle and the last ``k2``
+    rows dense right of the first ``k1`` columns (both sizes clipped to ``d``).
+    """
+
+    name = "hierarchical"
+
+    def __init__(self, k1: int = 15, k2: int = 15) -> None:
+        for label, value in (("k1", k1), ("k2", k2)):
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"SINGD: hierarchical {label} must be an int >= 0, got {value!r}")
+        self.k1, self.k2 = k1, k2
+
+    def _pattern(self, dim: int, device: torch.device) -> Tensor:
+        k1 = min(self.k1, dim)
+        k2 = min(self.k2, dim - k1)
+        mask = torch.eye(dim, dtype=torch.bool, device=device)
+        mask[:k1] = True
+        mask[dim - k2 :, k1:] = True
+        return mask
+
+    def __repr__(self) -> str:
+        return f"Hierarchical(k1={self.k1}, k2={self.k2})"
+
+
+class TriuToeplitz(Structure):
+    r"""Upper-triangular Toeplitz: :math:`M_{ij} = t_{j - i}` for :math:`j \ge i`, 0 below.
+
+    The projection averages each super-diagonal.
+    """
+
+    name = "triu_toeplitz"
+
+    def project(self, matrix: Tensor) -> Tensor:
+        """Each super-diagonal replaced by its mean, zero below the diagonal ``[G, d, d]``."""
+        dim = matrix.shape[-1]
+        rows = torch.arange(dim, device=matrix.device)
+        offset = rows[None, :] - rows[:, None]  # [d, d]: j - i
+        upper = offset >= 0
+        index = offset.clamp_min(0).reshape(-1)
+        flat = (matrix * upper.to(matrix.dtype)).reshape(*matrix.shape[:-2], dim * dim)
+        sums = flat.new_zeros(*matrix.shape[:-2], dim).index_add_(-1, index, flat)
+        means = sums / torch.arange(dim, 0, -1, device=matrix.device).to(matrix.dtype)
+        out = means[..., index].reshape(matrix.shape)
+        return out * upper.to(matrix.dtype)
+
+
+STRUCTURES: dict[str, type[Structure]] = {
+    cls.name: cls
+    for cls in (
+        Dense,
+        Diagonal,
+        BlockDiagonal,
+        LowerTriangular,
+        UpperTriangular,
+        Hierarchical,
+        TriuToeplitz,
+    )
+}
+"""The structures of :math:`K` and :math:`C` by name."""
+
+
+def make_structure(
+    name: str | Structure, block_size: int = 30, hierarchical_sizes: tuple[int, int] = (15, 15)
+) -> Structure:
+    """The structure object for a name of :data:`STRUCTURES` (or the object itself).
+
+    Raises:
+        ValueError: An unknown name (the message lists the known ones).
+    """
+    if isinstance(name, Structure):
+        return name
+    if name not in STRUCTURES:
+        raise ValueError(f"SINGD: unknown structure {name!r}; known: {sorted(STRUCTURES)}")
+    if name == "block_diagonal":
+        return BlockDiagonal(block_size)
+    if name == "hierarchical":
+        return Hierarchical(*hierarchical_sizes)
+    return STRUCTURES[name]()
+
+
+# ------------------------------------------------------------------- inverse-free update
+def _trace(matrix: Tensor) -> Tensor:
+    r""":math:`\mathrm{tr}` per group ``[G, 1, 1]``."""
+    return matrix.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+
+
+def inverse_free_update(
+    factors: tuple[Tensor, Tensor],
+    momenta: tuple[Tensor, Tensor],
+    statistics: tuple[Tensor, Tensor],
+    structures: tuple[Structure, Structure],
+    damping: float,
+    alpha1: float,
+    beta1: float,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    r"""One multiplicative Riemannian update of :math:`(K, C)` (module docstring's equations).
+
+    Args:
+        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``.
+        momenta: :math:`m_K` ``[G, a, a]``, :math:`m_C` ``[G, b, b]``.
+        statistics: :math:`A` ``[G, a, a]`` (input side), :math:`B` ``[G, b, b]`` (output side).
+        structures: :math:`\Pi_K`, :math:`\Pi_C`.
+        damping: :math:`\lambda \ge 0`.
+        alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
+        beta1: Factor learning rate :math:`\beta_1 > 0`.
+
+    Returns:
+        ``(K, C), (m_K, m_C)``, new tensors of the factors' dtype.
+    """
+    k, c = factors
+    m_k, m_c = momenta
+    a_stat, b_stat = (s.to(k.dtype) for s in statistics)
+    pi_k, pi_c = structures
+    dim_a, dim_b = k.shape[-1], c.shape[-1]
+    h_k = k.transpose(-2, -1) @ a_stat @ k
+    h_c = c.transpose(-2, -1) @ b_stat @ c
+    ktk, ctc = k.transpose(-2, -1) @ k, c.transpose(-2, -1) @ c
+    eye_a = torch.eye(dim_a, dtype=k.dtype, device=k.device)
+    eye_b = torch.eye(dim_b, dtype=c.dtype, device=c.device)
+    step_k = (_trace(h_c) * h_k + damping * _trace(ctc) * ktk - dim_b * eye_a) / (2 * dim_b)
+    step_c = (_trace(h_k) * h_c + damping * _trace(ktk) * ctc - dim_a * eye_b) / (2 * dim_a)
+    m_k = alpha1 * m_k + pi_k.project(step_k)
+    m_c = alpha1 * m_c + pi_c.project(step_c)
+    k = pi_k.project(k @ (eye_a - beta1 * m_k))
+    c = pi_c.project(c @ (eye_b - beta1 * m_c))
+    return (k, c), (m_k, m_c)
+
+
+def precondition(k: Tensor, c: Tensor, matrix: Tensor) -> Tensor:
+    r""":math:`C C^\top M K K^\top` for the gradient matrices ``matrix`` ``[G, b, a]``."""
+    m = matrix.to(k.dtype)
+    out = c @ (c.transpose(-2, -1) @ m @ k) @ k.transpose(-2, -1)
+    return out.to(matrix.dtype)
+
+
+# ------------------------------------------------------------------------------ optimizer
+def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
+    if not condition:
+        raise ValueError(f"SINGD: {name} must be {requirement}, got {value!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class SINGD(torch.optim.Optimizer):
+    r"""Structured inverse-free natural-gradient descent (Lin et al. 2024).
+
+    ``step(closure)`` takes the standard closure and opens :func:`curvlab.backprop.capture`
+    around it on the steps that update the preconditioner (every ``update_interval``), so the
+    closure's loss **must** be computed with ``loss_func``.
+
+    Args:
+        model: The network; its Kronecker layers (:data:`curvlab.optim.KRONECKER_MODULES`) get
+            the factors :math:`K, C`, every other parameter the fallback.
+        lr: :math:`\beta_2`, the parameters' learning rate (per param group).
+        loss_func: The loss module the closure uses. Required.
+        params: Parameters or param groups (``"lr"``, ``"momentum"``, ``"weight_decay"`` per
+            group), all of ``model``'s; default: every trainable parameter of ``model``.
+        momentum: :math:`\alpha_2 \in [0, 1)`, the parameters' momentum.
+        weight_decay: :math:`\gamma \ge 0`, added to the momentum (not preconditioned).
+        damping: :math:`\lambda \ge 0`.
+        alpha1: :math:`\alpha_1 \in [0, 1)`, the factors' Riemannian momentum.
+        lr_cov: :math:`\beta_1 > 0`, the factors' learning rate.
+        update_interval: Steps between preconditioner updates (engine calls), ``T``.
+        structure: A name of :data:`STRUCTURES` (or a :class:`Structure`) for both factors, or
+            a pair ``(structure of K, structure of C)``.
+        block_size: Block size of ``"block_diagonal"``.
+        hierarchical_sizes: ``(k1, k2)`` of ``"hierarchical"``.
+        fisher_type: ``"empirical"`` (default, the gradients at the labels, as the SINGD
+            paper), ``"mc"`` or ``"type-2"`` (:func:`curvlab.optim.parts.kronecker_quantity`).
+        mc_samples: Sampled labels per input for ``"mc"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weights shared over positions.
+        separate_weight_and_bias: ``False`` (default): one joint block per layer.
+        fallback: ``"adam"`` (default), ``"sgd"`` or a factory of param groups (as KFAC).
+        fallback_lr: A fixed learning rate for the built-in fallback (default: the group's).
+        seed: Seed of the MC generator (``"mc"`` only matters); saved in ``state_dict``.
+
+    Raises:
+        ValueError: A bad hyperparameter or structure (the message names it), or parameters
+            not in ``model``.
+        UnsupportedLossError: ``loss_func`` is not a loss the engine supports.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.001,
+        *,
+        loss_func: nn.Module,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 0.001,
+        alpha1: float = 0.5,
+        lr_cov: float = 0.01,
+        update_interval: int = 10,
+        structure: str | Structure | tuple[str | Structure, str | Structure] = "dense",
+        block_size: int = 30,
+        hierarchical_sizes: tuple[int, int] = (15, 15),
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        separate_weight_and_bias: bool = False,
+        fallback: str | FallbackFactory = "adam",
+        fallback_lr: float | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SINGD: model must be a torch.nn.Module, got {type(model).__name__}")
+        LossSpec(loss_func)
+        _check(_number(lr) and lr >= 0, "lr", lr, "a number >= 0")
+        self._check_group_values(momentum, weight_decay)
+        _check(_number(damping) and damping >= 0, "damping", damping, ">= 0")
+        _check(_number(alpha1) and 0 <= alpha1 < 1, "alpha1", alpha1, "in [0, 1)")
+        _check(_number(lr_cov) and lr_cov > 0, "lr_cov", lr_cov, "> 0")
+        _check(
+            _is_int(update_interval) and update_interval >= 1,
+            "update_interval",
+            update_interval,
+            "a positive int",
+        )
+        _check(
+            isinstance(separate_weight_and_bias, bool),
+            "separate_weight_and_bias",
+            separate_weight_and_bias,
+            "a bool",
+        )
+        _check(
+            callable(fallback) or fallback in FALLBACKS,
+            "fallback",
+            fallback,
+            f"one of {FALLBACKS} or a factory of param groups",
+        )
+        _check(fallback_lr is None or fallback_lr >= 0, "fallback_lr", fallback_lr, "None or >= 0")
+        pair = structure if isinstance(structure, tuple) else (structure, structure)
+        _check(len(pair) == 2, "structure", structure, "a name or a pair (K's, C's)")
+        self.structures = tuple(make_structure(s, block_size, hierarchical_sizes) for s in pair)
+        self.quantity = parts.kronecker_quantity(
+            fisher_type, mc_samples, kfac_approx, separate_weight_and_bias
+        )
+        self.model, self.loss_func = model, loss_func
+        self.damping, self.alpha1, self.lr_cov = float(damping), float(alpha1), float(lr_cov)
+        self.update_interval = update_interval
+        self.fallback_lr = fallback_lr
+        self._fallback_kind = fallback if isinstance(fallback, str) else "factory"
+
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        self._initialized = False
+        super().__init__(params, defaults)
+        self._initialized = True
+
+        in_model = {id(p) for p in model.parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        if not mine <= in_model:
+            raise ValueError("SINGD: params must all be parameters of model")
+        for group in self.param_groups:
+            self._check_group_values(group["momentum"], group["weight_decay"])
+        units, covered = _kronecker_units(model, mine, not separate_weight_and_bias)
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._units: list[list[_Unit]] = [[] for _ in self.param_groups]
+        for unit in units:
+            where = {group_of[id(p)] for p in unit.params}
+            if len(where) > 1:
+                raise ValueError(
+                    f"SINGD: {' and '.join(unit.names)} share one block but are in different "
+                    "param groups; put them in one group or pass separate_weight_and_bias=True"
+                )
+            self._units[where.pop()].append(unit)
+        self.fallback_names = [
+            names[id(p)] for g in self.param_groups for p in g["params"] if id(p) not in covered
+        ]
+        self._fallback, self._fallback_groups = self._make_fallback(fallback, covered)
+        device = next(iter(model.parameters())).device
+        self._generator = torch.Generator(device=device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self._generator.manual_seed(seed)
+        self._steps = 0
+
+    @staticmethod
+    def _check_group_values(momentum: Any, weight_decay: Any) -> None:
+        _check(_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
+        _check(_number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Param groups are fixed at construction (the blocks and the fallback depend on them)."""
+        if self._initialized:
+            raise NotImplementedError(
+                "SINGD: param groups are fixed at construction; pass them as params=[...]"
+            )
+        super().add_param_group(param_group)
+
+    def _make_fallback(
+        self, fallback: str | FallbackFactory, covered: set[int]
+    ) -> tuple[torch.optim.Optimizer | None, list[int]]:
+        groups, sources = [], []
+        for i, group in enumerate(self.param_groups):
+            rest = [p for p in group["params"] if id(p) not in covered]
+            if rest:
+                groups.append({"params": rest})
+                sources.append(i)
+        if not groups:
+            return None, []
+        if callable(fallback):
+            optimizer = fallback(groups)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    "SINGD: the fallback factory must return a torch.optim.Optimizer, got "
+                    f"{type(optimizer).__name__}"
+                )
+            return optimizer, sources
+        for fb_group, i in zip(groups, sources, strict=True):
+            fb_group.update(self._fallback_options(self.param_groups[i]))
+        cls = torch.optim.Adam if fallback == "adam" else torch.optim.SGD
+        return cls(groups), sources
+
+    def _fallback_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        lr = group["lr"] if self.fallback_lr is None else self.fallback_lr
+        options = {"lr": lr, "weight_decay": group["weight_decay"]}
+        if self._fallback_kind == "sgd":
+            options["momentum"] = group["momentum"]
+        return options
+
+    # -------------------------------------------------------------------------- factors
+    def _all_units(self) -> list[_Unit]:
+        return [u for units in self._units for u in units]
+
+    def preconditioner(self) -> dict[str, tuple[Tensor, Tensor]]:
+        r"""The factors :math:`(K, C)` by parameter name (a joint block under both names)."""
+        out = {}
+        for unit in self._all_units():
+            state = self.state[unit.params[0]]
+            if "K" in state:
+                out.update(dict.fromkeys(unit.names, (state["K"], state["C"])))
+        return out
+
+    def _init_factors(self, unit: _Unit) -> None:
+        state = self.state[unit.params[0]]
+        if "K" in state:
+            return
+        p = unit.params[0]
+        groups, b, a = unit.layout.to_matrix([q.detach() for q in unit.params], 0).shape
+        for key, dim in (("K", a), ("C", b)):
+            eye = torch.eye(dim, dtype=p.dtype, device=p.device).expand(groups, dim, dim)
+            state[key] = eye.clone()
+            state["m_" + key] = torch.zeros_like(state[key])
+
+    def _update_factors(self, results: dict[str, Any]) -> None:
+        for unit in self._all_units():
+            new = results[unit.names[0]]
+            if not isinstance(new, KronFactors) or new.layout != unit.layout:
+                raise RuntimeError(
+                    f"SINGD: the engine's block of {unit.names[0]} ({new!r}) does not have the "
+                    f"expected layout {unit.layout}"
+                )
+            state = self.state[unit.params[0]]
+            (state["K"], state["C"]), (state["m_K"], state["m_C"]) = inverse_free_update(
+                (state["K"], state["C"]),
+                (state["m_K"], state["m_C"]),
+                (new.input_factor.detach(), new.output_factor.detach()),
+                self.structures,
+                self.damping,
+                self.alpha1,
+                self.lr_cov,
+            )
+
+    # ----------------------------------------------------------------------------- step
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One SINGD step (and the fallback's) from the standard closure.
+
+        Args:
+            closure: ``zero_grad``, forward, ``loss_func``, ``backward``, return the loss.
+
+        Returns:
+            The closure's loss (before the step).
+        """
+        if closure is None or not callable(closure):
+            raise TypeError(
+                "SINGD.step needs the closure (zero_grad, forward, loss_func, backward, return "
+                "loss): the engine computes the statistics during its backward"
+            )
+        for unit in self._all_units():
+            self._init_factors(unit)
+        if self._steps % self.update_interval == 0:
+            with capture(
+                self.model, self.loss_func, [self.quantity], generator=self._generator
+            ) as captured:
+                with torch.enable_grad():
+                    loss = closure()
+            with torch.no_grad():
+                self._update_factors(captured.results[self.quantity.name])
+        else:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._parameter_update()
+            self._fallback_step()
+        self._steps += 1
+        return loss
+
+    def _parameter_update(self) -> None:
+        for group, units in zip(self.param_groups, self._units, strict=True):
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for unit in units:
+                state = self.state[unit.params[0]]
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in unit.params]
+                matrix = unit.layout.to_matrix(grads, 0)
+                directions = unit.layout.from_matrix(
+                    precondition(state["K"], state["C"], matrix), 0
+                )
+                for p, d in zip(unit.params, directions, strict=True):
+                    d = parts.with_weight_decay(d, p, decay)
+                    buffer = parts.momentum_direction(
+                        self.state[p].get("momentum_buffer"), d, momentum
+                    )
+                    if momentum != 0:
+                        self.state[p]["momentum_buffer"] = buffer
+                    p.add_(buffer, alpha=-lr)
+
+    def _fallback_step(self) -> None:
+        if self._fallback is None:
+            return
+        if self._fallback_kind != "factory":
+            for fb_group, i in zip(self._fallback.param_groups, self._fallback_groups, strict=True):
+                fb_group.update(self._fallback_options(self.param_groups[i]))
+        self._fallback.step()
+
+    # ------------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim`` state dict plus ``"singd"``: steps, MC generator, fallback state."""
+        state = super().state_dict()
+        state["singd"] = {
+            "steps": self._steps,
+            "generator": self._generator.get_state(),
+            "fallback": None if self._fallback is None else self._fallback.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (resumes bit for bit)."""
+        state_dict = dict(state_dict)
+        if "singd" not in state_dict:
+            raise ValueError("SINGD.load_state_dict: not a SINGD state dict (no 'singd' entry)")
+        extra = state_dict.pop("singd")
+        super().load_state_dict(state_dict)
+        self._steps = int(extra["steps"])
+        self._generator.set_state(extra["generator"].cpu())
+        if (extra["fallback"] is None) != (self._fallback is None):
+            raise ValueError("SINGD.load_state_dict: the fallback parameters do not match")
+        if self._fallback is not None:
+            self._fallback.load_state_dict(extra["fallback"])
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far."""
+        return self._steps
