@@ -404,7 +404,9 @@ def ntk_cka_figure(records, config, diverged=()) -> Figure:
     with_kernel = {r.get("phase") for r in records if r.get("ntk_similarity") is not None}
     phase = next((p for p in phases if p in with_kernel), phases[0])
     x = "update"
-    probe = f"{config.get('ntk_probe', 64)} probe images"
+    probe = (
+        f"similarity ({config.get('ntk_mode', 'full')} NTK, {config.get('ntk_probe', 64)} images)"
+    )
     panels = [
         PanelSpec(
             phase, "ntk_similarity", "step", "NTK similarity to init", x, probe, "similarity"
