@@ -50,6 +50,8 @@ COLORS = {
     "adam": "tab:blue",
     "sgd": "tab:green",
 }
+#: Line styles other than solid: the paper scheme's curves often lie on the right-inverse ones.
+LINESTYLES = {"gn-paper": (0, (4, 3))}
 #: Colors for optimizers without an entry in :data:`COLORS`, in order of appearance.
 EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 FIGURES = {
@@ -188,7 +190,8 @@ def _draw(ax: Axes, lines: list[Line], spec: PanelSpec, colors: dict[str, str]) 
         c, color = line.curve, colors[line.optimizer]
         marker = "o" if len(c.x) < 3 else None
         if line.diverged_seed is None:
-            ax.plot(c.x, c.mean, color=color, lw=1.6, marker=marker, ms=4)
+            style = LINESTYLES.get(line.optimizer, "-")
+            ax.plot(c.x, c.mean, color=color, lw=1.6, ls=style, marker=marker, ms=4)
             if (c.high > c.low).any():
                 ax.fill_between(c.x, c.low, c.high, color=color, alpha=0.2, lw=0)
             continue
@@ -241,7 +244,15 @@ def _legend(fig: Figure, colors: dict, diverged: dict, bands: bool) -> None:
             label += f" (diverged, dashed: {seed_text(seeds)})"
         handles.append(
             Line2D(
-                [], [], color=color, lw=1.6, marker="X" if seeds else None, mec="k", mew=0.6, ms=8
+                [],
+                [],
+                color=color,
+                lw=1.6,
+                ls=LINESTYLES.get(opt, "-"),
+                marker="X" if seeds else None,
+                mec="k",
+                mew=0.6,
+                ms=8,
             )
         )
         labels.append(label)
