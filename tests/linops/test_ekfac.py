@@ -34,7 +34,7 @@ def _dense_ekfac(kfac: KFACOperator, curvature: torch.Tensor, names: list[str]) 
 
 
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
-@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-layernorm"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-layernorm", "attention"])
 def test_ekfac_equals_dense_definition_over_unequal_batches(case, fisher_type):
     model, loss_func, data, inputs, targets = make_case(case)
     ekfac = EKFACOperator(model, loss_func, None, data, fisher_type=fisher_type)

@@ -22,9 +22,10 @@ in the Frobenius norm. Blocks without Kronecker structure (:class:`~curvlab.back
 DenseBlock`: normalisation layers, attention) stay the whole block (its own eigenbasis gives
 it exactly).
 
-The per-sample gradients come from the engine (:class:`~curvlab.backprop.SqrtGGN` or
-:class:`~curvlab.backprop.BatchGrad`, ``[M, N, *p]`` per parameter and batch), one extra pass
-over the data after KFAC's.
+The per-sample gradients come from the engine, one extra pass over the data after KFAC's: an
+engine quantity reduces them parameter by parameter (at most one parameter's per-sample VJPs
+``[M, N, *p]`` at a time), and a ``Linear`` layer called once on ``[N, in]`` never forms them
+(the squared rotated outer product is the outer product of the squared rotated factors).
 """
 
 from __future__ import annotations
@@ -35,7 +36,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvlab.backprop import BatchGrad, DenseBlock, KronFactors, Layout, SqrtGGN, compute
+from curvlab.backprop import (
+    EXACT,
+    GRAD,
+    Context,
+    DenseBlock,
+    KronEigen,
+    KronFactors,
+    Layout,
+    MonteCarloSqrt,
+    ParamDerivatives,
+    Quantity,
+    Source,
+    compute,
+)
 from curvlab.backprop.kron import ParamValue, _as_tensors, _lead
 from curvlab.linops.empirical_risk import Data, Params, generator_for
 from curvlab.linops.kfac import KFACInverse, KFACOperator
@@ -99,6 +113,71 @@ class EigenCorrectedBlock:
         return out
 
 
+class _EigenCorrection(Quantity):
+    r"""Engine quantity: :math:`\sum_{m,n} (Q_B^\top G_{mn} Q_A)^{\odot 2}` ``[G, b, a]`` per block.
+
+    Reduced parameter by parameter inside the engine, so that at most one parameter's
+    per-sample VJPs ``[M, N, *p]`` exist at a time; a ``Linear`` layer called once without
+    shared positions never forms them: :math:`G_{mn} = s_{mn} x_n^\top`, so the square of the
+    rotated matrix is the outer product :math:`(Q_B^\top s_{mn})^{\odot 2} ((Q_A^\top
+    x_n)^{\odot 2})^\top`. A joint weight-and-bias block returns both VJPs, reduced by
+    :meth:`reduce` afterwards.
+
+    Args:
+        source: The back-propagated factor (exact, MC, or the per-sample gradient).
+        layouts: Each block's layout, by its names.
+        bases: Each block's eigendecompositions, by its names.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        layouts: dict[tuple[str, ...], Layout],
+        bases: dict[tuple[str, ...], KronEigen],
+    ) -> None:
+        self.source, self.layouts, self.bases = source, layouts, bases
+        self.block_of = {n: names for names in layouts for n in names}
+
+    def sources(self) -> tuple[Source, ...]:  # noqa: D102
+        return (self.source,)
+
+    def reduce(self, names: tuple[str, ...], matrices: Tensor) -> Tensor:
+        """``[G, b, a]`` from the per-sample matrices ``[R, G, b, a]`` of block ``names``."""
+        basis = self.bases[names]
+        rotated = basis.output_vectors.transpose(-2, -1) @ matrices @ basis.input_vectors
+        return rotated.square().sum(0)
+
+    def _linear(self, view: ParamDerivatives, names: tuple[str, ...]) -> Tensor | None:
+        """The factored form for a ``Linear`` layer called once on ``[N, in]`` (else ``None``)."""
+        if len(view.uses) != 1 or len(view.uses[0][0].calls) != 1:
+            return None
+        owner, local = view.uses[0]
+        if not isinstance(owner.module, nn.Linear) or local not in ("weight", "bias"):
+            return None
+        call = owner.calls[0]
+        x, factor = call.args[0], view.factors[self.source][call][0]
+        if x.dim() != 2 or factor.dim() != 3:
+            return None
+        basis = self.bases[names]
+        output = (factor @ basis.output_vectors[0]).square_().sum(0)  # [N, b]
+        if local == "bias":
+            out = output.sum(0)[None, :, None]
+        else:
+            inputs = (x @ basis.input_vectors[0]).square_()  # [N, a]
+            out = (output.T @ inputs)[None]
+        return out * view.scale**2
+
+    def evaluate(self, view: ParamDerivatives, ctx: Context) -> Tensor:  # noqa: D102
+        names = self.block_of[view.name]
+        if len(names) > 1:
+            return view.jac_t(self.source)
+        factored = self._linear(view, names)
+        if factored is not None:
+            return factored
+        vjps = view.jac_t(self.source).flatten(end_dim=1)  # [M * N, *p]
+        return self.reduce(names, self.layouts[names].to_matrix([vjps], 1))
+
+
 class EKFACOperator(KFACOperator):
     r"""Eigenvalue-corrected KFAC of the GGN over the data (see the module docstring).
 
@@ -140,22 +219,24 @@ class EKFACOperator(KFACOperator):
         self.mc_samples = mc_samples
         self.blocks = self._correct(self.blocks)
 
-    def _per_sample_quantity(self):
+    def _source(self) -> Source:
         if self.fisher_type == "empirical":
-            return BatchGrad()
-        return SqrtGGN(None if self.fisher_type == "type-2" else self.mc_samples)
+            return GRAD
+        return EXACT if self.fisher_type == "type-2" else MonteCarloSqrt(self.mc_samples)
 
     def _correct(self, blocks: list) -> list:
         """Replace every Kronecker block by its eigenvalue-corrected form (one data pass)."""
         kron = [b for b in blocks if isinstance(b, KronFactors)]
         if not kron:
             return blocks
-        bases = [b.eigh() for b in kron]
-        sums = [
-            b.input_factor.new_zeros(b.groups, b.output_factor.shape[-1], b.input_factor.shape[-1])
+        bases = {b.names: b.eigh() for b in kron}
+        quantity = _EigenCorrection(self._source(), {b.names: b.layout for b in kron}, bases)
+        sums = {
+            b.names: b.input_factor.new_zeros(
+                b.groups, b.output_factor.shape[-1], b.input_factor.shape[-1]
+            )
             for b in kron
-        ]
-        quantity = self._per_sample_quantity()
+        }
         names = [n for b in kron for n in b.names]
         for index, inputs, targets in self.batches():
             generator = generator_for(self.seed, index, self.device)
@@ -168,18 +249,22 @@ class EKFACOperator(KFACOperator):
                 generator=generator,
                 params=names,
             )[quantity.name]
-            if self.fisher_type == "empirical":  # g_n: weight r over all the data
-                weight, values = self.batch_factor, {n: results[n][None] for n in names}
-            else:  # SqrtGGN carries sqrt(r_b): reweight to the loss over all the data
-                weight, values = self.batch_weight(targets.shape[0]), results
-            for k, (block, (_, qa, _, qb)) in enumerate(zip(kron, bases, strict=True)):
-                tensors = [values[n].flatten(end_dim=1) for n in block.names]  # [M*N, *p]
-                m = block.layout.to_matrix(tensors, 1)  # [M*N, G, b, a]
-                rotated = qb.transpose(-2, -1) @ m @ qa
-                sums[k] += weight * rotated.square().sum(0)
+            for block in kron:
+                if len(block.names) == 1:
+                    part = results[block.names[0]]
+                else:  # a joint block: the weight's and the bias's VJPs side by side
+                    tensors = [results[n].flatten(end_dim=1) for n in block.names]
+                    part = quantity.reduce(block.names, block.layout.to_matrix(tensors, 1))
+                sums[block.names] += self.batch_factor * part
         corrected = {
-            id(b): EigenCorrectedBlock(qa, qb, s, b.layout, b.names)
-            for b, (_, qa, _, qb), s in zip(kron, bases, sums, strict=True)
+            id(b): EigenCorrectedBlock(
+                bases[b.names].input_vectors,
+                bases[b.names].output_vectors,
+                sums[b.names],
+                b.layout,
+                b.names,
+            )
+            for b in kron
         }
         return [corrected.get(id(b), b) for b in blocks]
 
