@@ -88,7 +88,7 @@ def _lines(ax: Axes, records: Sequence[dict], names: Sequence[str], ylabel: str)
     for name in names:
         steps, values = _series(records, name)
         if steps:
-            style = "o" if name == "alpha" else "-"
+            style = "o" if name == "alpha" else ("o-" if len(steps) <= 30 else "-")
             ax.plot(steps, values, style, markersize=3, label=name)
             drawn = True
     if not drawn:
