@@ -23,6 +23,7 @@ from curvlab.experiments.config import GN_VARIANTS
 from curvlab.experiments.ntk_cka import FIELDS, KernelTracker, block_roles
 from curvlab.experiments.plots import LABELS, run_figures
 from curvlab.experiments.store import RESULTS_FILE
+from curvlab.nn import RevMLP
 
 OPTIMIZERS = (*GN_VARIANTS, "adam", "sgd")
 TINY = dict(
@@ -169,3 +170,22 @@ def test_killed_and_resumed_run_gives_the_uninterrupted_records(tmp_path, monkey
         checkpoint.write_bytes(state)
         _run(folder)
         assert _results(folder) == reference, f"killed at byte {offset} of the record"
+
+
+# ---------------------------------------------------------------------------------- settings
+def test_a_gn_variant_takes_gns_rate_unless_named_and_builds_its_scheme():
+    config = make_config("ntk-cka", "bundled", lr={"fullbatch": {"gn-pinv": 1.5}})
+    assert config.optimizers == OPTIMIZERS
+    assert config.learning_rate("fullbatch", "gn-pinv") == 1.5
+    assert config.learning_rate("fullbatch", "gn-paper") == config.lr["fullbatch"]["gn"]
+    model = RevMLP(784, 10, 32, 2)
+    schemes = [
+        runner_module.build_optimizer(name, model, 1.0, config).scheme for name in GN_VARIANTS
+    ]
+    assert schemes == ["right-inverse", "pinv", "paper"]
+
+
+def test_a_probe_larger_than_the_training_subset_is_refused(tmp_path, capsys):
+    code = main(["run", "ntk-cka", "--subset", "32", "--ntk-probe", "64", "--out", str(tmp_path)])
+    assert code == 2 and "ntk_probe=64 exceeds the 32 training images" in capsys.readouterr().err
+    assert not (tmp_path / RESULTS_FILE).exists()
