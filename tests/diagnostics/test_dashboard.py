@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -70,9 +71,7 @@ def test_cli_dashboard_writes_the_png(records, tmp_path, capsys):
     folder = tmp_path / "copy"
     folder.mkdir()
     write_dashboard(records, folder / "first.png")
-    (folder / "monitor.jsonl").write_text(
-        "".join(__import__("json").dumps(r) + "\n" for r in records)
-    )
+    (folder / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["dashboard", str(folder)]) == 0
     assert (folder / "dashboard.png").read_bytes()[:8] == PNG and "wrote" in capsys.readouterr().out
 

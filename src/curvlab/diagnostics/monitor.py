@@ -223,7 +223,7 @@ class Monitor:
             and :class:`~curvlab.diagnostics.instruments.Instrument` objects.
         log_dir: Where the JSONL log goes (``None``: no log).
         schedule: ``None``: each instrument's default (``every`` steps: 1, and 10 for the
-            Hessian instruments); an ``int`` ``k``: every instrument every ``k`` steps; a
+            Hessian instruments, TIC and the 2d histogram); an ``int`` ``k``: every instrument every ``k`` steps; a
             callable ``step -> bool`` for all; or a dict from instrument names to either (the
             others keep their default).
         start_step: The first step the loop will pass (the first capture is prepared for it).
