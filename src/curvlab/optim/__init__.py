@@ -1,4 +1,4 @@
-"""Optimizers: exact Gauss-Newton for reversible networks, KFAC, SINGD, and the parts they share.
+"""Optimizers: exact Gauss-Newton, KFAC, SINGD, the root-free methods, and the parts they share.
 
 ``curvlab.optim.parts`` holds the small composable parts (curvature statistic, running average,
 inverse and damping, update rule) that the optimizers are assembled from.
@@ -12,6 +12,7 @@ from curvlab.optim.exact_gn import (
     StepInfo,
 )
 from curvlab.optim.kfac import FALLBACKS, KFAC, KRONECKER_MODULES
+from curvlab.optim.rootfree import IFShampoo, RootFreeAdam
 from curvlab.optim.singd import SINGD, STRUCTURES
 
 __all__ = [
@@ -19,9 +20,11 @@ __all__ = [
     "DivergedStepError",
     "ExactGN",
     "FALLBACKS",
+    "IFShampoo",
     "KFAC",
     "KRONECKER_MODULES",
     "NoExactRightInverseError",
+    "RootFreeAdam",
     "SINGD",
     "STRUCTURES",
     "StepInfo",

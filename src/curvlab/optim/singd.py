@@ -237,6 +237,56 @@ def _trace(matrix: Tensor) -> Tensor:
     return matrix.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
 
 
+def riemannian_step(
+    factors: tuple[Tensor, Tensor],
+    momenta: tuple[Tensor, Tensor],
+    curvature: tuple[Tensor, Tensor],
+    structures: tuple[Structure, Structure],
+    damping: float,
+    alpha1: float,
+    beta1: float,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    r"""The multiplicative update of :math:`(K, C)` from the curvature terms :math:`(T_K, T_C)`.
+
+    .. math::
+
+        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\Pi_K\big(T_K + \lambda\,\mathrm{tr}(C^\top C)
+        K^\top K - b I_a\big), \quad K \leftarrow \Pi_K\big(K (I_a - \beta_1 m_K)\big)
+
+    and likewise for :math:`C` (with :math:`a` and :math:`b` swapped). SINGD's terms are
+    :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C = \mathrm{tr}(H_K) H_C`
+    (:func:`inverse_free_update`); IF-Shampoo's come from the gradient matrix
+    (:class:`curvlab.optim.IFShampoo`).
+
+    Args:
+        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``.
+        momenta: :math:`m_K` ``[G, a, a]``, :math:`m_C` ``[G, b, b]``.
+        curvature: :math:`T_K` ``[G, a, a]``, :math:`T_C` ``[G, b, b]``.
+        structures: :math:`\Pi_K`, :math:`\Pi_C`.
+        damping: :math:`\lambda \ge 0`.
+        alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
+        beta1: Factor learning rate :math:`\beta_1 > 0`.
+
+    Returns:
+        ``(K, C), (m_K, m_C)``, new tensors of the factors' dtype.
+    """
+    k, c = factors
+    m_k, m_c = momenta
+    t_k, t_c = curvature
+    pi_k, pi_c = structures
+    dim_a, dim_b = k.shape[-1], c.shape[-1]
+    ktk, ctc = k.transpose(-2, -1) @ k, c.transpose(-2, -1) @ c
+    eye_a = torch.eye(dim_a, dtype=k.dtype, device=k.device)
+    eye_b = torch.eye(dim_b, dtype=c.dtype, device=c.device)
+    step_k = (t_k + damping * _trace(ctc) * ktk - dim_b * eye_a) / (2 * dim_b)
+    step_c = (t_c + damping * _trace(ktk) * ctc - dim_a * eye_b) / (2 * dim_a)
+    m_k = alpha1 * m_k + pi_k.project(step_k)
+    m_c = alpha1 * m_c + pi_c.project(step_c)
+    k = pi_k.project(k @ (eye_a - beta1 * m_k))
+    c = pi_c.project(c @ (eye_b - beta1 * m_c))
+    return (k, c), (m_k, m_c)
+
+
 def inverse_free_update(
     factors: tuple[Tensor, Tensor],
     momenta: tuple[Tensor, Tensor],
@@ -246,7 +296,10 @@ def inverse_free_update(
     alpha1: float,
     beta1: float,
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    r"""One multiplicative Riemannian update of :math:`(K, C)` (module docstring's equations).
+    r"""SINGD's update of :math:`(K, C)` from the Kronecker statistics (module docstring).
+
+    :func:`riemannian_step` with :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C =
+    \mathrm{tr}(H_K) H_C`, :math:`H_K = K^\top A K`, :math:`H_C = C^\top B C`.
 
     Args:
         factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``.
@@ -261,22 +314,11 @@ def inverse_free_update(
         ``(K, C), (m_K, m_C)``, new tensors of the factors' dtype.
     """
     k, c = factors
-    m_k, m_c = momenta
     a_stat, b_stat = (s.to(k.dtype) for s in statistics)
-    pi_k, pi_c = structures
-    dim_a, dim_b = k.shape[-1], c.shape[-1]
     h_k = k.transpose(-2, -1) @ a_stat @ k
     h_c = c.transpose(-2, -1) @ b_stat @ c
-    ktk, ctc = k.transpose(-2, -1) @ k, c.transpose(-2, -1) @ c
-    eye_a = torch.eye(dim_a, dtype=k.dtype, device=k.device)
-    eye_b = torch.eye(dim_b, dtype=c.dtype, device=c.device)
-    step_k = (_trace(h_c) * h_k + damping * _trace(ctc) * ktk - dim_b * eye_a) / (2 * dim_b)
-    step_c = (_trace(h_k) * h_c + damping * _trace(ktk) * ctc - dim_a * eye_b) / (2 * dim_a)
-    m_k = alpha1 * m_k + pi_k.project(step_k)
-    m_c = alpha1 * m_c + pi_c.project(step_c)
-    k = pi_k.project(k @ (eye_a - beta1 * m_k))
-    c = pi_c.project(c @ (eye_b - beta1 * m_c))
-    return (k, c), (m_k, m_c)
+    curvature = (_trace(h_c) * h_k, _trace(h_k) * h_c)
+    return riemannian_step(factors, momenta, curvature, structures, damping, alpha1, beta1)
 
 
 def precondition(k: Tensor, c: Tensor, matrix: Tensor) -> Tensor:
