@@ -116,7 +116,112 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class KFAC(torch.optim.Optimizer):
+class _LayerwiseOptimizer(torch.optim.Optimizer):
+    """What KFAC and SINGD share: their Kronecker units per param group and the fallback.
+
+    Subclasses call :meth:`_setup_layers` in their ``__init__`` and define
+    ``_check_group_values(momentum, weight_decay)``; messages carry the subclass's name.
+    """
+
+    def _setup_layers(
+        self,
+        model: nn.Module,
+        params: Iterable[Any] | None,
+        defaults: dict[str, Any],
+        separate_weight_and_bias: bool,
+        fallback: str | FallbackFactory,
+        seed: int | None,
+    ) -> None:
+        """Param groups, the Kronecker units of each, the fallback and the MC generator."""
+        who = type(self).__name__
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        self._initialized = False
+        super().__init__(params, defaults)
+        self._initialized = True
+
+        in_model = {id(p) for p in model.parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        if not mine <= in_model:
+            raise ValueError(f"{who}: params must all be parameters of model")
+        for group in self.param_groups:
+            self._check_group_values(group["momentum"], group["weight_decay"])
+        units, covered = _kronecker_units(model, mine, not separate_weight_and_bias)
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._units: list[list[_Unit]] = [[] for _ in self.param_groups]
+        for unit in units:
+            where = {group_of[id(p)] for p in unit.params}
+            if len(where) > 1:
+                raise ValueError(
+                    f"{who}: {' and '.join(unit.names)} share one block but are in different "
+                    "param groups; put them in one group or pass separate_weight_and_bias=True"
+                )
+            self._units[where.pop()].append(unit)
+        # the parameters the fallback optimizer updates, by name
+        self.fallback_names = [
+            names[id(p)] for g in self.param_groups for p in g["params"] if id(p) not in covered
+        ]
+        self._fallback, self._fallback_groups = self._make_fallback(fallback, covered)
+
+        device = next(iter(model.parameters())).device
+        self._generator = torch.Generator(device=device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self._generator.manual_seed(seed)
+        self._steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Param groups are fixed at construction (the blocks and the fallback depend on them)."""
+        if getattr(self, "_initialized", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}: param groups are fixed at construction; pass them as "
+                "params=[...]"
+            )
+        super().add_param_group(param_group)
+
+    def _make_fallback(
+        self, fallback: str | FallbackFactory, covered: set[int]
+    ) -> tuple[torch.optim.Optimizer | None, list[int]]:
+        """The fallback optimizer over the parameters outside the blocks, and its groups' sources."""
+        groups, sources = [], []
+        for i, group in enumerate(self.param_groups):
+            rest = [p for p in group["params"] if id(p) not in covered]
+            if rest:
+                groups.append({"params": rest})
+                sources.append(i)
+        if not groups:
+            return None, []
+        if callable(fallback):
+            optimizer = fallback(groups)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"{type(self).__name__}: the fallback factory must return a "
+                    f"torch.optim.Optimizer, got {type(optimizer).__name__}"
+                )
+            return optimizer, sources
+        for fb_group, i in zip(groups, sources, strict=True):
+            fb_group.update(self._fallback_options(self.param_groups[i]))
+        cls = torch.optim.Adam if fallback == "adam" else torch.optim.SGD
+        return cls(groups), sources
+
+    def _fallback_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        lr = group["lr"] if self.fallback_lr is None else self.fallback_lr
+        options = {"lr": lr, "weight_decay": group["weight_decay"]}
+        if self._fallback_kind == "sgd":
+            options["momentum"] = group["momentum"]
+        return options
+
+    def _fallback_step(self) -> None:
+        if self._fallback is None:
+            return
+        if self._fallback_kind != "factory":
+            for fb_group, i in zip(self._fallback.param_groups, self._fallback_groups, strict=True):
+                fb_group.update(self._fallback_options(self.param_groups[i]))
+        self._fallback.step()
+
+
+class KFAC(_LayerwiseOptimizer):
     r"""KFAC with running averages, damping (fixed, :math:`\pi`, Levenberg-Marquardt) and intervals.
 
     ``step(closure)`` takes the standard closure (``zero_grad``, forward, loss, backward,
@@ -246,43 +351,8 @@ class KFAC(torch.optim.Optimizer):
         self.fallback_lr = fallback_lr
         self._fallback_kind = fallback if isinstance(fallback, str) else "factory"
 
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        self._initialized = False
-        super().__init__(params, defaults)
-        self._initialized = True
-
-        in_model = {id(p) for p in model.parameters()}
-        names = {id(p): n for n, p in model.named_parameters()}
-        mine = {id(p) for g in self.param_groups for p in g["params"]}
-        if not mine <= in_model:
-            raise ValueError("KFAC: params must all be parameters of model")
-        for group in self.param_groups:
-            self._check_group_values(group["momentum"], group["weight_decay"])
-        units, covered = _kronecker_units(model, mine, not separate_weight_and_bias)
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self._units: list[list[_Unit]] = [[] for _ in self.param_groups]
-        for unit in units:
-            where = {group_of[id(p)] for p in unit.params}
-            if len(where) > 1:
-                raise ValueError(
-                    f"KFAC: {' and '.join(unit.names)} share one block but are in different "
-                    "param groups; put them in one group or pass separate_weight_and_bias=True"
-                )
-            self._units[where.pop()].append(unit)
-        # the parameters the fallback optimizer updates, by name
-        self.fallback_names = [
-            names[id(p)] for g in self.param_groups for p in g["params"] if id(p) not in covered
-        ]
-        self._fallback, self._fallback_groups = self._make_fallback(fallback, covered)
-
-        device = next(iter(model.parameters())).device
-        self._generator = torch.Generator(device=device)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        self._generator.manual_seed(seed)
-        self._steps = 0
+        self._setup_layers(model, params, defaults, separate_weight_and_bias, fallback, seed)
 
     # ------------------------------------------------------------------------ construction
     @staticmethod
@@ -299,46 +369,6 @@ class KFAC(torch.optim.Optimizer):
             weight_decay,
             ">= 0",
         )
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Param groups are fixed at construction (the blocks and the fallback depend on them)."""
-        if self._initialized:
-            raise NotImplementedError(
-                "KFAC: param groups are fixed at construction; pass them as params=[...]"
-            )
-        super().add_param_group(param_group)
-
-    def _make_fallback(
-        self, fallback: str | FallbackFactory, covered: set[int]
-    ) -> tuple[torch.optim.Optimizer | None, list[int]]:
-        """The fallback optimizer over the parameters outside the blocks, and its groups' sources."""
-        groups, sources = [], []
-        for i, group in enumerate(self.param_groups):
-            rest = [p for p in group["params"] if id(p) not in covered]
-            if rest:
-                groups.append({"params": rest})
-                sources.append(i)
-        if not groups:
-            return None, []
-        if callable(fallback):
-            optimizer = fallback(groups)
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    "KFAC: the fallback factory must return a torch.optim.Optimizer, got "
-                    f"{type(optimizer).__name__}"
-                )
-            return optimizer, sources
-        for fb_group, i in zip(groups, sources, strict=True):
-            fb_group.update(self._fallback_options(self.param_groups[i]))
-        cls = torch.optim.Adam if fallback == "adam" else torch.optim.SGD
-        return cls(groups), sources
-
-    def _fallback_options(self, group: dict[str, Any]) -> dict[str, Any]:
-        lr = group["lr"] if self.fallback_lr is None else self.fallback_lr
-        options = {"lr": lr, "weight_decay": group["weight_decay"]}
-        if self._fallback_kind == "sgd":
-            options["momentum"] = group["momentum"]
-        return options
 
     # ----------------------------------------------------------------------------- blocks
     def _block(self, unit: _Unit) -> KronFactors | None:
@@ -469,14 +499,6 @@ class KFAC(torch.optim.Optimizer):
                     grads_kept.append([g.clone() for g in grads])
                     deltas_kept.append(deltas)
         return grads_kept, deltas_kept
-
-    def _fallback_step(self) -> None:
-        if self._fallback is None:
-            return
-        if self._fallback_kind != "factory":
-            for fb_group, i in zip(self._fallback.param_groups, self._fallback_groups, strict=True):
-                fb_group.update(self._fallback_options(self.param_groups[i]))
-        self._fallback.step()
 
     # ------------------------------------------------------------------- adaptive damping
     def _predicted_change(self, grads: list[list[Tensor]], deltas: list[list[Tensor]]) -> float:

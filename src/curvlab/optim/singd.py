@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from curvlab.backprop import KronFactors, capture
 from curvlab.backprop.loss import LossSpec
 from curvlab.optim import parts
-from curvlab.optim.kfac import FALLBACKS, FallbackFactory, _is_int, _kronecker_units, _Unit
+from curvlab.optim.kfac import FALLBACKS, FallbackFactory, _is_int, _LayerwiseOptimizer, _Unit
 
 
 # ------------------------------------------------------------------------------ structures
@@ -338,7 +338,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class SINGD(torch.optim.Optimizer):
+class SINGD(_LayerwiseOptimizer):
     r"""Structured inverse-free natural-gradient descent (Lin et al. 2024).
 
     ``step(closure)`` takes the standard closure and opens :func:`curvlab.backprop.capture`
@@ -440,85 +440,13 @@ class SINGD(torch.optim.Optimizer):
         self.fallback_lr = fallback_lr
         self._fallback_kind = fallback if isinstance(fallback, str) else "factory"
 
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        self._initialized = False
-        super().__init__(params, defaults)
-        self._initialized = True
-
-        in_model = {id(p) for p in model.parameters()}
-        names = {id(p): n for n, p in model.named_parameters()}
-        mine = {id(p) for g in self.param_groups for p in g["params"]}
-        if not mine <= in_model:
-            raise ValueError("SINGD: params must all be parameters of model")
-        for group in self.param_groups:
-            self._check_group_values(group["momentum"], group["weight_decay"])
-        units, covered = _kronecker_units(model, mine, not separate_weight_and_bias)
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self._units: list[list[_Unit]] = [[] for _ in self.param_groups]
-        for unit in units:
-            where = {group_of[id(p)] for p in unit.params}
-            if len(where) > 1:
-                raise ValueError(
-                    f"SINGD: {' and '.join(unit.names)} share one block but are in different "
-                    "param groups; put them in one group or pass separate_weight_and_bias=True"
-                )
-            self._units[where.pop()].append(unit)
-        self.fallback_names = [
-            names[id(p)] for g in self.param_groups for p in g["params"] if id(p) not in covered
-        ]
-        self._fallback, self._fallback_groups = self._make_fallback(fallback, covered)
-        device = next(iter(model.parameters())).device
-        self._generator = torch.Generator(device=device)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        self._generator.manual_seed(seed)
-        self._steps = 0
+        self._setup_layers(model, params, defaults, separate_weight_and_bias, fallback, seed)
 
     @staticmethod
     def _check_group_values(momentum: Any, weight_decay: Any) -> None:
         _check(_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
         _check(_number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, ">= 0")
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Param groups are fixed at construction (the blocks and the fallback depend on them)."""
-        if self._initialized:
-            raise NotImplementedError(
-                "SINGD: param groups are fixed at construction; pass them as params=[...]"
-            )
-        super().add_param_group(param_group)
-
-    def _make_fallback(
-        self, fallback: str | FallbackFactory, covered: set[int]
-    ) -> tuple[torch.optim.Optimizer | None, list[int]]:
-        groups, sources = [], []
-        for i, group in enumerate(self.param_groups):
-            rest = [p for p in group["params"] if id(p) not in covered]
-            if rest:
-                groups.append({"params": rest})
-                sources.append(i)
-        if not groups:
-            return None, []
-        if callable(fallback):
-            optimizer = fallback(groups)
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    "SINGD: the fallback factory must return a torch.optim.Optimizer, got "
-                    f"{type(optimizer).__name__}"
-                )
-            return optimizer, sources
-        for fb_group, i in zip(groups, sources, strict=True):
-            fb_group.update(self._fallback_options(self.param_groups[i]))
-        cls = torch.optim.Adam if fallback == "adam" else torch.optim.SGD
-        return cls(groups), sources
-
-    def _fallback_options(self, group: dict[str, Any]) -> dict[str, Any]:
-        lr = group["lr"] if self.fallback_lr is None else self.fallback_lr
-        options = {"lr": lr, "weight_decay": group["weight_decay"]}
-        if self._fallback_kind == "sgd":
-            options["momentum"] = group["momentum"]
-        return options
 
     # -------------------------------------------------------------------------- factors
     def _all_units(self) -> list[_Unit]:
@@ -615,14 +543,6 @@ class SINGD(torch.optim.Optimizer):
                     if momentum != 0:
                         self.state[p]["momentum_buffer"] = buffer
                     p.add_(buffer, alpha=-lr)
-
-    def _fallback_step(self) -> None:
-        if self._fallback is None:
-            return
-        if self._fallback_kind != "factory":
-            for fb_group, i in zip(self._fallback.param_groups, self._fallback_groups, strict=True):
-                fb_group.update(self._fallback_options(self.param_groups[i]))
-        self._fallback.step()
 
     # ------------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
