@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """``argparse`` type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     """``argparse`` type: a number >= 0."""
     try:
@@ -59,6 +71,17 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """``argparse`` type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
 
 
@@ -239,6 +262,14 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
         help=f"training samples used to report the train loss {_default('eval_train_size')}",
     )
     p.add_argument(
+        "--validation",
+        type=_non_negative_int,
+        metavar="N",
+        help="hold out a class-balanced validation split of N training images (the same for "
+        "every seed); evaluations then report val loss and acc, and sweeps rank by val loss "
+        f"{_default('validation')}",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         help="auto: CUDA when available (default: auto)",
@@ -300,6 +331,7 @@ def _config(args: argparse.Namespace, **extra):
         "ntk_probe",
         "ntk_mode",
         "optimizers",
+        "validation",
     )
     overrides = {k: getattr(args, k, None) for k in names}
     overrides.update(extra)
@@ -314,21 +346,65 @@ def _status(row: dict) -> str:
     return f"diverged ({len(row['diverged'])} of {row['seeds']} seeds: {where} updates)"
 
 
-def _print_summary(folder: Path) -> None:
-    from curvlab.experiments.plots import summary
+def _cell(row: dict, key: str, digits: int = 4) -> str:
+    """``mean`` of one seed, ``mean ± std`` of several; ``-`` where the row lacks the metric."""
+    if row.get(key) is None:
+        return "-"
+    if row["seeds"] > 1 and f"{key}_std" in row:
+        return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+    return f"{row[key]:.{digits}f}"
 
-    rows = summary(folder)
-    print(
-        "| phase | optimizer | step | epoch | train loss | train acc | test loss | test acc "
-        "| time s | status |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['phase']} | {r['optimizer']} | {r['step']} | {r['epoch']:.2f} | "
-            f"{r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['test_loss']:.4f} | "
-            f"{r['test_acc']:.4f} | {r['time_s']:.1f} | {_status(r)} |"
-        )
+
+def _metric_columns(rows: list[dict]) -> list[tuple[str, str, int]]:
+    """(key, heading, digits) of the metric columns: validation ones only where recorded."""
+    columns = [("train_loss", "train loss", 4), ("train_acc", "train acc", 4)]
+    if any(r.get("val_loss") is not None for r in rows):
+        columns += [("val_loss", "val loss", 4), ("val_acc", "val acc", 4)]
+    return columns + [("test_loss", "test loss", 4), ("test_acc", "test acc", 4)]
+
+
+def summary_table(folder: Path, at_train_loss: float | None = None) -> str:
+    """The Markdown table ``curvlab summary`` prints (docs/reproduction.md quotes them).
+
+    Means over seeds, with ``± std`` (sample standard deviation) when there are several.
+    With ``at_train_loss`` every row is taken where the run's training loss first reaches
+    that value (interpolated between evaluations) instead of at its last evaluation.
+    """
+    from curvlab.experiments.plots import summary, summary_at_train_loss
+
+    if at_train_loss is None:
+        rows = summary(folder)
+        columns = _metric_columns(rows)
+        head = ["phase", "optimizer", "seeds", "step", "epoch"] + [c[1] for c in columns]
+        lines = [head + ["time s", "status"]]
+        for r in rows:
+            cells = [
+                r["phase"],
+                r["optimizer"],
+                str(r["seeds"]),
+                str(r["step"]),
+                _cell(r, "epoch", 2),
+            ]
+            cells += [_cell(r, key, digits) for key, _, digits in columns]
+            lines.append(cells + [_cell(r, "time_s", 1), _status(r)])
+    else:
+        rows = summary_at_train_loss(folder, at_train_loss)
+        columns = [c for c in _metric_columns(rows) if c[0] != "train_loss"]
+        head = ["phase", "optimizer", "train loss", "seeds", "step", "epoch"]
+        lines = [head + [c[1] for c in columns] + ["not reached"]]
+        for r in rows:
+            cells = [r["phase"], r["optimizer"], f"{at_train_loss:g}", str(r["seeds"])]
+            cells += [_cell(r, "step", 1), _cell(r, "epoch", 2)]
+            cells += [_cell(r, key, digits) for key, _, digits in columns]
+            missed = ", ".join(f"seed {s}" for s in r["missed"]) or "-"
+            lines.append(cells + [missed])
+    table = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    table += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
+    return "\n".join(table)
+
+
+def _print_summary(folder: Path, at_train_loss: float | None = None) -> None:
+    print(summary_table(folder, at_train_loss))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -358,35 +434,81 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    _print_summary(Path(args.folder))
+    from curvlab.experiments.plots import NoResultsError
+
+    try:
+        _print_summary(Path(args.folder), args.at_train_loss)
+    except NoResultsError as error:
+        print(f"curvlab summary: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Archive a run folder's records as one small ``.jsonl.gz`` file."""
+    from curvlab.experiments.store import export_records
+
+    try:
+        path = export_records(args.folder, args.out)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"curvlab export: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
+    return 0
+
+
+def _sweep_points(args: argparse.Namespace) -> list[dict]:
+    """Every (learning rate, damping) of a sweep; the damping only for ExactGN."""
+    is_gn = args.optimizer == "gn" or args.optimizer.startswith("gn-")
+    if args.dampings and not is_gn:
+        raise SystemExit(
+            f"curvlab sweep: --dampings applies to ExactGN (gn, gn-SCHEME), not {args.optimizer!r}"
+        )
+    dampings = args.dampings or (None,)
+    return [{"lr": lr, "damping": d} for lr in args.lrs for d in dampings]
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    """Short runs of one optimizer at several learning rates; ranks them by final train loss."""
+    """Short runs of one optimizer over a grid; ranks them by validation (or train) loss.
+
+    ``--dampings`` adds ExactGN's damping to the grid: the Gram-solve damping, or with
+    ``--ce-hessian exact`` the function-space (output) damping.
+    """
     from curvlab.experiments.plots import summary
     from curvlab.experiments.runner import Runner
 
     out = Path(args.out or f"runs/sweep-{args.experiment}-{args.dataset}-{args.optimizer}")
+    damping_field = "gn_output_damping" if args.ce_hessian == "exact" else "gn_damping"
+    rank_by = args.rank_by or ("val_loss" if args.validation else "train_loss")
+    if rank_by == "val_loss" and not args.validation:
+        raise SystemExit("curvlab sweep: --rank-by val_loss needs --validation N")
     rows = []
-    for rate in args.lrs:
+    for point in _sweep_points(args):
+        rate, damping = point["lr"], point["damping"]
         lr = {"fullbatch": {args.optimizer: rate}, "minibatch": {args.optimizer: rate}}
-        config = _config(args, lr=lr, optimizers=(args.optimizer,))
-        folder = out / f"lr={rate:g}"
+        extra = {} if damping is None else {damping_field: damping}
+        config = _config(args, lr=lr, optimizers=(args.optimizer,), **extra)
+        name = f"lr={rate:g}" + ("" if damping is None else f",damping={damping:g}")
+        folder = out / name
         Runner(config, folder, progress=not args.no_progress).run()
         for row in summary(folder):
-            rows.append({"lr": rate, **row})
+            rows.append({"lr": rate, "damping": damping, **row})
+            shown = "" if row.get("val_loss") is None else f", val loss {row['val_loss']:.4f}"
             print(
-                f"{args.optimizer} lr={rate:g} {row['phase']}: train loss "
-                f"{row['train_loss']:.4f}, test acc {row['test_acc']:.4f}, {_status(row)}"
+                f"{args.optimizer} {name} {row['phase']}: train loss {row['train_loss']:.4f}"
+                f"{shown}, {_status(row)}"
             )
-    trained = [r for r in rows if not r["diverged"] and r["train_loss"] == r["train_loss"]]
-    best = min(trained, key=lambda r: r["train_loss"]) if trained else None
-    (out / "sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+    trained = [r for r in rows if not r["diverged"] and math.isfinite(r.get(rank_by, math.nan))]
+    best = min(trained, key=lambda r: r[rank_by]) if trained else None
+    report = {"rank_by": rank_by, "rows": rows, "best": best}
+    (out / "sweep.json").write_text(json.dumps(report, indent=1))
     if best:
-        print(
-            f"best {args.optimizer} lr by final train loss (diverged runs excluded): {best['lr']:g}"
+        setting = f"lr {best['lr']:g}" + (
+            "" if best["damping"] is None else f", damping {best['damping']:g}"
         )
+        print(f"best {args.optimizer} by final {rank_by} (diverged runs excluded): {setting}")
+    else:
+        print(f"no {args.optimizer} run of the sweep trained without diverging")
     print(f"wrote {out / 'sweep.json'}")
     return 0
 
@@ -453,19 +575,62 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("folder", help="a run folder holding results.jsonl")
     plot.set_defaults(func=_cmd_plot)
 
-    summ = sub.add_parser("summary", help="final metrics of a results folder as a Markdown table")
-    summ.add_argument("folder", help="a run folder holding results.jsonl")
+    summ = sub.add_parser(
+        "summary",
+        help="final metrics of a results folder (or records file) as a Markdown table",
+        description="Means over seeds, with ± the sample standard deviation when there are "
+        "several; validation columns when the run held out a validation split.",
+    )
+    summ.add_argument("folder", help="a run folder holding results.jsonl, or a NAME.jsonl.gz")
+    summ.add_argument(
+        "--at-train-loss",
+        dest="at_train_loss",
+        type=_positive_float,
+        metavar="X",
+        help="compare every run where its training loss first reaches X (interpolated "
+        "between evaluations) instead of at its last evaluation (default: last evaluation)",
+    )
     summ.set_defaults(func=_cmd_summary)
 
-    sweep = sub.add_parser("sweep", help="learning-rate sweep of one optimizer")
+    export = sub.add_parser(
+        "export",
+        help="archive a results folder's records as a small NAME.jsonl.gz",
+        description="Write the records that summaries and figures read (header, config, eval, "
+        "update, diverged; each once) gzip-compressed, e.g. to commit beside the docs; "
+        "'curvlab summary' and 'curvlab plot' read the archive.",
+    )
+    export.add_argument("folder", help="a run folder holding results.jsonl")
+    export.add_argument("out", help="the archive to write, NAME.jsonl.gz")
+    export.set_defaults(func=_cmd_export)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="learning-rate (and GN damping) sweep of one optimizer",
+        description="One run per grid point in OUT/lr=X[,damping=Y]; the best by the final "
+        "validation loss (with --validation N: never the test set) or else the training loss.",
+    )
     _add_config_arguments(sweep)
-    sweep.add_argument("--optimizer", required=True, choices=OPTIMIZERS, help="(required)")
+    sweep.add_argument("--optimizer", required=True, choices=ALL_OPTIMIZERS, help="(required)")
     sweep.add_argument(
         "--lrs",
         required=True,
         type=_csv(float, "comma-separated positive numbers", lambda v: v > 0),
         metavar="LIST",
         help="learning rates, e.g. 1e-4,1e-3,1e-2 (required)",
+    )
+    sweep.add_argument(
+        "--dampings",
+        type=_csv(float, "comma-separated numbers >= 0", lambda v: v >= 0),
+        metavar="LIST",
+        help="ExactGN only: dampings crossed with the rates (the Gram-solve damping, or the "
+        "output damping with --ce-hessian exact) (default: the config's)",
+    )
+    sweep.add_argument(
+        "--rank-by",
+        dest="rank_by",
+        choices=("val_loss", "train_loss"),
+        help="final metric that picks the best (default: val_loss with --validation, else "
+        "train_loss)",
     )
     sweep.set_defaults(func=_cmd_sweep)
 

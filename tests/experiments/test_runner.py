@@ -206,7 +206,7 @@ def test_cli_run_plot_summary(tmp_path, capsys):
     capsys.readouterr()
     assert main(["summary", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| fullbatch | gn | 2 |" in table and "| fullbatch | adam | 2 |" in table
+    assert "| fullbatch | gn | 1 | 2 |" in table and "| fullbatch | adam | 1 | 2 |" in table
 
 
 def test_cli_sweep_picks_the_lowest_final_train_loss(tmp_path):

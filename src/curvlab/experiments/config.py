@@ -20,6 +20,8 @@ OPTIMIZERS = ("gn", "adam", "sgd")
 GN_VARIANTS = ("gn-right-inverse", "gn-pinv", "gn-paper")
 ALL_OPTIMIZERS = OPTIMIZERS + GN_VARIANTS
 NTK_MODES = ("full", "trace", "diagonal")
+#: Seed of the validation split (:attr:`ExperimentConfig.validation`): one split for every run.
+VALIDATION_SEED = 20240
 
 
 @dataclass
@@ -59,6 +61,11 @@ class ExperimentConfig:
             probe of the NTK and the CKA.
         ntk_mode: ``ntk-cka``: the kernel compared, ``full`` ``[N, N, C, C]``, ``trace``
             ``[N, N]`` or ``diagonal`` ``[N, C, C]``.
+        validation: Size of a class-balanced validation split held out of the training set
+            (drawn with :data:`VALIDATION_SEED`, the same for every run seed); ``0``: none.
+            With it every evaluation also reports ``val_loss`` and ``val_acc``, training (and the
+            standardization statistics) use only the rest, and ``curvlab sweep`` ranks by
+            ``val_loss``.
     """
 
     experiment: str
@@ -93,6 +100,7 @@ class ExperimentConfig:
     diverge_factor: float = 1e3
     ntk_probe: int = 64
     ntk_mode: str = "full"
+    validation: int = 0
 
     def to_dict(self) -> dict:
         """JSON-ready dict of the config."""
@@ -132,6 +140,10 @@ class ExperimentConfig:
         for name in ("gn_damping", "gn_output_damping", "gn_atol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if isinstance(self.validation, bool) or not isinstance(self.validation, int):
+            raise ValueError(f"validation must be an integer >= 0, got {self.validation!r}")
+        if self.validation < 0:
+            raise ValueError(f"validation must be an integer >= 0, got {self.validation!r}")
         if self.ntk_mode not in NTK_MODES:
             raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {self.ntk_mode!r}")
         if not self.diverge_factor > 1:

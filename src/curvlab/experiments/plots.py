@@ -510,26 +510,56 @@ def plot_run(folder: str | Path) -> list[Path]:
     return paths
 
 
-def summary(folder: str | Path) -> list[dict]:
-    """Last evaluation of every (phase, optimizer), averaged over seeds, for tables.
+#: Metrics of a summary row: the mean over seeds, and ``NAME_std`` their standard deviation.
+SUMMARY_METRICS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "test_loss",
+    "test_acc",
+    "time_s",
+)
 
-    Every row holds ``phase``, ``optimizer``, ``seeds`` (how many), ``step``, the means of
-    ``epoch``, ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc`` and ``time_s``, and
+
+def _store_with_evaluations(folder: str | Path) -> ResultsStore:
+    store = ResultsStore(folder)
+    if not store.path.exists():
+        where = store.folder if not store.folder.is_dir() else store.path
+        raise NoResultsError(f"no results in {folder}: {where} does not exist")
+    if not store.evaluations():
+        raise NoResultsError(f"no results in {folder}: {store.path} holds no evaluation")
+    return store
+
+
+def _spread(rows: list[dict], into: dict) -> None:
+    """Put the mean and the standard deviation over ``rows`` of every metric they all hold."""
+    for key in SUMMARY_METRICS:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if len(values) == len(rows):
+            into[key] = float(np.mean(values))
+            into[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summary(folder: str | Path) -> list[dict]:
+    """Last evaluation of every (phase, optimizer), mean and spread over seeds, for tables.
+
+    Every row holds ``phase``, ``optimizer``, ``seeds`` (how many), ``step``, the mean of every
+    metric of :data:`SUMMARY_METRICS` the evaluations hold (``val_*`` only with a validation
+    split) and ``NAME_std``, its sample standard deviation over seeds (0 for one seed), and
     ``diverged``: ``{seed: step}`` of the seeds whose run diverged (stopped after ``step``
     updates; empty when none did). A diverged seed's metrics are its last evaluation before it
     stopped.
 
+    Args:
+        folder: A run folder, or an archived records file (``NAME.jsonl.gz``).
+
     Raises:
         NoResultsError: the folder or its ``results.jsonl`` does not exist, or holds no evaluation.
     """
-    store = ResultsStore(folder)
-    if not store.folder.is_dir():
-        raise NoResultsError(f"no results in {store.folder}: the folder does not exist")
-    if not store.path.is_file():
-        raise NoResultsError(f"no results in {store.folder}: {store.path} does not exist")
+    store = _store_with_evaluations(folder)
     records = store.evaluations()
-    if not records:
-        raise NoResultsError(f"no results in {store.folder}: {store.path} holds no evaluation")
     diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
     last: dict[tuple, dict] = {}
     for r in records:
@@ -540,14 +570,84 @@ def summary(folder: str | Path) -> list[dict]:
     for (phase, opt, _), r in last.items():
         grouped[(phase, opt)].append(r)
     rows = []
-    for (phase, opt), rs in sorted(grouped.items()):
+    for (phase, opt), rs in sorted(grouped.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
         row = {"phase": phase, "optimizer": opt, "seeds": len(rs), "step": rs[0]["step"]}
-        for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "time_s"):
-            row[key] = float(np.mean([r[key] for r in rs]))
+        _spread(rs, row)
         row["diverged"] = {
             r["seed"]: diverged[(phase, opt, r["seed"])]
             for r in rs
             if (phase, opt, r["seed"]) in diverged
         }
+        rows.append(row)
+    return rows
+
+
+def _crossing(evaluations: list[dict], target: float) -> dict | None:
+    r"""The metrics where a run's training loss first falls to ``target``, or ``None``.
+
+    Between the last evaluation above the target and the first at or below it, every metric is
+    interpolated linearly in :math:`\log` (training loss), with weight
+    :math:`w = (\log \ell_a - \log t) / (\log \ell_a - \log \ell_b)`; a run that starts at or
+    below the target reports its first evaluation.
+    """
+    previous = None
+    for r in sorted(evaluations, key=lambda r: r["step"]):
+        loss = r["train_loss"]
+        if loss is not None and math.isfinite(loss) and loss <= target:
+            if previous is None or previous["train_loss"] <= 0 or loss <= 0:
+                return dict(r)
+            a, b = math.log(previous["train_loss"]), math.log(loss)
+            w = (a - math.log(target)) / (a - b) if a != b else 1.0
+            out = dict(r)
+            for key in ("step", *SUMMARY_METRICS):
+                if previous.get(key) is not None and r.get(key) is not None:
+                    out[key] = (1 - w) * previous[key] + w * r[key]
+            out["train_loss"] = target
+            return out
+        previous = r if loss is not None and math.isfinite(loss) else previous
+    return None
+
+
+def summary_at_train_loss(folder: str | Path, target: float) -> list[dict]:
+    """Every (phase, optimizer) compared where its training loss first reaches ``target``.
+
+    The paper's claim is about generalization, so comparing test losses at equal steps mixes
+    in how fast each optimizer trains; at equal training loss it does not. For every seed the
+    crossing is interpolated between evaluations (see :func:`_crossing`); a row holds the mean
+    and spread over the seeds that reach the target (``step`` is then the mean interpolated
+    update), ``seeds`` how many did, and ``missed``, the seeds that never did (diverged or not
+    trained far enough).
+
+    Args:
+        folder: A run folder, or an archived records file.
+        target: Training loss to compare at, > 0.
+
+    Raises:
+        ValueError: ``target`` is not > 0.
+        NoResultsError: no evaluations.
+    """
+    if not target > 0:
+        raise ValueError(f"target training loss must be > 0, got {target!r}")
+    store = _store_with_evaluations(folder)
+    runs: dict[tuple, list[dict]] = defaultdict(list)
+    for r in store.evaluations():
+        runs[(r["phase"], r["optimizer"], r["seed"])].append(r)
+    grouped: dict[tuple, list[tuple[int, dict | None]]] = defaultdict(list)
+    for (phase, opt, seed), rs in runs.items():
+        grouped[(phase, opt)].append((seed, _crossing(rs, target)))
+    rows = []
+    for (phase, opt), found in sorted(grouped.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+        reached = [c for _, c in found if c is not None]
+        row = {
+            "phase": phase,
+            "optimizer": opt,
+            "train_loss": target,
+            "seeds": len(reached),
+            "missed": sorted(seed for seed, c in found if c is None),
+        }
+        if reached:
+            row["step"] = float(np.mean([c["step"] for c in reached]))
+            _spread(reached, row)
+            row["train_loss"] = target
         rows.append(row)
     return rows

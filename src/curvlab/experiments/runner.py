@@ -32,7 +32,7 @@ from tqdm import tqdm
 from curvlab.backprop.loss import LossSpec
 from curvlab.data import load_dataset, to_float
 from curvlab.data.splits import balanced_indices
-from curvlab.experiments.config import GN_VARIANTS, ExperimentConfig
+from curvlab.experiments.config import GN_VARIANTS, VALIDATION_SEED, ExperimentConfig
 from curvlab.experiments.ntk_cka import KernelTracker
 from curvlab.experiments.store import ResultsStore
 from curvlab.nn import RevMLP
@@ -48,22 +48,66 @@ class Data:
     test_x: Tensor
     test_y: Tensor
     num_classes: int
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
+
+
+def validation_split(labels: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Indices of the validation split and of the training images that remain.
+
+    The split is class-balanced (:func:`~curvlab.data.splits.balanced_indices` with
+    :data:`~curvlab.experiments.config.VALIDATION_SEED`), so it is the same for every run seed
+    and every optimizer; the rest keeps the original order.
+
+    Args:
+        labels: Training labels ``[N]``.
+        size: Validation images, ``0 < size < N``.
+
+    Returns:
+        ``(validation, rest)``: int64 indices ``[size]`` and ``[N - size]``.
+
+    Raises:
+        ValueError: ``size`` leaves no training image or exceeds a balanced draw.
+    """
+    if not 0 < size < len(labels):
+        raise ValueError(
+            f"validation={size} must be between 1 and the {len(labels)} training images minus one"
+        )
+    held = torch.as_tensor(balanced_indices(labels.cpu().numpy(), size, VALIDATION_SEED))
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return held, keep.nonzero().squeeze(1)
 
 
 def load_data(config: ExperimentConfig, device: torch.device) -> Data:
-    """Load, flatten and standardize (by the training set's mean and std) the dataset."""
+    """Load, flatten and standardize the dataset; hold out the validation split if asked.
+
+    The mean and standard deviation come from the training images that are trained on (the
+    validation split excluded), and standardize every split.
+    """
     train_images, train_y = load_dataset(config.dataset, "train", config.data_path)
     test_images, test_y = load_dataset(config.dataset, "test", config.data_path)
     train_x = to_float(train_images).flatten(1)
     test_x = to_float(test_images).flatten(1)
+    val_x = val_y = None
+    if config.validation:
+        held, rest = validation_split(train_y, config.validation)
+        val_x, val_y = train_x[held], train_y[held]
+        train_x, train_y = train_x[rest], train_y[rest]
     mean, std = train_x.mean(), train_x.std()
     num_classes = int(train_y.max()) + 1
+
+    def prepare(x: Tensor | None) -> Tensor | None:
+        return None if x is None else ((x - mean) / std).to(device)
+
     return Data(
-        ((train_x - mean) / std).to(device),
+        prepare(train_x),
         train_y.to(device),
-        ((test_x - mean) / std).to(device),
+        prepare(test_x),
         test_y.to(device),
         num_classes,
+        prepare(val_x),
+        None if val_y is None else val_y.to(device),
     )
 
 
@@ -378,6 +422,9 @@ class Runner:
         kernel = {} if tracker is None else tracker.measure(model, step)
         train_loss, train_acc = evaluate(model, eval_x, eval_y, self.config.loss)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, self.config.loss)
+        if data.val_x is not None:
+            val_loss, val_acc = evaluate(model, data.val_x, data.val_y, self.config.loss)
+            kernel = {"val_loss": val_loss, "val_acc": val_acc, **kernel}
         self.store.append(
             {
                 "type": "eval",

@@ -21,6 +21,7 @@ run that the checkpoint and every later record continue.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -58,16 +59,32 @@ class ConfigMismatchError(ValueError):
     """The output folder holds a run with another configuration."""
 
 
+class ReadOnlyStoreError(RuntimeError):
+    """A write to a store opened from an archived records file."""
+
+
+def is_records_file(path: str | Path) -> bool:
+    """Whether ``path`` names a records file (``.jsonl`` or ``.jsonl.gz``) rather than a folder."""
+    name = Path(path).name
+    return name.endswith(".jsonl") or name.endswith(".jsonl.gz")
+
+
 class ResultsStore:
-    """Results of one run folder.
+    """Results of one run folder, or of one archived records file (read only).
 
     Args:
-        folder: Run folder (created by :meth:`open` if missing).
+        folder: Run folder (created by :meth:`open` if missing), or a records file:
+            ``results.jsonl`` itself or a gzip-compressed copy written by :func:`export_records`
+            (``NAME.jsonl.gz``), which can be read (summaries, figures) but not written.
     """
 
     def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / RESULTS_FILE
+        folder = Path(folder)
+        self.read_only = is_records_file(folder) and folder.name != RESULTS_FILE
+        if is_records_file(folder):
+            self.folder, self.path = folder.parent, folder
+        else:
+            self.folder, self.path = folder, folder / RESULTS_FILE
 
     # ------------------------------------------------------------------ writing
     def open(self, config: dict, defaults: dict | None = None) -> None:
@@ -88,6 +105,7 @@ class ResultsStore:
             ConfigMismatchError: the folder holds results of a run that differs in any other
                 setting.
         """
+        self._check_writable()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.repair()
         config = json.loads(json.dumps(config))
@@ -113,6 +131,7 @@ class ResultsStore:
 
         A torn last line left by a killed writer is cut off first (see :meth:`repair`).
         """
+        self._check_writable()
         self.repair()
         line = (json.dumps(record) + "\n").encode()
         created = not self.path.exists()
@@ -125,7 +144,7 @@ class ResultsStore:
 
     def repair(self) -> int:
         """Cut off a torn last line (one without its newline); returns the bytes removed."""
-        if not self.path.exists():
+        if self.read_only or not self.path.exists():
             return 0
         with self.path.open("rb+") as stream:
             size = stream.seek(0, io.SEEK_END)
@@ -171,7 +190,8 @@ class ResultsStore:
         if not self.path.exists():
             return []
         out = []
-        with self.path.open("rb") as stream:
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        with opener(self.path, "rb") as stream:
             for number, line in enumerate(stream, 1):
                 try:
                     out.append(json.loads(line))
@@ -210,6 +230,13 @@ class ResultsStore:
         return _last_per_key(self._typed("diverged"), ("phase", "optimizer", "seed"))
 
     # ------------------------------------------------------------------ helpers
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                f"{self.path} is an archived records file: it can be read (curvlab summary, "
+                "curvlab plot) but not run into; run into a folder instead"
+            )
+
     def _typed(self, kind: str) -> list[dict]:
         return [r for r in self.records() if r.get("type") == kind]
 
@@ -260,3 +287,44 @@ def _last_per_key(records: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
     for record in records:
         keyed[tuple(record.get(k, "") for k in key)] = record
     return [keyed[k] for k in sorted(keyed)]
+
+
+def export_records(folder: str | Path, out: str | Path) -> Path:
+    """Write a run folder's records, compressed, to ``out`` (``NAME.jsonl.gz``).
+
+    Only the records that a summary or a figure reads are kept, each once (the last of its key,
+    as :meth:`ResultsStore.evaluations` reads them): the header and ``config`` records, then
+    ``eval``, ``update`` and ``diverged``. ``curvlab summary OUT`` and ``curvlab plot OUT``
+    rebuild the tables and figures from it. The gzip header carries no time stamp, so the same
+    records give the same bytes.
+
+    Args:
+        folder: A run folder (or a records file).
+        out: The compressed records file to write; its name must end in ``.jsonl.gz``.
+
+    Returns:
+        ``out`` as a path.
+
+    Raises:
+        ValueError: ``out`` does not end in ``.jsonl.gz``.
+        FileNotFoundError: ``folder`` holds no records.
+    """
+    out = Path(out)
+    if not out.name.endswith(".jsonl.gz"):
+        raise ValueError(f"out must name a .jsonl.gz file, got {str(out)!r}")
+    store = ResultsStore(folder)
+    if not store.path.is_file():
+        raise FileNotFoundError(f"no records to export: {store.path} does not exist")
+    records = store.records()
+    kept = [r for r in records if r.get("type") in ("header", "config")]
+    kept += store.evaluations() + store.updates() + store.diverged()
+    payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with (
+        tmp.open("wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as stream,
+    ):
+        stream.write(payload)
+    os.replace(tmp, out)
+    return out
