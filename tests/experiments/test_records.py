@@ -13,7 +13,7 @@ import torch
 from curvlab.cli import main, summary_table
 from curvlab.data import load_dataset
 from curvlab.experiments import ResultsStore, Runner, make_config
-from curvlab.experiments.plots import summary, summary_at_train_loss
+from curvlab.experiments.plots import plot_run, summary, summary_at_train_loss
 from curvlab.experiments.runner import load_data, validation_split
 from curvlab.experiments.store import ReadOnlyStoreError, export_records
 
@@ -89,6 +89,8 @@ def test_an_exported_archive_rebuilds_the_same_tables_and_is_reproducible(tmp_pa
     with gzip.open(archive, "rt") as stream:
         kinds = [json.loads(line)["type"] for line in stream]
     assert kinds[0] == "header" and kinds.count("eval") == 2 * 2 * 4
+    paths = plot_run(archive)
+    assert paths and all(p.parent == archive.parent and p.name.startswith("run-") for p in paths)
     with pytest.raises(ReadOnlyStoreError, match="archived"):
         ResultsStore(archive).append({"type": "eval"})
     with pytest.raises(ValueError, match=r"\.jsonl\.gz"):

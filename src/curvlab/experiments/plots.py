@@ -498,12 +498,17 @@ def run_figures(folder: str | Path) -> dict[str, Figure]:
 def plot_run(folder: str | Path) -> list[Path]:
     """Draw every figure the run's results support as PNGs in ``folder``; returns their paths.
 
+    For an archived records file (``DIR/NAME.jsonl.gz``) the PNGs go beside it, named
+    ``NAME-FIGURE.png``, so that several archives in one folder keep their own figures.
+
     Raises:
         NoResultsError: no ``results.jsonl`` or no evaluation in it.
     """
+    store = ResultsStore(folder)
+    prefix = store.path.name.removesuffix(".jsonl.gz") + "-" if store.read_only else ""
     paths = []
     for name, fig in run_figures(folder).items():
-        path = Path(folder) / name
+        path = store.folder / f"{prefix}{name}"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
