@@ -33,6 +33,9 @@ from curvlab.experiments.config import (
     make_config,
 )
 
+#: The width study (:mod:`curvlab.experiments.width_scaling`), run by ``curvlab run`` too.
+WIDTH_SCALING = "width-scaling"
+
 #: The defaults of every setting on the full datasets.
 _DEFAULTS = {
     f.name: f.default
@@ -141,9 +144,13 @@ def _rates(text: str) -> dict[str, float]:
     return rates
 
 
-def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+def _add_config_arguments(p: argparse.ArgumentParser, extra: tuple[str, ...] = ()) -> None:
     p.add_argument(
-        "experiment", choices=EXPERIMENTS, help="named after the paper's figures (required)"
+        "experiment",
+        choices=EXPERIMENTS + extra,
+        help="named after the paper's figures"
+        + (f"; {', '.join(extra)}: see docs/ntk.md" if extra else "")
+        + " (required)",
     )
     p.add_argument(
         "--dataset",
@@ -407,9 +414,107 @@ def _print_summary(folder: Path, at_train_loss: float | None = None) -> None:
     print(summary_table(folder, at_train_loss))
 
 
+#: ``curvlab run width-scaling``'s own options (dest names), ignored by the paper's experiments.
+_WIDTH_OPTIONS = ("families", "mlp_widths", "cnn_widths", "train_size")
+#: The paper's settings that ``width-scaling`` does not take (it has its own models).
+_NOT_WIDTH_OPTIONS = (
+    "epochs",
+    "subset",
+    "batch_size",
+    "hidden",
+    "norm",
+    "loss",
+    "ce_hessian",
+    "gn_scheme",
+    "gn_solver",
+    "gn_damping",
+    "gn_output_damping",
+    "eval_every",
+    "evals_per_epoch",
+    "eval_train_size",
+    "diverge_factor",
+    "ntk_probe",
+    "ntk_mode",
+    "optimizers",
+    "validation",
+)
+
+
+def _add_width_arguments(p: argparse.ArgumentParser) -> None:
+    positive = _csv(int, "comma-separated positive integers", lambda v: v > 0)
+    p.add_argument(
+        "--families",
+        type=_csv(str, "a comma-separated subset of mlp,cnn", lambda v: v in ("mlp", "cnn")),
+        metavar="LIST",
+        help="width-scaling only: model families (default: mlp,cnn)",
+    )
+    p.add_argument(
+        "--mlp-widths",
+        dest="mlp_widths",
+        type=positive,
+        metavar="LIST",
+        help="width-scaling only: MLP hidden widths (default: 32,128,512,2048)",
+    )
+    p.add_argument(
+        "--cnn-widths",
+        dest="cnn_widths",
+        type=positive,
+        metavar="LIST",
+        help="width-scaling only: CNN channels (default: 4,8,16,32)",
+    )
+    p.add_argument(
+        "--train-size",
+        dest="train_size",
+        type=_positive_int,
+        metavar="N",
+        help="width-scaling only: class-balanced training images (default: 512)",
+    )
+
+
+def _cmd_width_scaling(args: argparse.Namespace) -> int:
+    """``curvlab run width-scaling``: the width study (docs/ntk.md)."""
+    from curvlab.experiments.width_scaling import (
+        WidthScaling,
+        WidthScalingConfig,
+        plot_width_scaling,
+    )
+
+    given = [name for name in _NOT_WIDTH_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"width-scaling: {flags} belong to the paper's experiments")
+    if args.lr and set(args.lr) != {"sgd"}:
+        raise ValueError("width-scaling: --lr takes sgd=X (gradient descent's rate)")
+    values = {
+        "dataset": args.dataset,
+        "data_path": args.data_path,
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "depth": args.depth,
+        "device": args.device,
+        "lr": args.lr["sgd"] if args.lr else None,
+        **{name: getattr(args, name) for name in _WIDTH_OPTIONS},
+    }
+    config = WidthScalingConfig(**{k: v for k, v in values.items() if v is not None})
+    out = Path(args.out or f"runs/width-scaling-{config.dataset}")
+    print(f"curvlab run width-scaling on {config.dataset} -> {out / 'results.jsonl'}")
+    WidthScaling(config, out, progress=not args.no_progress).run()
+    if not args.no_plot:
+        for path in plot_width_scaling(out):
+            print(f"wrote {path}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from curvlab.experiments.plots import plot_run
     from curvlab.experiments.runner import Runner
+
+    if args.experiment == WIDTH_SCALING:
+        return _cmd_width_scaling(args)
+    given = [name for name in _WIDTH_OPTIONS if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{args.experiment}: {flags} belong to width-scaling")
 
     lr = None
     if args.lr:
@@ -461,9 +566,7 @@ def _sweep_points(args: argparse.Namespace) -> list[dict]:
     """Every (learning rate, damping) of a sweep; the damping only for ExactGN."""
     is_gn = args.optimizer == "gn" or args.optimizer.startswith("gn-")
     if args.dampings and not is_gn:
-        raise SystemExit(
-            f"curvlab sweep: --dampings applies to ExactGN (gn, gn-SCHEME), not {args.optimizer!r}"
-        )
+        raise ValueError(f"--dampings applies to ExactGN (gn, gn-SCHEME), not {args.optimizer!r}")
     dampings = args.dampings or (None,)
     return [{"lr": lr, "damping": d} for lr in args.lrs for d in dampings]
 
@@ -481,7 +584,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     damping_field = "gn_output_damping" if args.ce_hessian == "exact" else "gn_damping"
     rank_by = args.rank_by or ("val_loss" if args.validation else "train_loss")
     if rank_by == "val_loss" and not args.validation:
-        raise SystemExit("curvlab sweep: --rank-by val_loss needs --validation N")
+        raise ValueError("--rank-by val_loss needs --validation N")
     rows = []
     for point in _sweep_points(args):
         rate, damping = point["lr"], point["damping"]
@@ -547,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
         "continues a killed run; more --steps, --epochs, --optimizers or --seeds extend a "
         "finished one.",
     )
-    _add_config_arguments(run)
+    _add_config_arguments(run, (WIDTH_SCALING,))
+    _add_width_arguments(run)
     run.add_argument(
         "--optimizers",
         type=_csv(
