@@ -83,7 +83,8 @@ class ParamFactor:
                 *a.shape[:2], *b.shape[:2]
             )
         owner, local, call = self.calls[0]
-        key = (id(call), id(self.factors[call]), id(other_factor.factors[call]))
+        # keyed by the factor tensors themselves (each parameter holds its own tuple of them)
+        key = (id(call), *map(id, self.factors[call]), None, *map(id, other_factor.factors[call]))
         cache = {} if cache is None else cache
         if key not in cache:
             cache[key] = owner.rule.gram(

@@ -7,6 +7,11 @@ A convolution is a linear layer applied to the *unfolded* input: patches ``[N, i
 convolution is ``G`` independent layers: its weight gets one factor pair per group, stacked as
 ``A`` ``[G, in/G * K, in/G * K]`` and ``B`` ``[G, out/G, out/G]`` (the weight block is then
 block-diagonal over groups).
+
+Gram matrices of the VJPs (ViViT, :meth:`ConvRule.gram`) take the cheaper of two forms by their
+multiply-adds (:func:`factored_gram_cost`): factored over position pairs,
+:math:`\sum_{t,t'} (f_{mnt} \cdot h_{m'n't'})(u_{nt} \cdot u_{n't'})` (few positions, wide
+patches), or the per-sample VJPs ``[N M, P]`` and one symmetric product (many positions).
 """
 
 from __future__ import annotations
@@ -170,6 +175,73 @@ def chunked_sq_norms(
     return torch.cat(parts, dim=1)
 
 
+GRAM_ELEMENTS = 2**25
+"""Budget (tensor elements) for the ``[G, t, M N, T, M' N]`` block of the factored Gram."""
+
+
+def factored_gram_cost(m: int, m_other: int, n: int, g: int, i: int, o: int, t: int) -> tuple:
+    r"""Multiply-adds of the conv weight's Gram matrix, ``(factored, materialised)``.
+
+    Factored over position pairs: :math:`G T^2 (M M' N^2 (O + 1) + N^2 I)`; by the per-sample
+    VJPs :math:`J^\top F` ``[M N, P]``: :math:`G T O I N (M + M') + M M' N^2 P` with
+    :math:`P = G O I`.
+    """
+    factored = g * t * t * n * n * (m * m_other * (o + 1) + i)
+    materialised = g * t * o * i * n * (m + m_other) + m * m_other * n * n * g * o * i
+    return factored, materialised
+
+
+def per_sample_rows(u: Tensor, f: Tensor) -> Tensor:
+    r"""The weight VJPs :math:`\sum_t f_{mngt} u_{ngt}^\top` as rows ``[N M, G O I]`` (index ``n M + m``).
+
+    One batched product over ``(n, g)``; a view of its result when ``G = 1``.
+
+    Args:
+        u: Patches ``[N, G, I, T]``.
+        f: Factor ``[M, N, G, O, T]``.
+    """
+    m, n, g, o, t = f.shape
+    lhs = f.permute(1, 2, 0, 3, 4).reshape(n * g, m * o, t)
+    w = torch.bmm(lhs, u.reshape(n * g, -1, t).transpose(1, 2))  # [N G, M O, I]
+    w = w.view(n, g, m, o, -1)
+    return (w[:, 0] if g == 1 else w.transpose(1, 2)).reshape(n * m, -1)
+
+
+def conv_gram(u: Tensor, f: Tensor, h: Tensor | None) -> Tensor:
+    r"""Factored Gram of the weight VJPs :math:`W_{mn} = \sum_t f_{mnt} u_{nt}^\top` per group.
+
+    .. math::
+        \langle W_{mn}, W'_{m'n'} \rangle = \sum_{g} \sum_{t, t'}
+        (f_{mngt} \cdot h_{m'n'gt'})(u_{ngt} \cdot u_{n'gt'}),
+
+    summed over chunks of ``t`` so that at most about :data:`GRAM_ELEMENTS` are alive at once;
+    no ``[M, N, *p]`` tensor is formed.
+
+    Args:
+        u: Patches ``[N, G, I, T]``.
+        f: Factor ``[M, N, G, O, T]``.
+        h: The other factor ``[M', N, G, O, T]`` (``None``: ``f``).
+
+    Returns:
+        ``[M, N, M', N]``.
+    """
+    h = f if h is None else h
+    m, n, g, o, t = f.shape
+    k = h.shape[0]
+    fa = f.permute(2, 4, 0, 1, 3).reshape(g, t, m * n, o)  # [G, T, MN, O]
+    hb = h.permute(2, 3, 4, 0, 1).reshape(g, o, t * k * n)  # [G, O, T M'N]
+    ua = u.permute(1, 3, 0, 2)  # [G, T, N, I]
+    ub = u.permute(1, 2, 3, 0).reshape(g, -1, t * n)  # [G, I, T N]
+    out = f.new_zeros(m, n, k, n)
+    step = max(1, GRAM_ELEMENTS // max(1, g * t * m * n * k * n))
+    for s in range(0, t, step):
+        c = min(step, t - s)
+        gf = (fa[:, s : s + c].reshape(g, c * m * n, o) @ hb).view(g, c, m, n, t, k, n)
+        gu = (ua[:, s : s + c].reshape(g, c * n, -1) @ ub).view(g, c, 1, n, t, 1, n)
+        out += gf.mul_(gu).sum((0, 1, 4))
+    return out
+
+
 class ConvRule(Rule):
     """Derivatives of ``nn.Conv1d/2d/3d`` via unfolded inputs (see the module docstring)."""
 
@@ -247,6 +319,40 @@ class ConvRule(Rule):
             )
         if "bias" in names:
             out["bias"] = _grouped_factor(module, factors).sum(-1).square().sum((2, 3))
+        return out
+
+    def gram(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        names: list[str],
+        other: tuple[Tensor, ...] | None = None,
+    ) -> dict[str, Tensor]:
+        # the weight: factored over position pairs or by the per-sample VJPs, whichever costs
+        # fewer multiply-adds (factored_gram_cost); the bias: (sum_t f)(sum_t h)
+        f = _grouped_factor(module, factors)
+        h = f if other is None else _grouped_factor(module, other)
+        m, n, g, o, t = f.shape
+        out = {}
+        if "weight" in names:
+            i = module.weight.shape[1] * math.prod(module.kernel_size)
+            factored, materialised = factored_gram_cost(m, h.shape[0], n, g, i, o, t)
+            if factored < materialised:
+                u = unfold(module, call.args[0]).reshape(n, g, i, t)
+                out["weight"] = conv_gram(u, f, None if other is None else h)
+            else:
+                u = unfold(module, call.args[0]).reshape(n, g, i, t)
+                a = per_sample_rows(u, f)
+                if other is None:
+                    out["weight"] = gram(a).view(n, m, n, m).permute(1, 0, 3, 2)
+                else:
+                    b = per_sample_rows(u, h)
+                    out["weight"] = (a @ b.T).view(n, m, n, -1).permute(1, 0, 3, 2)
+                del a
+        if "bias" in names:
+            fs, hs = f.sum(-1).reshape(m, n, -1), h.sum(-1).reshape(h.shape[0], n, -1)
+            out["bias"] = torch.einsum("mnc,kqc->mnkq", fs, hs)
         return out
 
     def kron_sums(  # noqa: D102
