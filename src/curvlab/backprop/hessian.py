@@ -19,6 +19,18 @@ with a constant, ...) and a table of custom autograd Functions keyed by their cl
 (:data:`FUNCTION_KINDS`, holding :mod:`curvlab.nn.memsave`'s); anything else sends the Hessian
 quantities to the generic path.
 
+Why a table of node names: an autograd node carries no description of its math. Its Python class
+is generated per operator (``ViewBackward0``, ``TanhBackward0``, ...) with the operator's name as
+its only identity, and neither its saved tensors (``ReluBackward0`` and ``TanhBackward0`` both save
+their result) nor its callable backward tell a linear operation from a nonlinear one. The
+alternatives are (a) probing each node numerically, which costs extra backward passes and can
+only suggest linearity, or (b) re-running the model under a tracer, which the capture path cannot
+do. So the check keeps two short prefix lists for built-in operators and keys custom Functions by
+class (:data:`FUNCTION_KINDS`); it errs one way only: an unlisted name is an obstacle (exact
+generic fallback), never taken as linear. ``tests/backprop/test_hessian_graph.py`` builds every
+listed operation in the installed torch and checks its nodes' kinds, so a renamed node fails a
+test instead of silently slowing the Hessian quantities.
+
 :math:`\phi_k''` comes from the activation rules (:mod:`curvlab.backprop.rules.activation`), which
 also define :data:`ELEMENTWISE` and :data:`PIECEWISE_LINEAR` (re-exported here).
 """
