@@ -370,7 +370,7 @@ def _metric_columns(rows: list[dict]) -> list[tuple[str, str, int]]:
     return columns + [("test_loss", "test loss", 4), ("test_acc", "test acc", 4)]
 
 
-def summary_table(folder: Path, at_train_loss: float | None = None) -> str:
+def summary_table(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> str:
     """The Markdown table ``curvlab summary`` prints (docs/reproduction.md quotes them).
 
     Means over seeds, with ``± std`` (sample standard deviation) when there are several.
@@ -410,7 +410,7 @@ def summary_table(folder: Path, at_train_loss: float | None = None) -> str:
     return "\n".join(table)
 
 
-def _print_summary(folder: Path, at_train_loss: float | None = None) -> None:
+def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> None:
     print(summary_table(folder, at_train_loss))
 
 
@@ -542,7 +542,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     from curvlab.experiments.plots import NoResultsError
 
     try:
-        _print_summary(Path(args.folder), args.at_train_loss)
+        _print_summary([Path(f) for f in args.folder], args.at_train_loss)
     except NoResultsError as error:
         print(f"curvlab summary: {error}", file=sys.stderr)
         return 2
@@ -685,7 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Means over seeds, with ± the sample standard deviation when there are "
         "several; validation columns when the run held out a validation split.",
     )
-    summ.add_argument("folder", help="a run folder holding results.jsonl, or a NAME.jsonl.gz")
+    summ.add_argument(
+        "folder",
+        nargs="+",
+        help="a run folder holding results.jsonl, or a NAME.jsonl.gz; several whose runs are "
+        "disjoint are summarized together",
+    )
     summ.add_argument(
         "--at-train-loss",
         dest="at_train_loss",

@@ -13,7 +13,7 @@ import torch
 from curvlab.cli import main, summary_table
 from curvlab.data import load_dataset
 from curvlab.experiments import ResultsStore, Runner, make_config
-from curvlab.experiments.plots import plot_run, summary, summary_at_train_loss
+from curvlab.experiments.plots import NoResultsError, plot_run, summary, summary_at_train_loss
 from curvlab.experiments.runner import load_data, validation_split
 from curvlab.experiments.store import ReadOnlyStoreError, export_records
 
@@ -160,3 +160,19 @@ def test_cli_export_summary_and_sweep_by_validation_loss(tmp_path, capsys):
     bad = ["sweep", "fullbatch", *args, "--optimizer", "adam", "--lrs", "1e-3", "--dampings", "0"]
     assert main(bad) == 2
     assert "--dampings applies to ExactGN" in capsys.readouterr().err
+
+
+def test_disjoint_runs_of_several_archives_are_summarized_together(tmp_path):
+    both = _two_seed_run(tmp_path / "both")
+    one = make_config("fullbatch", "bundled", seeds=(1,), optimizers=("adam", "sgd"), **TINY)
+    two = make_config("fullbatch", "bundled", seeds=(2,), optimizers=("adam", "sgd"), **TINY)
+    Runner(one, tmp_path / "one", progress=False).run()
+    Runner(two, tmp_path / "two", progress=False).run()
+    parts = [export_records(tmp_path / n, tmp_path / f"{n}.jsonl.gz") for n in ("one", "two")]
+
+    def timeless(rows):  # wall time differs between two runs of the same seed
+        return [{k: v for k, v in r.items() if not k.startswith("time_s")} for r in rows]
+
+    assert timeless(summary(parts)) == timeless(summary(both))
+    with pytest.raises(NoResultsError, match="both record"):
+        summary([parts[0], tmp_path / "both"])

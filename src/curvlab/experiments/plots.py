@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -528,14 +528,47 @@ SUMMARY_METRICS = (
 )
 
 
-def _store_with_evaluations(folder: str | Path) -> ResultsStore:
-    store = ResultsStore(folder)
-    if not store.path.exists():
-        where = store.folder if not store.folder.is_dir() else store.path
-        raise NoResultsError(f"no results in {folder}: {where} does not exist")
-    if not store.evaluations():
-        raise NoResultsError(f"no results in {folder}: {store.path} holds no evaluation")
-    return store
+class _Union:
+    """The evaluations and divergences of one or several stores, as one.
+
+    Several sources must not record the same (phase, optimizer, seed): each run has one home.
+    """
+
+    def __init__(self, sources: str | Path | Sequence[str | Path]) -> None:
+        if isinstance(sources, (str, Path)):
+            sources = [sources]
+        if not sources:
+            raise NoResultsError("no results: no folder or records file given")
+        self._evaluations: list[dict] = []
+        self._diverged: list[dict] = []
+        owner: dict[tuple, str] = {}
+        for source in sources:
+            store = ResultsStore(source)
+            if not store.path.exists():
+                where = store.folder if not store.folder.is_dir() else store.path
+                raise NoResultsError(f"no results in {source}: {where} does not exist")
+            evaluations = store.evaluations()
+            if not evaluations:
+                raise NoResultsError(f"no results in {source}: {store.path} holds no evaluation")
+            for run in {(r["phase"], r["optimizer"], r["seed"]) for r in evaluations}:
+                if run in owner:
+                    raise NoResultsError(
+                        f"{source} and {owner[run]} both record {run[0]} {run[1]} seed {run[2]}; "
+                        "summarize them separately"
+                    )
+                owner[run] = str(source)
+            self._evaluations += evaluations
+            self._diverged += store.diverged()
+
+    def evaluations(self) -> list[dict]:
+        return self._evaluations
+
+    def diverged(self) -> list[dict]:
+        return self._diverged
+
+
+def _store_with_evaluations(folder: str | Path | Sequence[str | Path]) -> _Union:
+    return _Union(folder)
 
 
 def _spread(rows: list[dict], into: dict) -> None:
@@ -547,7 +580,7 @@ def _spread(rows: list[dict], into: dict) -> None:
             into[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summary(folder: str | Path) -> list[dict]:
+def summary(folder: str | Path | Sequence[str | Path]) -> list[dict]:
     """Last evaluation of every (phase, optimizer), mean and spread over seeds, for tables.
 
     Every row holds ``phase``, ``optimizer``, ``seeds`` (how many), ``step``, the mean of every
@@ -558,7 +591,9 @@ def summary(folder: str | Path) -> list[dict]:
     stopped.
 
     Args:
-        folder: A run folder, or an archived records file (``NAME.jsonl.gz``).
+        folder: A run folder, or an archived records file (``NAME.jsonl.gz``), or several of
+            either whose runs are disjoint (e.g. a sweep's chosen run of the tuning seed and the
+            other seeds' runs).
 
     Raises:
         NoResultsError: the folder or its ``results.jsonl`` does not exist, or holds no evaluation.
@@ -613,7 +648,7 @@ def _crossing(evaluations: list[dict], target: float) -> dict | None:
     return None
 
 
-def summary_at_train_loss(folder: str | Path, target: float) -> list[dict]:
+def summary_at_train_loss(folder: str | Path | Sequence[str | Path], target: float) -> list[dict]:
     """Every (phase, optimizer) compared where its training loss first reaches ``target``.
 
     The paper's claim is about generalization, so comparing test losses at equal steps mixes
@@ -624,7 +659,7 @@ def summary_at_train_loss(folder: str | Path, target: float) -> list[dict]:
     trained far enough).
 
     Args:
-        folder: A run folder, or an archived records file.
+        folder: A run folder, an archived records file, or several (see :func:`summary`).
         target: Training loss to compare at, > 0.
 
     Raises:
