@@ -17,15 +17,20 @@ of each per round, the order rotating, medians over the rounds (at least ``--rep
 
 ``--compare curvlinops`` adds curvlinops' ``GGNLinearOperator`` / ``HessianLinearOperator``
 products, ``KFACLinearOperator`` and ``KFACInverseLinearOperator`` (``use_exact_damping=True``)
-in the same rounds. JSON: ``benchmarks/results/linops-cpu.json``.
+in the same rounds. ``--compare vivit`` adds vivit-for-pytorch's ``EighComputation`` (on BackPACK)
+to the eigenvalue row: it calls ``torch.symeig``, removed from torch (2.x raises
+``RuntimeError: This function was deprecated since version 1.9 and is now removed``), so the
+benchmark shims ``torch.symeig`` / ``Tensor.symeig`` by ``torch.linalg.eigh`` (recorded in the
+JSON). JSON: ``benchmarks/results/linops-cpu.json``.
 
-    OMP_NUM_THREADS=1 python benchmarks/linops.py --compare curvlinops
+    OMP_NUM_THREADS=1 python benchmarks/linops.py --compare curvlinops vivit
     python benchmarks/linops.py --problems mlp-mnist --batch-sizes 128 --rows "GGN matvec"
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import platform
@@ -61,9 +66,48 @@ ROWS = (
 )
 COLUMNS = 16
 DAMPING = 1e-3
+VIVIT_SHIM = (
+    "vivit-for-pytorch 1.0.0 calls torch.symeig / Tensor.symeig, which torch 2.x removed "
+    "(RuntimeError: 'This function was deprecated since version 1.9 and is now removed'); "
+    "shimmed here by torch.linalg.eigh (same eigenpairs, ascending)."
+)
 
 
-def _cases(problem: str, batch: int, rows: list[str], compare: bool) -> tuple[Callable, dict, dict]:
+def _shim_symeig() -> None:
+    """``torch.symeig`` for vivit-for-pytorch on torch >= 2 (see :data:`VIVIT_SHIM`)."""
+
+    def symeig(a: torch.Tensor, eigenvectors: bool = False, upper: bool = True):
+        values, vectors = torch.linalg.eigh(a, UPLO="U" if upper else "L")
+        return values, vectors if eigenvectors else a.new_empty(0)
+
+    torch.symeig = symeig
+    torch.Tensor.symeig = symeig
+
+
+def _their_vivit(model, loss_func, x, y, k: int) -> Callable:
+    """vivit-for-pytorch's top-``k`` GGN eigenpairs of the whole network (exact, one pass)."""
+    _shim_symeig()
+    from backpack import backpack, extend
+    from vivit.linalg.eigh import EighComputation
+
+    # a copy: BackPACK's module hooks break the torch.func transforms of the other rows
+    model, loss_func = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_func))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> torch.Tensor:
+        computation = EighComputation()
+        group = {"params": params, "criterion": lambda evals: list(range(len(evals)))[-k:]}
+        hook = computation.get_extension_hook([group])
+        with backpack(computation.get_extension(), extension_hook=hook):
+            loss_func(model(x), y).backward()
+        return computation.get_result(group)[0].flip(0)
+
+    return run
+
+
+def _cases(
+    problem: str, batch: int, rows: list[str], compare: bool, vivit: bool = False
+) -> tuple[Callable, dict, dict]:
     """The plain gradient and, per row, the timed functions by library."""
     model, loss_func, x, y, _ = build(problem, batch)
     data = [(x, y)]
@@ -135,6 +179,12 @@ def _cases(problem: str, batch: int, rows: list[str], compare: bool) -> tuple[Ca
             "lanczos_eigenvalues": reference.tolist(),
             "max_relative_difference": float(difference),
         }
+        if vivit:
+            theirs_fn = _their_vivit(model, loss_func, x, y, 10)
+            cases["top-10 eigenvalues"]["vivit-for-pytorch"] = theirs_fn
+            theirs = theirs_fn()
+            extras["top-10 eigenvalues"]["vivit-for-pytorch_eigenvalues"] = theirs.tolist()
+            extras["top-10 eigenvalues"]["vivit-for-pytorch_note"] = VIVIT_SHIM
     return gradient, {row: cases[row] for row in rows}, extras
 
 
@@ -163,11 +213,14 @@ def _time(gradient: Callable, fns: dict[str, Callable], args: argparse.Namespace
     }
 
 
-def _versions(compare: bool) -> dict:
+def _versions(compare: list[str]) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ["curvlab"] + (["curvlinops-for-pytorch"] if compare else []):
+    peers = {"curvlinops": ["curvlinops-for-pytorch"], "vivit": ["vivit-for-pytorch"]}
+    extra = [name for c in compare for name in peers[c]]
+    extra += ["backpack-for-pytorch"] if "vivit" in compare else []
+    for package in ["curvlab", *extra]:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -189,6 +242,8 @@ def _target(row: str, entry: dict, problem: str, batch: int, peer_matvec: dict) 
         speedup = ratios["lanczos"] / ratios["vivit"]
         close = entry["max_relative_difference"] <= 0.01
         text = f"vivit {speedup:.1f}x faster, eigenvalues within {entry['max_relative_difference']:.1e}"
+        if "vivit-for-pytorch" in ratios:
+            text += f"; {ratios['vivit-for-pytorch'] / ratios['vivit']:.1f}x faster than the peer"
         if problem == "3c3d-cifar10" and batch == 128:
             text += " (5x and 1 %: " + ("met" if speedup >= 5 and close else "NOT met") + ")"
         return text
@@ -197,7 +252,7 @@ def _target(row: str, entry: dict, problem: str, batch: int, peer_matvec: dict) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare", choices=["curvlinops"], default=None)
+    parser.add_argument("--compare", nargs="*", choices=["curvlinops", "vivit"], default=[])
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
@@ -208,14 +263,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "linops-cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    compare = args.compare == "curvlinops"
+    compare, vivit = "curvlinops" in args.compare, "vivit" in args.compare
     libraries = ["curvlab"] + (["curvlinops"] if compare else [])
+    libraries += ["vivit-for-pytorch"] if vivit else []
     print(f"time ratio to a gradient ({_device()}, {args.threads} thread)")
-    print(f"{'problem':>14} {'N':>4} {'row':>20} {'curvlab':>18} {'curvlinops':>11}  target")
+    print(f"{'problem':>14} {'N':>4} {'row':>20} {'curvlab':>18} {'peer':>11}  target")
     results = []
     for problem in args.problems:
         for batch in args.batch_sizes:
-            gradient, cases, extras = _cases(problem, batch, args.rows, compare)
+            gradient, cases, extras = _cases(problem, batch, args.rows, compare, vivit)
             peer_matvec: dict[str, float] = {}
             for row, fns in cases.items():
                 timed = _time(gradient, fns, args)
@@ -242,7 +298,8 @@ def main() -> None:
                 ratios = entry["time_ratio"]
                 if row == "top-10 eigenvalues":
                     ours = f"{ratios['vivit']:.2f}x/{ratios['lanczos']:.2f}x"
-                    theirs = "—"
+                    peer = ratios.get("vivit-for-pytorch")
+                    theirs = "—" if peer is None else f"{peer:.2f}x"
                 else:
                     ours = f"{ratios['curvlab']:.2f}x"
                     theirs = f"{ratios['curvlinops']:.2f}x" if "curvlinops" in ratios else "—"
@@ -259,7 +316,7 @@ def _write(args: argparse.Namespace, libraries: list[str], rows: list[dict]) -> 
         "benchmark": "linops",
         "device": _device(),
         "threads": args.threads,
-        "versions": _versions(args.compare == "curvlinops"),
+        "versions": _versions(args.compare),
         "libraries": libraries,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": _commit(),
@@ -272,7 +329,9 @@ def _write(args: argparse.Namespace, libraries: list[str], rows: list[dict]) -> 
             "exact (eigendecompositions recomputed each run) and one product. top-10 "
             "eigenvalues: curvlab.vivit.ggn_eigh (exact GGN) vs curvlab.linalg.lanczos_eigs "
             "on curvlab.linops.GGN (float32, default tolerance). CrossEntropyLoss(mean), random "
-            "data."
+            "data. Shared machine (2 cores, other engineers' jobs running): figures taken "
+            "under load, one thread. GGN matvec: one forward pass carrying the tangent."
+            + (" " + VIVIT_SHIM if "vivit" in args.compare else "")
         ),
         "rows": rows,
     }
