@@ -34,6 +34,7 @@ from curvlab.backprop import (
 )
 from curvlab.backprop.rules.conv import ConvRule
 from curvlab.backprop.rules.linear import LinearRule
+from tests import reference
 from tests.backprop.problems import PROBLEMS, build
 
 FIRST_ORDER = [BatchGrad, BatchL2, SumGradSquared, Variance]
@@ -388,3 +389,28 @@ def test_batched_columns_equal_the_loop(make, monkeypatch):
     name = make().name
     for param, value in loop[name].items():
         _assert_close(batched[name][param], value)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_loop_sums_squared_columns_for_ggn_diagonals(together, monkeypatch):
+    """The per-column loop sums squares as columns arrive (GGN diagonals alone): still exact."""
+    monkeypatch.setattr(streamed, "BATCHED_COLUMNS_ELEMENTS", 0)
+    squared = []
+    original = streamed.StreamedPass._squared_owners
+
+    def spy(self, source):
+        owners = original(self, source)
+        squared.append(len(owners))
+        return owners
+
+    monkeypatch.setattr(streamed.StreamedPass, "_squared_owners", spy)
+    model, x, y = _deep_mlp()
+    loss_func = nn.CrossEntropyLoss()
+    quantities = [DiagGGN(), BatchDiagGGN()] + ([KFLR()] if together else [])
+    results = compute(model, loss_func, x, y, quantities)
+    assert squared == [0 if together else 6]
+    diag = torch.cat([v.flatten() for v in results["DiagGGN"].values()])
+    torch.testing.assert_close(diag, reference.ggn(model, loss_func, x, y).diagonal())
+    batch = torch.cat([v.flatten(1) for v in results["BatchDiagGGN"].values()], 1)
+    expected = reference.per_sample_ggn(model, loss_func, x, y).diagonal(dim1=1, dim2=2)
+    torch.testing.assert_close(batch, expected)

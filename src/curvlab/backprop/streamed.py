@@ -25,8 +25,9 @@ from torch import Tensor
 from curvlab.backprop import assembly
 from curvlab.backprop.derivatives import Owner, ParamDerivatives
 from curvlab.backprop.plan import Plan, sources_of
-from curvlab.backprop.quantities import Quantity
+from curvlab.backprop.quantities import BatchDiagGGN, DiagGGN, Quantity
 from curvlab.backprop.results import Results
+from curvlab.backprop.rules.linear import LinearRule
 from curvlab.backprop.sources import GRAD, Source, SqrtSource
 
 
@@ -95,6 +96,8 @@ class StreamedPass:
         self.done: set[Owner] = set()
         self.expected_columns = 0
         self.columns: dict[Owner, list[Tensor]] = {}
+        self.seen: dict[Owner, int] = {}
+        self.squared: set[Owner] = set()
         self.grad_scale = 1.0
         self.like: dict[Owner, assembly.TensorLike] = {}
         self.sinks: list[Tensor] = []
@@ -179,13 +182,40 @@ class StreamedPass:
                     self._evaluate(own, source, g.unsqueeze(0), 1.0 / scale)
                 return
             cols = self.columns.setdefault(own, [])
-            cols.append(g.detach())
-            if len(cols) == self.expected_columns:
+            count = self.seen[own] = self.seen.get(own, 0) + 1
+            if own in self.squared:
+                g2 = g.detach().square()
+                if cols:
+                    cols[0].add_(g2)
+                else:
+                    cols.append(g2)
+            else:
+                cols.append(g.detach())
+            if count == self.expected_columns:
                 self.done.add(own)
                 del self.columns[own]
-                self._evaluate(own, source, torch.stack(cols))
+                factor = cols[0].sqrt_()[None] if own in self.squared else torch.stack(cols)
+                self._evaluate(own, source, factor)
 
         return hook
+
+    def _squared_owners(self, source: Source) -> set[Owner]:
+        r"""Owners whose columns are summed as squares as they arrive, :math:`\sum_m g_m^2`.
+
+        Every quantity of ``source`` is a GGN diagonal (:class:`DiagGGN`, :class:`BatchDiagGGN`),
+        which reads a ``Linear`` layer without positions (output ``[N, out]``) only through
+        :math:`\sum_m g_{mno}^2` (:meth:`LinearRule.sum_sq_jac_t`). The factor handed on is then
+        ``sqrt(sum_m g_m^2)`` ``[1, N, out]``: no ``[M, N, out]`` stack, one square per column.
+        On mlp-mnist (``N = 128``, ``C = 10``) this takes the stack and the squares of the
+        stacked columns out of ``DiagGGN`` (see ``benchmarks/results/backprop-cpu-mlp-mnist.json``).
+        """
+        if not all(type(q) in (DiagGGN, BatchDiagGGN) for q in self.by_source[source]):
+            return set()
+        return {
+            own
+            for own in self.plan.owners
+            if isinstance(own.rule, LinearRule) and len(self.like[own].shape) == 2
+        }
 
     def _unreached(self, source: Source, columns: int) -> None:
         for own in self.plan.owners:
@@ -207,6 +237,7 @@ class StreamedPass:
                 self._batched(source, sqrt)
                 continue
             self.source, self.done, self.expected_columns = source, set(), sqrt.shape[0]
+            self.seen, self.squared = {}, self._squared_owners(source)
             for m in range(sqrt.shape[0]):
                 last = k == len(sqrt_sources) - 1 and m == sqrt.shape[0] - 1
                 backward_column(
