@@ -9,7 +9,8 @@ optax's transformations:
   between inverse updates and applied with exact or heuristic (:math:`\pi`) damping;
 * adaptive damping: :func:`levenberg_marquardt` from the reduction ratio :math:`\rho`;
 * the update rule: :func:`momentum_direction` (learning rate, heavy-ball momentum) and
-  :func:`with_weight_decay` (:math:`L_2` decay added to the gradient).
+  :func:`with_weight_decay` (:math:`L_2` decay added to the gradient); Adam-style moments
+  :func:`adam_moments` and :func:`bias_corrected_direction` (for AdaHesScale).
 
 **Kronecker order.** A block is :math:`\bigoplus_g A_g \otimes B_g` in the column-major
 :math:`\mathrm{vec}` of the per-group matrices :math:`M_g` ``[b, a]`` of
@@ -252,3 +253,41 @@ def momentum_direction(buffer: Tensor | None, direction: Tensor, momentum: float
     if momentum == 0 or buffer is None:
         return direction
     return buffer.mul_(momentum).add_(direction)
+
+
+def adam_moments(
+    first: Tensor, second: Tensor, grad: Tensor, diagonal: Tensor, betas: tuple[float, float]
+) -> None:
+    r"""Update :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`, :math:`v \leftarrow \beta_2 v + (1-\beta_2) h^2` in place.
+
+    Args:
+        first: :math:`m`, shaped like the parameter.
+        second: :math:`v`, same shape.
+        grad: :math:`g`, same shape.
+        diagonal: :math:`h`, same shape.
+        betas: :math:`(\beta_1, \beta_2)`.
+    """
+    beta1, beta2 = betas
+    first.mul_(beta1).add_(grad, alpha=1 - beta1)
+    second.mul_(beta2).addcmul_(diagonal, diagonal, value=1 - beta2)
+
+
+def bias_corrected_direction(
+    first: Tensor, second: Tensor, step: int, betas: tuple[float, float], eps: float
+) -> Tensor:
+    r"""Adam's direction :math:`\hat m / (\sqrt{\hat v} + \epsilon)` at step :math:`t` (from 1).
+
+    Args:
+        first: :math:`m`.
+        second: :math:`v`.
+        step: :math:`t \ge 1`.
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`.
+
+    Returns:
+        The direction, shaped like ``first``.
+    """
+    beta1, beta2 = betas
+    correction1, correction2 = 1 - beta1**step, 1 - beta2**step
+    denominator = (second / correction2).sqrt_().add_(eps)
+    return (first / correction1).div_(denominator)
