@@ -81,12 +81,20 @@ class RootFreeAdam(torch.optim.Optimizer):
     Args:
         params: Parameters or param groups (``lr``, ``betas``, ``damping``, ``weight_decay``,
             ``batch_size`` per group).
-        lr: :math:`\alpha`.
-        betas: :math:`(\beta_1, \beta_2)`: the momentum and the decay of :math:`s`.
-        damping: :math:`\lambda > 0`.
-        weight_decay: :math:`\gamma \ge 0` (added to the momentum, not preconditioned).
+        lr: :math:`\alpha` (default ``1e-3``: the learning rate default of the authors'
+            implementation of the paper's methods, ``sirfshampoo.SIRFShampoo``).
+        betas: :math:`(\beta_1, \beta_2)`: the momentum and the decay of :math:`s` (default
+            ``(0.9, 0.99)``: the momentum :math:`\alpha_1 = 0.9` of ``SIRFShampoo``, and
+            :math:`\beta_2 = 0.99` of the authors' root-free RMSProp, ``myoptim/rfrmsprop.py`` of
+            GitHub ``yorkerlin/remove-the-square-root``, whose ``alpha`` it is).
+        damping: :math:`\lambda > 0` (default ``1e-8``: ``rfrmsprop.py``'s ``eps``; the paper
+            searches :math:`0 < \lambda < 5\cdot 10^{-4}` only).
+        weight_decay: :math:`\gamma \ge 0` (added to the momentum, not preconditioned, as in
+            ``rfrmsprop.py``; default 0).
         batch_size: :math:`B`, the batch size the (mean) loss averages over; it scales the
-            gradient outer product to the curvature of the per-sample loss.
+            gradient outer product to the curvature of the per-sample loss (the paper's
+            ``batch_averaged`` scaling; :math:`s` starts at one, ``rfrmsprop.py``'s
+            :math:`1/B` in its unscaled units).
 
     Raises:
         ValueError: A bad hyperparameter (the message names it).
@@ -96,8 +104,8 @@ class RootFreeAdam(torch.optim.Optimizer):
         self,
         params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
         lr: float = 0.001,
-        betas: tuple[float, float] = (0.9, 0.999),
-        damping: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        damping: float = 1e-8,
         weight_decay: float = 0.0,
         batch_size: int = 128,
     ) -> None:
@@ -207,6 +215,14 @@ class IFShampoo(torch.optim.Optimizer):
         alpha1: :math:`\alpha_1 \in [0, 1)`, the factors' Riemannian momentum.
         lr_cov: :math:`\beta_1 > 0`, the factors' learning rate.
         update_interval: Steps between factor updates.
+
+    Defaults are those of the authors' implementation of the paper's IF-Shampoo
+    (``sirfshampoo.SIRFShampoo``, GitHub ``f-dangel/sirfshampoo``, in its notation): ``lr``
+    ``1e-3`` (its ``lr``), ``momentum`` 0.9 (its ``alpha1``), ``alpha1`` 0.5 (its Riemannian
+    momentum ``alpha2``), ``lr_cov`` 0.01 (its ``beta2``), ``damping`` ``1e-3`` (its ``lam``),
+    ``weight_decay`` 0 (its ``kappa``) and ``update_interval`` 1 (its ``T``; the paper's
+    experiments update every second step). ``batch_size`` is detected from the inputs there;
+    here it is given.
         batch_size: :math:`B`, the batch size the (mean) loss averages over.
         structure: A structure name of :data:`curvlab.optim.STRUCTURES` (or object) for both
             factors, or a pair ``(K's, C's)``.
@@ -224,7 +240,7 @@ class IFShampoo(torch.optim.Optimizer):
         damping: float = 1e-3,
         alpha1: float = 0.5,
         lr_cov: float = 0.01,
-        update_interval: int = 10,
+        update_interval: int = 1,
         batch_size: int = 128,
         structure: str | Structure | tuple[str | Structure, str | Structure] = "dense",
     ) -> None:

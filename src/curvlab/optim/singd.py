@@ -345,6 +345,14 @@ class SINGD(_LayerwiseOptimizer):
     around it on the steps that update the preconditioner (every ``update_interval``), so the
     closure's loss **must** be computed with ``loss_func``.
 
+    Defaults are the paper's (Lin et al., ICML 2024, arXiv 2312.05705) as its authors'
+    package sets them (``singd.optim.optimizer.SINGD`` 0.0.5, checked against its signature):
+    ``lr`` ``1e-3`` (:math:`\beta_2`), ``momentum`` 0.9 (:math:`\alpha_2`), ``damping``
+    ``1e-3`` (:math:`\lambda`), ``alpha1`` 0.5 (the factors' Riemannian momentum), ``lr_cov``
+    0.01 (:math:`\beta_1`), ``update_interval`` 10 (``T``), ``weight_decay`` 0, dense factors,
+    KFAC-expand and the empirical Fisher (the package's backward hooks see the gradients at the
+    labels).
+
     Args:
         model: The network; its Kronecker layers (:data:`curvlab.optim.KRONECKER_MODULES`) get
             the factors :math:`K, C`, every other parameter the fallback.
