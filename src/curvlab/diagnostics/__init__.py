@@ -1,4 +1,4 @@
-"""Training diagnostics: the empirical NTK and its change, CKA of representations, linearization.
+r"""Training diagnostics: the empirical NTK and its change, CKA of representations, linearization.
 
 * :mod:`curvlab.diagnostics.ntk` -- :func:`empirical_ntk` (full, trace, diagonal; Jacobian
   contraction, NTK-vector products, or RevMLP's structured form), :func:`ntk_similarity`,
@@ -8,6 +8,8 @@
 * :mod:`curvlab.diagnostics.linearized` -- :func:`linearize`, the kernel-regime model.
 * :mod:`curvlab.diagnostics.monitor` -- :class:`Monitor`, Cockpit's instruments around the
   user's own backward on schedules, and their JSONL log (:func:`read_log`).
+* :mod:`curvlab.diagnostics.invariance` -- :func:`invariant_trace`, :func:`invariant_eigs`: the
+  reparametrization-invariant spectrum of :math:`(G + \delta I)^{-1} H` (C11).
 * :mod:`curvlab.diagnostics.instruments` -- the instruments' definitions (:data:`PRESETS`,
   :data:`INSTRUMENTS`), the gradient tests and the mean GSNR as functions, schedules.
 
@@ -51,6 +53,7 @@ from curvlab.diagnostics.instruments import (
     orthogonality_test,
     tic,
 )
+from curvlab.diagnostics.invariance import METRICS, invariant_eigs, invariant_trace, metric_operator
 from curvlab.diagnostics.linearized import LinearizedModel, linearize
 from curvlab.diagnostics.monitor import JSONLLog, Monitor, read_log
 from curvlab.diagnostics.ntk import (
@@ -111,6 +114,10 @@ __all__ = [
     "ntk_vector_product",
     "orthogonality_test",
     "read_log",
+    "invariant_eigs",
+    "invariant_trace",
+    "metric_operator",
+    "METRICS",
     "record_representations",
     "StepData",
 ]
