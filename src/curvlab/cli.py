@@ -285,6 +285,12 @@ def _add_config_arguments(p: argparse.ArgumentParser, extra: tuple[str, ...] = (
         "--no-progress", action="store_true", help="no progress bars (default: progress bars)"
     )
     p.add_argument(
+        "--monitor",
+        choices=("economy", "business", "full"),
+        help="curvlab.diagnostics.Monitor preset on the Adam and SGD updates: JSONL log and "
+        "dashboard PNG in RUN_DIR/monitor/ (default: none)",
+    )
+    p.add_argument(
         "--diverge-factor",
         dest="diverge_factor",
         type=_number_above_one,
@@ -522,7 +528,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _config(args, lr=lr)
     out = Path(args.out or f"runs/{config.experiment}-{config.dataset}")
     print(f"curvlab run {config.experiment} on {config.dataset} -> {out / 'results.jsonl'}")
-    Runner(config, out, progress=not args.no_progress).run()
+    monitor = getattr(args, "monitor", None)
+    Runner(config, out, progress=not args.no_progress, monitor=monitor).run()
     _print_summary(out)
     if not args.no_plot:
         for path in plot_run(out):

@@ -12,6 +12,12 @@ A run diverges when its loss or parameters become non-finite, when its loss exce
 with a :class:`FloatingPointError` (ExactGN's ``DivergedStepError``); a ``"diverged"`` record says
 when and why, and that (phase, optimizer, seed) stops there.
 
+With ``monitor=PRESET`` (``curvlab run ... --monitor economy|business|full``) a
+:class:`~curvlab.diagnostics.Monitor` wraps the backward of every Adam and SGD update; its JSONL
+log and dashboard PNG go to ``RUN_DIR/monitor/PHASE-OPTIMIZER-seedS/``, and a resumed run
+continues them (the monitor's log drops the steps it repeats). ExactGN runs its own forward and
+backward inside ``step(x, y)`` and is not monitored; the monitor needs ``loss="ce"``.
+
 The ``ntk-cka`` experiment (Figure 4) adds its kernel and CKA measurements
 (:class:`~curvlab.experiments.ntk_cka.KernelTracker`) to every evaluation; their references at
 initialization travel in the checkpoint.
@@ -32,6 +38,8 @@ from tqdm import tqdm
 from curvlab.backprop.loss import LossSpec
 from curvlab.data import load_dataset, to_float
 from curvlab.data.splits import balanced_indices
+from curvlab.diagnostics.instruments import PRESETS
+from curvlab.diagnostics.monitor import Monitor
 from curvlab.experiments.config import GN_VARIANTS, VALIDATION_SEED, ExperimentConfig
 from curvlab.experiments.ntk_cka import KernelTracker
 from curvlab.experiments.store import ResultsStore
@@ -164,14 +172,27 @@ def build_optimizer(
 
 
 def update(
-    optimizer: torch.optim.Optimizer, model: RevMLP, x: Tensor, y: Tensor, loss: str
+    optimizer: torch.optim.Optimizer,
+    model: RevMLP,
+    x: Tensor,
+    y: Tensor,
+    loss: str,
+    monitor: Monitor | None = None,
+    step: int = 0,
 ) -> float:
-    """One update on the batch; returns the batch loss before it."""
+    """One update on the batch; returns the batch loss before it.
+
+    ``monitor`` (first-order optimizers only) wraps the backward as update ``step``.
+    """
     if isinstance(optimizer, ExactGN):
         return optimizer.step(x, y)
     optimizer.zero_grad(set_to_none=True)
     value = batch_loss(model(x), y, loss)
-    value.backward()
+    if monitor is None:
+        value.backward()
+    else:
+        with monitor(step, loss=value, optimizer=optimizer):
+            value.backward()
     optimizer.step()
     return float(value.detach())
 
@@ -207,9 +228,24 @@ class Runner:
         config: The experiment's settings.
         out: Results folder (``runs/NAME``).
         progress: Show tqdm progress bars.
+        monitor: A :data:`~curvlab.diagnostics.PRESETS` name: monitor the Adam and SGD updates
+            (see the module doc); ``None``: no monitor.
     """
 
-    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out: str | Path,
+        progress: bool = True,
+        monitor: str | None = None,
+    ) -> None:
+        if monitor is not None and monitor not in PRESETS:
+            raise ValueError(f"monitor must be one of {sorted(PRESETS)} or None, got {monitor!r}")
+        if monitor is not None and config.loss != "ce":
+            raise ValueError(
+                f"monitor needs loss='ce' (the MSE targets are one-hot), got {config.loss!r}"
+            )
+        self.monitor = monitor
         config.check()
         self.config = config
         self.store = ResultsStore(out)
@@ -310,6 +346,7 @@ class Runner:
             leave=False,
         )
         order = None
+        monitor = self._monitor(phase, name, seed, model, optimizer, step)
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if phase == "minibatch":
@@ -322,7 +359,7 @@ class Runner:
                 x, y = train_x, train_y
             started = time.perf_counter()
             try:
-                before = update(optimizer, model, x, y, c.loss)
+                before = update(optimizer, model, x, y, c.loss, monitor, step)
             except FloatingPointError as error:  # e.g. ExactGN's DivergedStepError (undone)
                 loss = getattr(error, "loss_after", math.nan)
                 reason = f"update {step + 1} refused: {error}"
@@ -374,6 +411,23 @@ class Runner:
                 if diverged:
                     break
         bar.close()
+        if monitor is not None:
+            monitor.close()
+
+    def _monitor(self, phase, name, seed, model, optimizer, step) -> Monitor | None:
+        """The run's monitor from ``step`` on (``None``: none asked for, or ExactGN)."""
+        if self.monitor is None or isinstance(optimizer, ExactGN):
+            return None
+        folder = self.store.folder / "monitor" / f"{phase}-{name}-seed{seed}"
+        return Monitor(
+            model,
+            torch.nn.CrossEntropyLoss(),
+            self.monitor,
+            folder,
+            start_step=step,
+            seed=seed,
+            dashboard_every=10,
+        )
 
     def _record_divergence(
         self, base: dict, step: int, reason: str, loss: float, initial: float | None
