@@ -93,6 +93,27 @@ def running_average(average: Block | None, new: Block, decay: float) -> Block:
 
 
 # ----------------------------------------------------------------------------------- inverse
+def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``torch.linalg.eigh`` of a symmetric ``[G, d, d]``, retried in float64 where it fails.
+
+    LAPACK's divide-and-conquer solver can fail to converge on ill-conditioned factors with
+    many repeated eigenvalues (3C3D's pooled convolution inputs in float32); the retry
+    symmetrizes :math:`(M + M^\top)/2` in float64 and casts the result back.
+
+    Returns:
+        Eigenvalues ``[G, d]`` (ascending) and eigenvectors ``[G, d, d]``, in ``matrix``'s dtype.
+
+    Raises:
+        torch.linalg.LinAlgError: The float64 retry fails too (non-finite entries).
+    """
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        wide = matrix.double()
+        values, vectors = torch.linalg.eigh((wide + wide.transpose(-2, -1)) / 2)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+
+
 @dataclass
 class KronInverse:
     r"""Eigendecompositions :math:`A_g = Q^A \Lambda^A Q^{A\top}`, :math:`B_g = Q^B \Lambda^B Q^{B\top}`.
@@ -114,9 +135,9 @@ class KronInverse:
 
     @classmethod
     def from_factors(cls, input_factor: Tensor, output_factor: Tensor) -> KronInverse:
-        """Decompose ``A`` ``[G, a, a]`` and ``B`` ``[G, b, b]``."""
-        la, qa = torch.linalg.eigh(input_factor)
-        lb, qb = torch.linalg.eigh(output_factor)
+        """Decompose ``A`` ``[G, a, a]`` and ``B`` ``[G, b, b]`` (see :func:`symmetric_eigh`)."""
+        la, qa = symmetric_eigh(input_factor)
+        lb, qb = symmetric_eigh(output_factor)
         return cls(la.clamp_min(0), qa, lb.clamp_min(0), qb)
 
     def as_tensors(self) -> dict[str, Tensor]:
