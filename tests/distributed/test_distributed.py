@@ -1,0 +1,110 @@
+"""curvlab.distributed: 2 gloo ranks on two halves of a batch against one process on all of it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvlab.distributed import (
+    DataParallelPreconditioner,
+    all_reduce_bucketed,
+    flatten,
+    make_buckets,
+    reduce_results,
+    unflatten,
+)
+from curvlab.optim import KFAC
+
+sys.path.insert(0, str(Path(__file__).parent))
+import worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Run worker.py under ``torch.distributed.run --nproc_per_node=2`` (gloo), once."""
+    out = tmp_path_factory.mktemp("dist") / "out.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        str(out),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("case", worker.CASES)
+def test_two_ranks_take_the_whole_batch_step(launched, case):
+    reference = worker.run_case(case)
+    initial = list(worker.model().parameters())
+    for got, want, start in zip(launched[case], reference, initial, strict=True):
+        assert not torch.allclose(want, start)  # the steps moved the parameters
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_reduce_results_sums_and_per_sample(launched):
+    reference = worker.results()
+    got = launched["results"]
+    assert set(got) == set(reference)
+    for q in reference:
+        for name, value in reference[q].items():
+            torch.testing.assert_close(got[q][name], value, rtol=1e-10, atol=1e-12)
+    assert got["BatchGrad"]["0.weight"].shape[0] == 8  # gathered over both halves
+
+
+def test_reduce_results_names_the_unknown_quantity(launched):
+    assert "Variance" in launched["error"] and "no known reduction" in launched["error"]
+
+
+def test_make_buckets_respects_size_order_and_dtype():
+    tensors = [torch.zeros(4), torch.zeros(4), torch.zeros(10), torch.zeros(2, dtype=torch.float64)]
+    buckets = make_buckets(tensors, 32)  # 4 floats = 16 bytes
+    assert buckets == [[0, 1], [2], [3]]
+    assert sorted(i for b in buckets for i in b) == [0, 1, 2, 3]
+    assert make_buckets(tensors, 10**6) == [[0, 1, 2], [3]]
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_make_buckets_rejects_bad_sizes(size):
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        make_buckets([torch.zeros(1)], size)
+
+
+def test_flatten_unflatten_round_trip():
+    tensors = [torch.randn(2, 3), torch.randn(4), torch.randn(1, 1, 2)]
+    back = unflatten(flatten(tensors), tensors)
+    for a, b in zip(tensors, back, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unflatten"):
+        unflatten(torch.zeros(3), tensors)
+
+
+def test_clear_errors_without_process_group():
+    model = worker.model()
+    x, y = worker.data(0)
+    results = worker.compute(model, worker.LOSS, x, y, [])
+    with pytest.raises(RuntimeError, match="reduce_results: torch.distributed is not init"):
+        reduce_results(results)
+    with pytest.raises(RuntimeError, match="all_reduce_bucketed"):
+        all_reduce_bucketed([torch.zeros(1)])
+    with pytest.raises(RuntimeError, match="DataParallelPreconditioner"):
+        DataParallelPreconditioner(KFAC(model, loss_func=worker.LOSS))

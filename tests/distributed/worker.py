@@ -1,0 +1,125 @@
+"""The cases of the distributed tests; run under torchrun (2 gloo ranks) or in one process.
+
+``python -m torch.distributed.run --nproc_per_node=2 worker.py OUT`` runs every case on the
+rank's half of the batch and rank 0 saves ``{case: final parameters}`` (and the reduced
+engine results) to ``OUT``; :func:`run_case` without a process group is the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from curvlab.backprop import (
+    KFLR,
+    BatchGrad,
+    BatchL2,
+    DiagGGN,
+    KFACEmpirical,
+    SumGradSquared,
+    Variance,
+    compute,
+)
+from curvlab.optim import KFAC, SINGD, IFShampoo, RootFreeAdam
+
+LOSS = nn.CrossEntropyLoss()
+STEPS = 3
+CASES = ("kfac-type-2", "kfac-empirical", "kfac-ddp", "singd", "ifshampoo", "rootfree")
+QUANTITIES = (SumGradSquared(), DiagGGN(), KFLR(), KFACEmpirical(), BatchGrad(), BatchL2())
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def data(step: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
+
+
+def shard(t: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return t
+    return t.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def optimizer(case: str, net: nn.Module) -> torch.optim.Optimizer:
+    if case.startswith("kfac"):
+        fisher = "empirical" if case == "kfac-empirical" else "type-2"
+        return KFAC(net, lr=0.5, loss_func=LOSS, fisher_type=fisher, inverse_update_interval=2)
+    if case == "singd":
+        return SINGD(net, lr=0.1, loss_func=LOSS, update_interval=1, structure="dense")
+    if case == "ifshampoo":
+        return IFShampoo(net.parameters(), lr=0.01)
+    return RootFreeAdam(net.parameters(), lr=0.01)
+
+
+def run_case(case: str) -> list[torch.Tensor]:
+    """``STEPS`` steps of ``case`` on this rank's shard; the final parameters."""
+    net = model()
+    opt = optimizer(case, net)
+    forward: nn.Module = net
+    if dist.is_initialized():
+        from curvlab.distributed import DataParallelPreconditioner
+
+        ddp = case == "kfac-ddp"
+        forward = nn.parallel.DistributedDataParallel(net) if ddp else net
+        opt = DataParallelPreconditioner(opt, model=forward, bucket_bytes=64)  # type: ignore[assignment]
+    for step in range(STEPS):
+        x, y = (shard(t) for t in data(step))
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = LOSS(forward(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def results() -> dict[str, dict[str, torch.Tensor]]:
+    """The engine's quantities of this rank's shard (reduced over the ranks if distributed)."""
+    x, y = (shard(t) for t in data(0))
+    res = compute(model(), LOSS, x, y, QUANTITIES)
+    if dist.is_initialized():
+        from curvlab.distributed import reduce_results
+
+        res = reduce_results(res)
+    out = {"grad": dict(res.grad)}
+    for q in res:
+        out[q] = {k: v.dense() if hasattr(v, "dense") else v for k, v in res[q].items()}
+    out["loss"] = {"loss": res.loss}
+    return out
+
+
+def unknown_quantity_error() -> str:
+    """The message of :func:`reduce_results` on a quantity it cannot reduce (Variance)."""
+    from curvlab.distributed import reduce_results
+
+    x, y = (shard(t) for t in data(0))
+    try:
+        reduce_results(compute(model(), LOSS, x, y, [Variance()]))
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    out = {case: run_case(case) for case in CASES}
+    out["results"] = results()  # type: ignore[assignment]
+    out["error"] = unknown_quantity_error()  # type: ignore[assignment]
+    if dist.get_rank() == 0:
+        torch.save(out, path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
