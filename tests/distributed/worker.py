@@ -18,17 +18,34 @@ from curvlab.backprop import (
     BatchGrad,
     BatchL2,
     DiagGGN,
+    HesScale,
     KFACEmpirical,
     SumGradSquared,
     Variance,
     compute,
 )
-from curvlab.optim import KFAC, SINGD, IFShampoo, RootFreeAdam
+from curvlab.optim import KFAC, SINGD, AdaHesScale, IFShampoo, RootFreeAdam
 
 LOSS = nn.CrossEntropyLoss()
 STEPS = 3
-CASES = ("kfac-type-2", "kfac-empirical", "kfac-ddp", "singd", "ifshampoo", "rootfree")
-QUANTITIES = (SumGradSquared(), DiagGGN(), KFLR(), KFACEmpirical(), BatchGrad(), BatchL2())
+CASES = (
+    "kfac-type-2",
+    "kfac-empirical",
+    "kfac-ddp",
+    "singd",
+    "ifshampoo",
+    "rootfree",
+    "adahesscale",
+)
+QUANTITIES = (
+    SumGradSquared(),
+    DiagGGN(),
+    HesScale(),
+    KFLR(),
+    KFACEmpirical(),
+    BatchGrad(),
+    BatchL2(),
+)
 
 
 def model() -> nn.Module:
@@ -55,6 +72,8 @@ def optimizer(case: str, net: nn.Module) -> torch.optim.Optimizer:
         return KFAC(net, lr=0.5, loss_func=LOSS, fisher_type=fisher, inverse_update_interval=2)
     if case == "singd":
         return SINGD(net, lr=0.1, loss_func=LOSS, update_interval=1, structure="dense")
+    if case == "adahesscale":
+        return AdaHesScale(net, lr=0.01, loss_func=LOSS)
     if case == "ifshampoo":
         return IFShampoo(net.parameters(), lr=0.01)
     return RootFreeAdam(net.parameters(), lr=0.01)

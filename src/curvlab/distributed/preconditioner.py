@@ -7,6 +7,8 @@ process on the whole batch:
   model is a :class:`~torch.nn.parallel.DistributedDataParallel`, which already did it;
 * the Kronecker statistics of KFAC and SINGD are all-reduced, bucketed, by
   :func:`~curvlab.distributed.reduce.reduce_kron_blocks` before they enter the running average;
+* AdaHesScale's Hessian diagonals (degree 1 in the batch factor) are averaged over the
+  ranks (bucketed), through its ``_reduce_statistics`` hook;
 * KFAC's eigendecompositions are spread over the ranks round-robin (block :math:`i` on rank
   :math:`i \bmod W`) and broadcast from their owner.
 
@@ -37,7 +39,8 @@ class DataParallelPreconditioner:
     """Wrap a curvlab optimizer for data parallelism (call :meth:`step` as the optimizer's).
 
     Args:
-        optimizer: A :class:`curvlab.optim.KFAC`, ``SINGD``, ``IFShampoo`` or ``RootFreeAdam``
+        optimizer: A :class:`curvlab.optim.KFAC`, ``SINGD``, ``AdaHesScale``, ``IFShampoo`` or
+            ``RootFreeAdam``
             (any ``torch.optim.Optimizer`` whose curvature comes from the averaged gradient).
         model: ``None``, or the DDP-wrapped model (its gradients are already averaged).
         group: The process group (``None``: the default one).
@@ -71,8 +74,16 @@ class DataParallelPreconditioner:
             optimizer._update_factors = lambda results: update(  # type: ignore[method-assign]
                 reduce_kron_blocks(results, group, bucket_bytes)
             )
+        if hasattr(optimizer, "_reduce_statistics"):  # AdaHesScale: a diagonal per parameter
+            optimizer._reduce_statistics = self._average_statistics  # type: ignore[method-assign]
         if spread_inverses and hasattr(optimizer, "_update_inverses"):  # KFAC
             optimizer._update_inverses = self._update_inverses  # type: ignore[method-assign]
+
+    def _average_statistics(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        r"""The mean over the ranks, :math:`\frac1W \sum_k D_k` (a mean loss, equal shards)."""
+        names = list(values)
+        reduced = all_reduce_bucketed([values[k] for k in names], self.group, self.bucket_bytes)
+        return {k: v / self.world_size for k, v in zip(names, reduced, strict=True)}
 
     def _update_inverses(self) -> None:
         """Eigendecompose the blocks owned by this rank, then broadcast every block's."""

@@ -32,7 +32,7 @@ from curvlab.distributed.buckets import (
 
 SUM_DEGREES = {"grad": 1, "SumGradSquared": 0, "DiagHessian": 1}
 """Quantities reduced by a sum, with their degree in the batch factor."""
-SUM_PREFIXES = {"DiagGGN": 1}
+SUM_PREFIXES = {"DiagGGN": 1, "BL89": 1, "HesScale": 1}
 """Name prefixes (MC variants carry a suffix) reduced by a sum, with their degree."""
 GATHER_DEGREES = {"BatchGrad": 0, "BatchL2": 0}
 """Per-sample quantities gathered along the sample axis, with their degree."""

@@ -129,7 +129,7 @@ class AdaHesScale(torch.optim.Optimizer):
         with capture(self.model, self.loss_func, [self.quantity]) as captured:
             with torch.enable_grad():
                 loss = closure()
-        diagonals = captured.results[self.quantity.name]
+        diagonals = self._reduce_statistics(captured.results[self.quantity.name])
         with torch.no_grad():
             for group in self.param_groups:
                 self._check_group(group)
@@ -138,6 +138,10 @@ class AdaHesScale(torch.optim.Optimizer):
                         continue
                     self._update(p, diagonals[self._names[id(p)]].detach(), group)
         return loss
+
+    def _reduce_statistics(self, diagonals: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hook for data parallelism (:mod:`curvlab.distributed` reduces over ranks); identity."""
+        return diagonals
 
     def _update(self, p: Tensor, diagonal: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
