@@ -894,9 +894,14 @@ class Alpha(Instrument):
         t = math.sqrt(float(_sq_norm(direction)))
         if t == 0.0:
             return -1.0
+        # in the per-sample gradients' dtype: an [N, P] copy in float64 costs more than the step
+        batch_grad = start["batch_grad"]
         start_proj = (
             sum(
-                start["batch_grad"][k].flatten(start_dim=1).double() @ direction[k].flatten()
+                (
+                    batch_grad[k].flatten(start_dim=1)
+                    @ direction[k].flatten().to(batch_grad[k].dtype)
+                ).double()
                 for k in direction
             )
             / t
