@@ -182,3 +182,34 @@ def test_errors_name_the_argument():
         invariant_eigs(model, loss, data, k=0)
     with pytest.raises(ValueError, match="max_params"):
         invariant_eigs(model, loss, data, k=1, max_params=3)
+
+
+def test_pseudo_inverse_route_against_numpy_and_its_breakage():
+    """G^+ H on the 6-8-3 CE ReLU net: equals numpy's pinv, and is not invariant either."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    loss, data = nn.CrossEntropyLoss(), [(x, y)]
+
+    def net(alpha):
+        torch.manual_seed(5)
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+        with torch.no_grad():
+            m[0].weight.mul_(alpha)
+            m[0].bias.mul_(alpha)
+            m[2].weight.div_(alpha)
+        return m
+
+    model = net(1.0)
+    G = GGN(model, loss, None, data).dense()
+    H = Hessian(model, loss, None, data).dense()
+    product = torch.linalg.pinv(G, rtol=1e-10, hermitian=True) @ H
+    got = invariant_trace(model, loss, data, damping=0.0, pinv_rcond=1e-10)
+    assert got == pytest.approx(torch.trace(product).item(), rel=1e-6)
+    expected = torch.linalg.eigvals(product).real.sort(descending=True).values[:3]
+    eigs = invariant_eigs(model, loss, data, k=3, damping=0.0, pinv_rcond=1e-10)
+    torch.testing.assert_close(eigs, expected, rtol=1e-6, atol=1e-8)
+    rescaled = invariant_trace(net(3.0), loss, data, damping=0.0, pinv_rcond=1e-10)
+    assert abs(rescaled - got) > 0.5 * abs(got)
+    with pytest.raises(ValueError, match="pinv_rcond needs method='exact'"):
+        invariant_trace(model, loss, data, method="hutchinson", pinv_rcond=1e-10)

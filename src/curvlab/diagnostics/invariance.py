@@ -89,9 +89,19 @@ def metric_operator(
 
 
 def _symmetric_form(
-    hessian: CurvatureOperator, metric: CurvatureOperator, damping: float, max_params: int
+    hessian: CurvatureOperator,
+    metric: CurvatureOperator,
+    damping: float,
+    max_params: int,
+    rcond: float | None = None,
 ) -> Tensor:
-    r""":math:`C = L^{-1} H L^{-\top}` ``[P, P]`` with :math:`L L^\top = G + \delta I`."""
+    r""":math:`C = L^{-1} H L^{-\top}` ``[P, P]`` with :math:`L L^\top = G + \delta I`.
+
+    With ``rcond``: the pseudo-inverse instead, :math:`C = S^\top H S` ``[r, r]`` with
+    :math:`S = V_r \Lambda_r^{-1/2}` from the eigenpairs of :math:`G + \delta I` above
+    ``rcond`` times the largest; :math:`C` has the nonzero eigenvalues of
+    :math:`(G + \delta I)^{+} H`.
+    """
     size = hessian.shape[0]
     if metric.shape != hessian.shape:
         raise ValueError(
@@ -105,10 +115,17 @@ def _symmetric_form(
     H = hessian.dense()
     G = metric.dense().to(H.dtype)
     G = (G + G.T) / 2 + damping * torch.eye(size, dtype=H.dtype, device=H.device)
+    H = (H + H.T) / 2
+    if rcond is not None:
+        values, vectors = torch.linalg.eigh(G)
+        keep = values > rcond * values.max()
+        S = vectors[:, keep] / values[keep].sqrt()
+        C = S.T @ H @ S
+        return (C + C.T) / 2
     L, info = torch.linalg.cholesky_ex(G)
     if info.item() != 0:
         raise ValueError(f"damping: G + {damping} I is not positive definite; increase damping")
-    X = torch.linalg.solve_triangular(L, (H + H.T) / 2, upper=False)
+    X = torch.linalg.solve_triangular(L, H, upper=False)
     C = torch.linalg.solve_triangular(L, X.T, upper=False)
     return (C + C.T) / 2
 
@@ -126,6 +143,7 @@ def invariant_trace(
     cg_tol: float = 1e-8,
     max_params: int = DEFAULT_MAX_PARAMS,
     mc_samples: int = 1,
+    pinv_rcond: float | None = None,
 ) -> float:
     r""":math:`\operatorname{tr}\big((G + \delta I)^{-1} H\big)`, invariant to reparametrization.
 
@@ -143,6 +161,9 @@ def invariant_trace(
         cg_tol: Relative tolerance of CG.
         max_params: Guard on the dense route.
         mc_samples: Samples of the MC Fisher (``metric="fisher"``).
+        pinv_rcond: Exact route only: the pseudo-inverse of :math:`G + \delta I` instead of its
+            inverse, dropping eigenvalues below ``pinv_rcond`` times the largest (``None``: the
+            inverse).
 
     Returns:
         The trace.
@@ -158,7 +179,9 @@ def invariant_trace(
     hessian = Hessian(model, loss_func, params, data)
     G = metric_operator(model, loss_func, data, metric, params, mc_samples, seed)
     if method == "exact":
-        return torch.trace(_symmetric_form(hessian, G, damping, max_params)).item()
+        return torch.trace(_symmetric_form(hessian, G, damping, max_params, pinv_rcond)).item()
+    if pinv_rcond is not None:
+        raise ValueError(f"pinv_rcond needs method='exact', got method={method!r}")
     product = CGInverse(G, damping=damping, tol=cg_tol) @ hessian
     generator = torch.Generator().manual_seed(seed)
     estimator = hutchinson_trace if method == "hutchinson" else hutchpp_trace
@@ -176,6 +199,7 @@ def invariant_eigs(
     max_params: int = DEFAULT_MAX_PARAMS,
     mc_samples: int = 1,
     seed: int = 0,
+    pinv_rcond: float | None = None,
 ) -> Tensor:
     r"""The ``k`` largest eigenvalues of :math:`H v = \lambda (G + \delta I) v`, descending.
 
@@ -193,6 +217,9 @@ def invariant_eigs(
         max_params: Guard on the dense route.
         mc_samples: Samples of the MC Fisher (``metric="fisher"``).
         seed: Seed of the MC Fisher.
+        pinv_rcond: The pseudo-inverse instead of the inverse (see :func:`invariant_trace`);
+            the :math:`P - r` eigenvalues of :math:`(G + \delta I)^{+} H` outside the kept
+            range are zero.
 
     Returns:
         ``[k]`` eigenvalues, largest first.
@@ -206,5 +233,6 @@ def invariant_eigs(
     if not isinstance(k, int) or not 1 <= k <= hessian.shape[0]:
         raise ValueError(f"k must be an int in [1, {hessian.shape[0]}], got {k!r}")
     G = metric_operator(model, loss_func, data, metric, params, mc_samples, seed)
-    values = torch.linalg.eigvalsh(_symmetric_form(hessian, G, damping, max_params))
-    return values.flip(0)[:k]
+    values = torch.linalg.eigvalsh(_symmetric_form(hessian, G, damping, max_params, pinv_rcond))
+    zeros = values.new_zeros(hessian.shape[0] - len(values))
+    return torch.cat([values, zeros]).sort(descending=True).values[:k]
