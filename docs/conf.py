@@ -64,6 +64,7 @@ PACKAGES = (
     "curvlab.nn",
     "curvlab.backprop",
     "curvlab.optim",
+    "curvlab.distributed",
     "curvlab.diagnostics",
     "curvlab.data",
     "curvlab.linalg",
