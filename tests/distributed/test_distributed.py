@@ -55,10 +55,19 @@ def launched(tmp_path_factory):
 @pytest.mark.parametrize("case", worker.CASES)
 def test_two_ranks_take_the_whole_batch_step(launched, case):
     reference = worker.run_case(case)
-    initial = list(worker.model().parameters())
+    initial = list(worker.model("conv" in case).parameters())
     for got, want, start in zip(launched[case], reference, initial, strict=True):
         assert not torch.allclose(want, start)  # the steps moved the parameters
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_mc_fisher_ranks_sample_apart_but_step_together(launched):
+    rank0, rank1 = launched[worker.MC_CASE]
+    torch.testing.assert_close(rank0, rank1, rtol=1e-12, atol=1e-14)  # reduced factors
+    single = torch.cat([p.reshape(-1) for p in worker.run_case(worker.MC_CASE)])
+    start = torch.cat([p.reshape(-1) for p in worker.model().parameters()])
+    assert not torch.allclose(rank0, start)
+    assert not torch.allclose(rank0, single)  # other labels sampled: equal in distribution only
 
 
 def test_reduce_results_sums_and_per_sample(launched):

@@ -36,7 +36,10 @@ CASES = (
     "ifshampoo",
     "rootfree",
     "adahesscale",
+    "kfac-conv-expand",
+    "kfac-conv-reduce",
 )
+MC_CASE = "kfac-mc"  # per-rank generators: the ranks agree with each other, not with 1 process
 QUANTITIES = (
     SumGradSquared(),
     DiagGGN(),
@@ -48,16 +51,19 @@ QUANTITIES = (
 )
 
 
-def model() -> nn.Module:
+def model(conv: bool = False) -> nn.Module:
     torch.manual_seed(0)
+    if conv:  # weight sharing over 3 x 3 positions: input_count = N T for expand
+        layers = [nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)]
+        return nn.Sequential(*layers).double()
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
 
 
-def data(step: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def data(step: int, n: int = 8, conv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(
-        0, 3, (n,), generator=g
-    )
+    shape = (n, 2, 5, 5) if conv else (n, 5)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=g)
 
 
 def shard(t: torch.Tensor) -> torch.Tensor:
@@ -68,8 +74,18 @@ def shard(t: torch.Tensor) -> torch.Tensor:
 
 def optimizer(case: str, net: nn.Module) -> torch.optim.Optimizer:
     if case.startswith("kfac"):
-        fisher = "empirical" if case == "kfac-empirical" else "type-2"
-        return KFAC(net, lr=0.5, loss_func=LOSS, fisher_type=fisher, inverse_update_interval=2)
+        fisher = {"kfac-empirical": "empirical", MC_CASE: "mc"}.get(case, "type-2")
+        approx = "reduce" if case.endswith("reduce") else "expand"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return KFAC(
+            net,
+            lr=0.5,
+            loss_func=LOSS,
+            fisher_type=fisher,
+            kfac_approx=approx,
+            inverse_update_interval=2,
+            seed=10 + rank,
+        )
     if case == "singd":
         return SINGD(net, lr=0.1, loss_func=LOSS, update_interval=1, structure="dense")
     if case == "adahesscale":
@@ -81,7 +97,8 @@ def optimizer(case: str, net: nn.Module) -> torch.optim.Optimizer:
 
 def run_case(case: str) -> list[torch.Tensor]:
     """``STEPS`` steps of ``case`` on this rank's shard; the final parameters."""
-    net = model()
+    conv = "conv" in case
+    net = model(conv)
     opt = optimizer(case, net)
     forward: nn.Module = net
     if dist.is_initialized():
@@ -91,7 +108,7 @@ def run_case(case: str) -> list[torch.Tensor]:
         forward = nn.parallel.DistributedDataParallel(net) if ddp else net
         opt = DataParallelPreconditioner(opt, model=forward, bucket_bytes=64)  # type: ignore[assignment]
     for step in range(STEPS):
-        x, y = (shard(t) for t in data(step))
+        x, y = (shard(t) for t in data(step, conv=conv))
 
         def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             opt.zero_grad()
@@ -135,6 +152,10 @@ def main(path: str) -> None:
     out = {case: run_case(case) for case in CASES}
     out["results"] = results()  # type: ignore[assignment]
     out["error"] = unknown_quantity_error()  # type: ignore[assignment]
+    flat = torch.cat([p.reshape(-1) for p in run_case(MC_CASE)])
+    ranks = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(ranks, flat)
+    out[MC_CASE] = ranks  # type: ignore[assignment]
     if dist.get_rank() == 0:
         torch.save(out, path)
     dist.destroy_process_group()
