@@ -206,6 +206,14 @@ def shampoo_curvature(
 class IFShampoo(torch.optim.Optimizer):
     r"""Inverse-free Shampoo (module docstring's equations), for any parameters.
 
+    Defaults are those of the authors' implementation of the paper's IF-Shampoo
+    (``sirfshampoo.SIRFShampoo``, GitHub ``f-dangel/sirfshampoo``, in its notation): ``lr``
+    ``1e-3`` (its ``lr``), ``momentum`` 0.9 (its ``alpha1``), ``alpha1`` 0.5 (its Riemannian
+    momentum ``alpha2``), ``lr_cov`` 0.01 (its ``beta2``), ``damping`` ``1e-3`` (its ``lam``),
+    ``weight_decay`` 0 (its ``kappa``) and ``update_interval`` 1 (its ``T``; the paper's
+    experiments update every second step). ``batch_size`` is detected from the inputs there;
+    here it is given.
+
     Args:
         params: Parameters or param groups (``lr``, ``momentum``, ``weight_decay`` per group).
         lr: :math:`\alpha`.
@@ -215,14 +223,6 @@ class IFShampoo(torch.optim.Optimizer):
         alpha1: :math:`\alpha_1 \in [0, 1)`, the factors' Riemannian momentum.
         lr_cov: :math:`\beta_1 > 0`, the factors' learning rate.
         update_interval: Steps between factor updates.
-
-    Defaults are those of the authors' implementation of the paper's IF-Shampoo
-    (``sirfshampoo.SIRFShampoo``, GitHub ``f-dangel/sirfshampoo``, in its notation): ``lr``
-    ``1e-3`` (its ``lr``), ``momentum`` 0.9 (its ``alpha1``), ``alpha1`` 0.5 (its Riemannian
-    momentum ``alpha2``), ``lr_cov`` 0.01 (its ``beta2``), ``damping`` ``1e-3`` (its ``lam``),
-    ``weight_decay`` 0 (its ``kappa``) and ``update_interval`` 1 (its ``T``; the paper's
-    experiments update every second step). ``batch_size`` is detected from the inputs there;
-    here it is given.
         batch_size: :math:`B`, the batch size the (mean) loss averages over.
         structure: A structure name of :data:`curvlab.optim.STRUCTURES` (or object) for both
             factors, or a pair ``(K's, C's)``.
