@@ -459,7 +459,7 @@ def _add_width_arguments(p: argparse.ArgumentParser) -> None:
         dest="mlp_widths",
         type=positive,
         metavar="LIST",
-        help="width-scaling only: MLP hidden widths (default: 32,128,512,2048)",
+        help="width-scaling only: MLP hidden widths (default: 32,128,512,1024)",
     )
     p.add_argument(
         "--cnn-widths",

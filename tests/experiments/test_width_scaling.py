@@ -68,9 +68,9 @@ def test_units_cover_every_question_family_width_and_seed(tmp_path):
         assert r["ntk_change"] > 0 and 0 <= r["cka_change_first"] <= 1
         assert 0 <= r["net_ece"] <= 1 and r["kl_net_lin"] >= 0
         assert r["linearization_error"] >= 0
-    # the rate is scaled by w0 / w within each family
-    rates = {(r["family"], r["width"]): r["lr"] for r in kernel}
-    assert rates[("mlp", 32)] == pytest.approx(rates[("mlp", 8)] / 4)
+    # the rate is c N_p / lambda_max of the probe's initial NTK
+    for r in records:
+        assert r["lr"] == pytest.approx(config.lr * config.probe / r["ntk_max_eig"])
     assert store.header()["config"]["mlp_widths"] == [8, 32]
 
 

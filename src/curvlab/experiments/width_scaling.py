@@ -25,10 +25,13 @@ CNN of growing width at fixed depth, each trained next to its linearization
 
 Parametrization and rates: PyTorch's default (standard) initialization, full-batch gradient
 descent on a class-balanced training subset with cross-entropy. In the standard parametrization
-the NTK grows linearly with the width (the last layer alone contributes :math:`\lVert h\rVert^2`),
-so a fixed rate would diverge at large width; the rate is scaled as
-:math:`\eta_w = \eta\, w_0 / w` (:math:`w_0` the family's smallest width), which keeps the
-first-order change of the outputs per step the same at every width.
+the NTK grows with the width (the last layer alone contributes :math:`\lVert h\rVert^2`), and a
+CNN's differs from an MLP's by orders of magnitude, so one fixed rate would diverge at one end
+and not train at the other. Every network therefore gets the rate
+:math:`\eta = c\, N_p / \lambda_{\max}(\Theta_0)`, with :math:`\Theta_0` the full initial NTK
+``[N_p C, N_p C]`` of the probe and :math:`c` = ``lr`` (default 2): the same step relative to
+the curvature of the mean loss (whose GGN is :math:`J^\top H J / N`, with :math:`\lambda_{\max}
+(H) \le 1/2` for cross-entropy), so every width trains equally far from the edge of stability.
 
 Every (question, family, width, seed) is one unit: it is written as one ``width`` record when it
 finishes, so a killed run resumes at the first unit without a record (a unit takes seconds to a
@@ -90,7 +93,7 @@ class WidthScalingConfig:
         depth: Hidden layers (MLP) or convolutions (CNN).
         train_size: Class-balanced training images (full-batch gradient descent).
         steps: Gradient-descent steps (the forgetting question: half on each task).
-        lr: Rate :math:`\eta` at the family's smallest width (scaled as :math:`w_0/w`).
+        lr: Rate factor :math:`c` of :math:`\eta = c\, N_p / \lambda_{\max}(\Theta_0)`.
         probe: Training images of the NTK and CKA probe.
         test_size: Test images of the accuracy, uncertainty and linearization error.
         device: ``cpu``, ``cuda`` or ``auto``.
@@ -100,12 +103,12 @@ class WidthScalingConfig:
     data_path: str | None = None
     seeds: tuple[int, ...] = (42,)
     families: tuple[str, ...] = FAMILIES
-    mlp_widths: tuple[int, ...] = (32, 128, 512, 2048)
+    mlp_widths: tuple[int, ...] = (32, 128, 512, 1024)
     cnn_widths: tuple[int, ...] = (4, 8, 16, 32)
     depth: int = 3
     train_size: int = 512
     steps: int = 200
-    lr: float = 0.1
+    lr: float = 2.0
     probe: int = 32
     test_size: int = 1024
     device: str = "auto"
@@ -307,8 +310,14 @@ class WidthScaling:
         torch.manual_seed(seed)
         return build_model(family, width, self.config.depth).to(self.device)
 
-    def _lr(self, family: str, width: int) -> float:
-        return self.config.lr * min(self.config.widths(family)) / width
+    def _lr(self, model: nn.Module, probe: Tensor) -> tuple[float, float]:
+        r"""The rate :math:`c N_p / \lambda_{\max}(\Theta_0)` and :math:`\lambda_{\max}`."""
+        ntk = empirical_ntk(model, probe, mode="full")
+        n, c = ntk.shape[0], ntk.shape[2]
+        top = float(
+            torch.linalg.eigvalsh(ntk.permute(0, 2, 1, 3).reshape(n * c, n * c).double())[-1]
+        )
+        return self.config.lr * n / top, top
 
     # ------------------------------------------------------------------ the questions
     def _kernel(self, family: str, width: int, seed: int, data: dict) -> dict:
@@ -323,7 +332,7 @@ class WidthScaling:
         reps0 = record_representations(model, probe, layers)
         with torch.no_grad():
             f0 = model(data["test_x"])
-        lr = self._lr(family, width)
+        lr, top = self._lr(model, probe)
         _train(model, x, y, lr, c.steps)
         _train(lin, x, y, lr, c.steps)
         reps = record_representations(model, probe, layers)
@@ -335,6 +344,7 @@ class WidthScaling:
         moved = float((f_net - f0).norm())
         record = {
             "lr": lr,
+            "ntk_max_eig": top,
             "ntk_change": float(ntk_change(ntk0, empirical_ntk(model, probe, mode="trace"))),
             "linearization_error": float((f_net - f_lin).norm()) / moved if moved else math.nan,
             "net_test_acc": float((f_net.argmax(1) == data["test_y"]).double().mean()),
@@ -359,8 +369,8 @@ class WidthScaling:
         xa_test, ya_test = data["test_x"][test_a], data["test_y"][test_a]
         model = self._model(family, width, seed)
         lin = linearize(model)
-        lr, half = self._lr(family, width), c.steps // 2
-        record: dict[str, float] = {"lr": lr}
+        (lr, top), half = self._lr(model, task_a[0][: c.probe]), c.steps // 2
+        record: dict[str, float] = {"lr": lr, "ntk_max_eig": top}
         for name, net in (("net", model), ("lin", lin)):
             _train(net, *task_a, lr, half)
             after_a = _accuracy(net, xa_test, ya_test)
