@@ -319,33 +319,37 @@ def _add_config_arguments(p: argparse.ArgumentParser, extra: tuple[str, ...] = (
     )
 
 
+#: The options ``_config`` passes to :func:`make_config` (their ``dest`` names).
+_CONFIG_OPTIONS = (
+    "data_path",
+    "seeds",
+    "steps",
+    "epochs",
+    "subset",
+    "batch_size",
+    "hidden",
+    "depth",
+    "norm",
+    "loss",
+    "ce_hessian",
+    "gn_scheme",
+    "gn_solver",
+    "gn_damping",
+    "gn_output_damping",
+    "eval_every",
+    "evals_per_epoch",
+    "eval_train_size",
+    "device",
+    "diverge_factor",
+    "ntk_probe",
+    "ntk_mode",
+    "optimizers",
+    "validation",
+)
+
+
 def _config(args: argparse.Namespace, **extra):
-    names = (
-        "data_path",
-        "seeds",
-        "steps",
-        "epochs",
-        "subset",
-        "batch_size",
-        "hidden",
-        "depth",
-        "norm",
-        "loss",
-        "ce_hessian",
-        "gn_scheme",
-        "gn_solver",
-        "gn_damping",
-        "gn_output_damping",
-        "eval_every",
-        "evals_per_epoch",
-        "eval_train_size",
-        "device",
-        "diverge_factor",
-        "ntk_probe",
-        "ntk_mode",
-        "optimizers",
-        "validation",
-    )
+    names = _CONFIG_OPTIONS
     overrides = {k: getattr(args, k, None) for k in names}
     overrides.update(extra)
     return make_config(args.experiment, args.dataset, **overrides)
@@ -423,26 +427,10 @@ def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = 
 #: ``curvlab run width-scaling``'s own options (dest names), ignored by the paper's experiments.
 _WIDTH_OPTIONS = ("families", "mlp_widths", "cnn_widths", "train_size")
 #: The paper's settings that ``width-scaling`` does not take (it has its own models).
-_NOT_WIDTH_OPTIONS = (
-    "epochs",
-    "subset",
-    "batch_size",
-    "hidden",
-    "norm",
-    "loss",
-    "ce_hessian",
-    "gn_scheme",
-    "gn_solver",
-    "gn_damping",
-    "gn_output_damping",
-    "eval_every",
-    "evals_per_epoch",
-    "eval_train_size",
-    "diverge_factor",
-    "ntk_probe",
-    "ntk_mode",
-    "optimizers",
-    "validation",
+_NOT_WIDTH_OPTIONS = tuple(
+    name
+    for name in _CONFIG_OPTIONS
+    if name not in ("data_path", "seeds", "steps", "depth", "device")
 )
 
 
@@ -485,7 +473,9 @@ def _cmd_width_scaling(args: argparse.Namespace) -> int:
         plot_width_scaling,
     )
 
-    given = [name for name in _NOT_WIDTH_OPTIONS if getattr(args, name, None) is not None]
+    given = [
+        name for name in (*_NOT_WIDTH_OPTIONS, "monitor") if getattr(args, name, None) is not None
+    ]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ValueError(f"width-scaling: {flags} belong to the paper's experiments")

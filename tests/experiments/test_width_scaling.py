@@ -146,6 +146,8 @@ def test_figures_and_cli(tmp_path, capsys):
     assert json.loads((out / "results.jsonl").read_text().splitlines()[-1])["type"] == "width"
     assert main(["run", "width-scaling", "--hidden", "64", "--out", str(out)]) == 2
     assert "--hidden belong to the paper's experiments" in capsys.readouterr().err
+    assert main(["run", "width-scaling", "--monitor", "economy", "--out", str(out)]) == 2
+    assert "--monitor belong to the paper's experiments" in capsys.readouterr().err
     assert main(["run", "fullbatch", "--mlp-widths", "8", "--out", str(tmp_path / "x")]) == 2
     assert "--mlp-widths belong to width-scaling" in capsys.readouterr().err
 
