@@ -124,10 +124,25 @@ def test_instrument_equals_its_definition(name, loss):
         assert value == pytest.approx(want, rel=1e-8, abs=1e-12)
 
 
+@pytest.mark.parametrize("name", ["ce-mean", "mse-sum"])
+def test_hessian_trace_from_the_diagonal_is_exact(name):
+    model, loss_func, x, y = problem(name)
+    hessian = reference.full_hessian(model, loss_func, x, y)
+    with Monitor(model, loss_func, [HessianTrace(), "tic_diag"], schedule=1) as monitor:
+        monitored_step(model, loss_func, x, y, monitor)
+    assert monitor.latest()["hessian_trace"] == pytest.approx(float(hessian.trace()), rel=1e-9)
+
+
+def test_hessian_trace_method_is_checked():
+    with pytest.raises(ValueError, match="method"):
+        HessianTrace(method="lanczos")
+
+
 def test_hessian_trace_estimate_is_close_with_few_products():
     model, loss_func, x, y = problem("ce-mean")
     hessian = reference.full_hessian(model, loss_func, x, y)
-    with Monitor(model, loss_func, [HessianTrace(num_matvecs=30)], schedule=1) as monitor:
+    instrument = HessianTrace(num_matvecs=30, method="hutch++")
+    with Monitor(model, loss_func, [instrument], schedule=1) as monitor:
         monitored_step(model, loss_func, x, y, monitor)
     # Hutch++ with 10 test vectors: within 3 standard deviations of Hutchinson on all of H
     tolerance = 3 * math.sqrt(2 / 10) * float(torch.linalg.matrix_norm(hessian))

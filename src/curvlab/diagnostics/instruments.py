@@ -807,23 +807,40 @@ class HessianMaxEig(Instrument):
 
 
 class HessianTrace(Instrument):
-    r""":math:`\operatorname{tr}(\nabla^2 L)` of the batch by Hutch++ on :class:`~curvlab.linops.Hessian`.
+    r""":math:`\operatorname{tr}(\nabla^2 L)` of the batch, exact from the Hessian diagonal or by Hutch++.
 
-    ``num_matvecs`` products in two batched passes; exact once ``num_matvecs / 3`` reaches
-    :math:`P`. Due every 10 steps by default.
+    ``method="diagonal"`` (default, Cockpit's ``HessTrace``): the sum of the engine's exact
+    ``DiagHessian`` (of the loss as the loss function reduces it, like the Hutch++ route), computed in the monitored backward and shared with
+    :class:`TICDiag`/:class:`TICTrace` when they are due at the same step (the engine computes
+    each quantity once). ``method="hutch++"``: Hutch++ on :class:`~curvlab.linops.Hessian` with
+    ``num_matvecs`` products in two batched passes, exact once ``num_matvecs / 3`` reaches
+    :math:`P`; the cheaper choice where the Hessian diagonal has no closed form on the graph (the
+    engine then takes one Hessian-vector product per parameter, e.g. attention). Due every 10
+    steps by default.
 
     Args:
-        num_matvecs: Hutch++'s number of products, at least 3.
+        num_matvecs: Hutch++'s number of products, at least 3 (``method="hutch++"``).
+        method: ``"diagonal"`` or ``"hutch++"``.
+
+    Raises:
+        ValueError: an unknown ``method``.
     """
 
     name = "hessian_trace"
     every = 10
-    needs = frozenset({"batch"})
+    needs = frozenset({"DiagHessian"})
 
-    def __init__(self, num_matvecs: int = 30) -> None:
+    def __init__(self, num_matvecs: int = 30, method: str = "diagonal") -> None:
+        if method not in ("diagonal", "hutch++"):
+            raise ValueError(f"HessianTrace method must be 'diagonal' or 'hutch++', got {method!r}")
         self.num_matvecs = num_matvecs
+        self.method = method
+        if method == "hutch++":
+            self.needs = frozenset({"batch"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
+        if self.method == "diagonal":
+            return float(sum(v.sum() for v in data.quantities["DiagHessian"].values()))
         return float(
             hutchpp_trace(_batch_hessian(data), self.num_matvecs, generator=data.generator)
         )
