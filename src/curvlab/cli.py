@@ -44,59 +44,41 @@ _DEFAULTS = {
 }
 
 
-def _positive_int(text: str) -> int:
-    """``argparse`` type: an integer > 0 (argparse names the option in its message)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_type(what: str, accept: Callable[[int], bool]) -> Callable[[str], int]:
+    """``argparse`` type: an integer that ``accept`` admits (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """``argparse`` type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _float_type(what: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
+    """``argparse`` type: a number that ``accept`` admits (NaN never is)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    """``argparse`` type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """``argparse`` type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _number_above_one(text: str) -> float:
-    """``argparse`` type: a number > 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}") from None
-    if not value > 1:
-        raise argparse.ArgumentTypeError(f"expected a number > 1, got {text!r}")
-    return value
+_positive_int = _int_type("a positive integer", lambda v: v > 0)
+_non_negative_int = _int_type("an integer >= 0", lambda v: v >= 0)
+_non_negative_float = _float_type("a number >= 0", lambda v: v >= 0)
+_positive_float = _float_type("a number > 0", lambda v: v > 0)
+_number_above_one = _float_type("a number > 1", lambda v: v > 1)
 
 
 def _csv(kind: Callable, what: str, check: Callable | None = None):

@@ -567,10 +567,6 @@ class _Union:
         return self._diverged
 
 
-def _store_with_evaluations(folder: str | Path | Sequence[str | Path]) -> _Union:
-    return _Union(folder)
-
-
 def _spread(rows: list[dict], into: dict) -> None:
     """Put the mean and the standard deviation over ``rows`` of every metric they all hold."""
     for key in SUMMARY_METRICS:
@@ -598,7 +594,7 @@ def summary(folder: str | Path | Sequence[str | Path]) -> list[dict]:
     Raises:
         NoResultsError: the folder or its ``results.jsonl`` does not exist, or holds no evaluation.
     """
-    store = _store_with_evaluations(folder)
+    store = _Union(folder)
     records = store.evaluations()
     diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
     last: dict[tuple, dict] = {}
@@ -668,7 +664,7 @@ def summary_at_train_loss(folder: str | Path | Sequence[str | Path], target: flo
     """
     if not target > 0:
         raise ValueError(f"target training loss must be > 0, got {target!r}")
-    store = _store_with_evaluations(folder)
+    store = _Union(folder)
     runs: dict[tuple, list[dict]] = defaultdict(list)
     for r in store.evaluations():
         runs[(r["phase"], r["optimizer"], r["seed"])].append(r)

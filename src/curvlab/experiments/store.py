@@ -35,6 +35,9 @@ import torch
 
 RESULTS_FILE = "results.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+#: Keys of one run, and of one evaluation or update of it.
+_RUN = ("phase", "optimizer", "seed")
+_RUN_STEP = (*_RUN, "step")
 #: Settings a run may be resumed with at other values.
 EXTENDABLE = frozenset({"steps", "epochs", "optimizers", "seeds"})
 
@@ -219,15 +222,15 @@ class ResultsStore:
 
     def evaluations(self) -> list[dict]:
         """``eval`` records, one per (phase, optimizer, seed, step): the last one in the file."""
-        return _last_per_key(self._typed("eval"), ("phase", "optimizer", "seed", "step"))
+        return _last_per_key(self._typed("eval"), _RUN_STEP)
 
     def updates(self) -> list[dict]:
         """``update`` records (Figure 3), one per key like :meth:`evaluations`."""
-        return _last_per_key(self._typed("update"), ("phase", "optimizer", "seed", "step"))
+        return _last_per_key(self._typed("update"), _RUN_STEP)
 
     def diverged(self) -> list[dict]:
         """``diverged`` records, one per (phase, optimizer, seed): the last one in the file."""
-        return _last_per_key(self._typed("diverged"), ("phase", "optimizer", "seed"))
+        return _last_per_key(self._typed("diverged"), _RUN)
 
     # ------------------------------------------------------------------ helpers
     def _check_writable(self) -> None:
@@ -315,9 +318,10 @@ def export_records(folder: str | Path, out: str | Path) -> Path:
     store = ResultsStore(folder)
     if not store.path.is_file():
         raise FileNotFoundError(f"no records to export: {store.path} does not exist")
-    records = store.records()
+    records = store.records()  # one read; the same last-per-key choice as the readers
     kept = [r for r in records if r.get("type") in ("header", "config")]
-    kept += store.evaluations() + store.updates() + store.diverged()
+    for kind, key in (("eval", _RUN_STEP), ("update", _RUN_STEP), ("diverged", _RUN)):
+        kept += _last_per_key((r for r in records if r.get("type") == kind), key)
     payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -65,6 +65,7 @@ from curvlab.diagnostics import (  # noqa: E402
     ntk_change,
 )
 from curvlab.diagnostics.cka import record_representations  # noqa: E402
+from curvlab.experiments.runner import resolve_device  # noqa: E402
 from curvlab.experiments.store import ResultsStore  # noqa: E402
 
 NAME = "width-scaling"
@@ -235,10 +236,7 @@ class WidthScaling:
         self.config = config
         self.store = ResultsStore(out)
         self.progress = progress
-        name = config.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(name)
+        self.device = resolve_device(config.device)
 
     def units(self) -> list[tuple[str, str, int, int]]:
         """Every ``(question, family, width, seed)``, in run order."""
