@@ -355,11 +355,20 @@ def _cell(row: dict, key: str, digits: int = 4) -> str:
 
 
 def _metric_columns(rows: list[dict]) -> list[tuple[str, str, int]]:
-    """(key, heading, digits) of the metric columns: validation ones only where recorded."""
+    """(key, heading, digits) of the metric columns: validation and kernel ones where recorded."""
     columns = [("train_loss", "train loss", 4), ("train_acc", "train acc", 4)]
     if any(r.get("val_loss") is not None for r in rows):
         columns += [("val_loss", "val loss", 4), ("val_acc", "val acc", 4)]
-    return columns + [("test_loss", "test loss", 4), ("test_acc", "test acc", 4)]
+    columns += [("test_loss", "test loss", 4), ("test_acc", "test acc", 4)]
+    if any(r.get("ntk_similarity") is not None for r in rows):
+        columns += [
+            ("ntk_similarity", "NTK similarity", 4),
+            ("ntk_change", "NTK change", 4),
+            ("cka_first", "CKA first", 4),
+            ("cka_middle", "CKA middle", 4),
+            ("cka_last", "CKA last", 4),
+        ]
+    return columns
 
 
 def summary_table(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> str:

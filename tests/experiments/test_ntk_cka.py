@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from curvlab.cli import main
+from curvlab.cli import main, summary_table
 from curvlab.diagnostics import empirical_ntk, linear_cka, ntk_change, ntk_similarity
 from curvlab.diagnostics.cka import record_representations
 from curvlab.experiments import ResultsStore, Runner, make_config
@@ -170,6 +170,36 @@ def test_killed_and_resumed_run_gives_the_uninterrupted_records(tmp_path, monkey
         checkpoint.write_bytes(state)
         _run(folder)
         assert _results(folder) == reference, f"killed at byte {offset} of the record"
+
+
+def test_ntk_cka_trains_exactly_as_fullbatch(tmp_path, cached_data):
+    """The kernel and CKA probes draw no random numbers and touch no parameter: the training
+    curves of an ``ntk-cka`` run are the ``fullbatch`` run's of the same settings, bit for bit
+    (docs/reproduction.md takes the schemes' side-by-side comparison from ``ntk-cka`` records)."""
+    _run(tmp_path / "ntk")
+    Runner(make_config("fullbatch", "bundled", **TINY), tmp_path / "fb", progress=False).run()
+    keys = ("optimizer", "seed", "step", "train_loss", "test_loss", "test_acc")
+    ntk, plain = (
+        [tuple(r[k] for k in keys) for r in ResultsStore(tmp_path / name).evaluations()]
+        for name in ("ntk", "fb")
+    )
+    assert len(ntk) == 2 * (TINY["steps"] + 1)
+    assert ntk == plain
+
+
+def test_summary_table_shows_the_last_kernel_and_cka_values(bundled_run):
+    table = summary_table(bundled_run).splitlines()
+    head = [cell.strip() for cell in table[0].strip("|").split("|")]
+    for heading in ("NTK similarity", "NTK change", "CKA first", "CKA middle", "CKA last"):
+        assert heading in head
+    evals = ResultsStore(bundled_run).evaluations()
+    for line in table[2:]:
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+        last = max(
+            (r for r in evals if r["optimizer"] == cells["optimizer"]), key=lambda r: r["step"]
+        )
+        assert float(cells["NTK similarity"]) == pytest.approx(last["ntk_similarity"], abs=5e-5)
+        assert float(cells["CKA last"]) == pytest.approx(last["cka_last"], abs=5e-5)
 
 
 # ---------------------------------------------------------------------------------- settings

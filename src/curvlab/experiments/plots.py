@@ -525,6 +525,12 @@ SUMMARY_METRICS = (
     "test_loss",
     "test_acc",
     "time_s",
+    # ntk-cka only (Figure 4): the kernel's similarity to and change from init, the blocks' CKA.
+    "ntk_similarity",
+    "ntk_change",
+    "cka_first",
+    "cka_middle",
+    "cka_last",
 )
 
 
