@@ -202,3 +202,31 @@ def test_bad_shapes_name_the_problem():
         op @ torch.ones(5)
     with pytest.raises(ValueError, match="shapes"):
         op + Jacobian(model, None, data)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-layernorm"])
+def test_hessian_kept_graph_equals_recomputed_and_dense(case):
+    model, loss_func, data, inputs, targets = make_case(case)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    kept = Hessian(model, loss_func, None, data, keep_graph=True)
+    fresh = Hessian(model, loss_func, None, data, keep_graph=False)
+    m = torch.randn(ref.shape[1], 3, dtype=torch.float64)
+    first, second = kept @ m, kept @ m  # the second product reuses the kept graphs
+    assert len(kept._kept) == len(data) and not fresh._kept
+    torch.testing.assert_close(
+        torch.stack([first, second, fresh @ m]), torch.stack([ref @ m] * 3), **TOL
+    )
+
+
+def test_hessian_kept_graph_follows_in_place_changes():
+    model, loss_func, data, inputs, targets = make_case("mlp")
+    op = Hessian(model, loss_func, None, [(inputs, targets)])
+    assert op.keep_graph  # one batch in a list: kept by default
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    op @ v
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # an optimizer step, in place
+        inputs.mul_(0.5)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    torch.testing.assert_close(op @ v, ref @ v, **TOL)
