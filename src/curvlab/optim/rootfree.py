@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.optim.singd import Structure, make_structure, precondition, riemannian_step
+from curvlab.optim.singd import Factors, precondition, riemannian_step
+from curvlab.optim.structures import Structure, StructuredMatrix, make_structure
 
 
 def _check(condition: bool, who: str, name: str, value: Any, requirement: str) -> None:
@@ -186,21 +187,23 @@ def _as_matrix(tensor: Tensor) -> Tensor:
 
 
 def shampoo_curvature(
-    k: Tensor, c: Tensor, grad_matrix: Tensor, batch_size: int
-) -> tuple[Tensor, Tensor]:
-    r"""IF-Shampoo's curvature terms :math:`(B Z^\top Z, B Z Z^\top)` with :math:`Z = C^\top G K`.
+    k: StructuredMatrix, c: StructuredMatrix, grad_matrix: Tensor, batch_size: int
+) -> Factors:
+    r"""IF-Shampoo's projected curvature terms :math:`\Pi_K(B Z^\top Z)`, :math:`\Pi_C(B Z Z^\top)`.
+
+    With :math:`Z = C^\top G K`, by the factors' structured products.
 
     Args:
-        k: :math:`K` ``[1, a, a]``.
-        c: :math:`C` ``[1, b, b]``.
+        k: :math:`K` ``[1, a, a]``, structured.
+        c: :math:`C` ``[1, b, b]``, structured.
         grad_matrix: :math:`G` ``[1, b, a]``.
         batch_size: :math:`B`.
 
     Returns:
-        ``[1, a, a]`` and ``[1, b, b]``.
+        ``[1, a, a]`` and ``[1, b, b]`` in the structures of ``k`` and ``c``.
     """
-    z = c.transpose(-2, -1) @ grad_matrix.to(k.dtype) @ k
-    return batch_size * (z.transpose(-2, -1) @ z), batch_size * (z @ z.transpose(-2, -1))
+    z = c.tmatmul(k.rmatmul(grad_matrix.to(k.dtype)))
+    return k.from_dense(batch_size * (z.mT @ z)), c.from_dense(batch_size * (z @ z.mT))
 
 
 class IFShampoo(torch.optim.Optimizer):
@@ -289,27 +292,25 @@ class IFShampoo(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 g = _as_matrix(p.grad)
+                pi_k, pi_c = self.structures
                 if not state:
                     b, a = g.shape[-2:]
                     state["step"] = 0
-                    state["K"] = torch.eye(a, dtype=p.dtype, device=p.device)[None].clone()
-                    state["C"] = torch.eye(b, dtype=p.dtype, device=p.device)[None].clone()
-                    state["m_K"], state["m_C"] = (torch.zeros_like(state[k]) for k in "KC")
+                    k, c = pi_k.eye(1, a, p.dtype, p.device), pi_c.eye(1, b, p.dtype, p.device)
+                    state["K"], state["C"] = k.tensors, c.tensors
+                    state["m_K"], state["m_C"] = k.zeros_like().tensors, c.zeros_like().tensors
                     state["momentum_buffer"] = torch.zeros_like(p)
+                factors = pi_k.wrap(tuple(state["K"])), pi_c.wrap(tuple(state["C"]))
                 if state["step"] % self.update_interval == 0:
-                    factors = (state["K"], state["C"])
+                    momenta = pi_k.wrap(tuple(state["m_K"])), pi_c.wrap(tuple(state["m_C"]))
                     curvature = shampoo_curvature(*factors, g, self.batch_size)
-                    (state["K"], state["C"]), (state["m_K"], state["m_C"]) = riemannian_step(
-                        factors,
-                        (state["m_K"], state["m_C"]),
-                        curvature,
-                        self.structures,
-                        self.damping,
-                        self.alpha1,
-                        self.lr_cov,
+                    factors, momenta = riemannian_step(
+                        factors, momenta, curvature, self.damping, self.alpha1, self.lr_cov
                     )
+                    state["K"], state["C"] = (f.tensors for f in factors)
+                    state["m_K"], state["m_C"] = (m.tensors for m in momenta)
                 state["step"] += 1
-                direction = precondition(state["K"], state["C"], g).reshape(p.shape)
+                direction = precondition(*factors, g).reshape(p.shape)
                 buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(direction)
                 if group["weight_decay"] != 0:
                     buffer.add_(p, alpha=group["weight_decay"])

@@ -21,8 +21,10 @@ Riemannian update with momentum (no inverse, no decomposition):
     C \leftarrow \Pi_C\big(C (I_b - \beta_1 m_C)\big),
 
 with :math:`\Pi` the projection onto the factor's structure (:data:`STRUCTURES`). Each
-structure is a matrix group (closed under products), so the update keeps it; the outer
-projection only removes round-off. At the fixed point (:math:`m_K = m_C = 0`),
+structure is a matrix group (closed under products), so the update keeps it. The factors are
+stored by their free entries only and multiplied in their structure
+(:mod:`curvlab.optim.structures`: a diagonal is a vector, block-diagonal its blocks,
+triu-Toeplitz its first row, ...), so a structure saves memory and time. At the fixed point (:math:`m_K = m_C = 0`),
 :math:`(K K^\top)^{-1} = \frac{\mathrm{tr}(B C C^\top)}{b} A + \lambda \frac{\mathrm{tr}(C
 C^\top)}{b} I` and likewise for :math:`C`: a damped KFAC inverse. The parameters move by
 
@@ -49,282 +51,141 @@ from curvlab.backprop import KronFactors, capture
 from curvlab.backprop.loss import LossSpec
 from curvlab.optim import parts
 from curvlab.optim.kfac import FALLBACKS, FallbackFactory, _is_int, _LayerwiseOptimizer, _Unit
+from curvlab.optim.structures import (
+    STRUCTURES,
+    BlockDiagonal,
+    Dense,
+    Diagonal,
+    Hierarchical,
+    LowerTriangular,
+    Structure,
+    StructuredMatrix,
+    TriuToeplitz,
+    UpperTriangular,
+    make_structure,
+)
 
-
-# ------------------------------------------------------------------------------ structures
-class Structure:
-    r"""A matrix structure: the orthogonal (Frobenius) projection :math:`\Pi` onto it.
-
-    Subclasses implement :meth:`project` on batches of square matrices ``[G, d, d]``; the
-    result has the structure and ``project(project(M)) == project(M)``.
-    """
-
-    name = "structure"
-
-    def project(self, matrix: Tensor) -> Tensor:
-        """The nearest structured matrices ``[G, d, d]`` to ``matrix`` ``[G, d, d]``."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-class _MaskStructure(Structure):
-    """A structure given by a fixed pattern of free entries (zero elsewhere)."""
-
-    def mask(self, dim: int, device: torch.device) -> Tensor:
-        """The pattern ``[d, d]`` (bool) of the free entries."""
-        return self._pattern(dim, device)
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        raise NotImplementedError
-
-    def project(self, matrix: Tensor) -> Tensor:
-        """``matrix`` with the entries outside :meth:`mask` set to zero ``[G, d, d]``."""
-        mask = self.mask(matrix.shape[-1], matrix.device)
-        return matrix * mask.to(matrix.dtype)
-
-
-class Dense(_MaskStructure):
-    """Every entry free (the projection is the identity)."""
-
-    name = "dense"
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        return torch.ones(dim, dim, dtype=torch.bool, device=device)
-
-    def project(self, matrix: Tensor) -> Tensor:
-        """``matrix`` itself."""
-        return matrix
-
-
-class Diagonal(_MaskStructure):
-    """Only the diagonal."""
-
-    name = "diagonal"
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        return torch.eye(dim, dtype=torch.bool, device=device)
-
-
-class BlockDiagonal(_MaskStructure):
-    """Dense diagonal blocks of ``block_size`` (the last one smaller if ``d`` is no multiple)."""
-
-    name = "block_diagonal"
-
-    def __init__(self, block_size: int = 30) -> None:
-        if not _is_int(block_size) or block_size < 1:
-            raise ValueError(f"SINGD: block_size must be a positive int, got {block_size!r}")
-        self.block_size = block_size
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        block = torch.arange(dim, device=device) // self.block_size
-        return block[:, None] == block[None, :]
-
-    def __repr__(self) -> str:
-        return f"BlockDiagonal(block_size={self.block_size})"
-
-
-class LowerTriangular(_MaskStructure):
-    """Entries on and below the diagonal."""
-
-    name = "lower_triangular"
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        return torch.ones(dim, dim, dtype=torch.bool, device=device).tril()
-
-
-class UpperTriangular(_MaskStructure):
-    """Entries on and above the diagonal."""
-
-    name = "upper_triangular"
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        return torch.ones(dim, dim, dtype=torch.bool, device=device).triu()
-
-
-class Hierarchical(_MaskStructure):
-    r"""The hierarchical structure of SINGD.
-
-    .. math::
-
-        \begin{pmatrix} A_{11} & A_{12} & A_{13} \\ 0 & D & 0 \\ 0 & A_{32} & A_{33}
-        \end{pmatrix}
-
-    with the first ``k1`` rows dense, a diagonal :math:`D` in the middle and the last ``k2``
-    rows dense right of the first ``k1`` columns (both sizes clipped to ``d``).
-    """
-
-    name = "hierarchical"
-
-    def __init__(self, k1: int = 15, k2: int = 15) -> None:
-        for label, value in (("k1", k1), ("k2", k2)):
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"SINGD: hierarchical {label} must be an int >= 0, got {value!r}")
-        self.k1, self.k2 = k1, k2
-
-    def _pattern(self, dim: int, device: torch.device) -> Tensor:
-        k1 = min(self.k1, dim)
-        k2 = min(self.k2, dim - k1)
-        mask = torch.eye(dim, dtype=torch.bool, device=device)
-        mask[:k1] = True
-        mask[dim - k2 :, k1:] = True
-        return mask
-
-    def __repr__(self) -> str:
-        return f"Hierarchical(k1={self.k1}, k2={self.k2})"
-
-
-class TriuToeplitz(Structure):
-    r"""Upper-triangular Toeplitz: :math:`M_{ij} = t_{j - i}` for :math:`j \ge i`, 0 below.
-
-    The projection averages each super-diagonal.
-    """
-
-    name = "triu_toeplitz"
-
-    def project(self, matrix: Tensor) -> Tensor:
-        """Each super-diagonal replaced by its mean, zero below the diagonal ``[G, d, d]``."""
-        dim = matrix.shape[-1]
-        rows = torch.arange(dim, device=matrix.device)
-        offset = rows[None, :] - rows[:, None]  # [d, d]: j - i
-        upper = offset >= 0
-        index = offset.clamp_min(0).reshape(-1)
-        flat = (matrix * upper.to(matrix.dtype)).reshape(*matrix.shape[:-2], dim * dim)
-        sums = flat.new_zeros(*matrix.shape[:-2], dim).index_add_(-1, index, flat)
-        means = sums / torch.arange(dim, 0, -1, device=matrix.device).to(matrix.dtype)
-        out = means[..., index].reshape(matrix.shape)
-        return out * upper.to(matrix.dtype)
-
-
-STRUCTURES: dict[str, type[Structure]] = {
-    cls.name: cls
-    for cls in (
-        Dense,
-        Diagonal,
-        BlockDiagonal,
-        LowerTriangular,
-        UpperTriangular,
-        Hierarchical,
-        TriuToeplitz,
-    )
-}
-"""The structures of :math:`K` and :math:`C` by name."""
-
-
-def make_structure(
-    name: str | Structure, block_size: int = 30, hierarchical_sizes: tuple[int, int] = (15, 15)
-) -> Structure:
-    """The structure object for a name of :data:`STRUCTURES` (or the object itself).
-
-    Raises:
-        ValueError: An unknown name (the message lists the known ones).
-    """
-    if isinstance(name, Structure):
-        return name
-    if name not in STRUCTURES:
-        raise ValueError(f"SINGD: unknown structure {name!r}; known: {sorted(STRUCTURES)}")
-    if name == "block_diagonal":
-        return BlockDiagonal(block_size)
-    if name == "hierarchical":
-        return Hierarchical(*hierarchical_sizes)
-    return STRUCTURES[name]()
+__all__ = [
+    "SINGD",
+    "STRUCTURES",
+    "BlockDiagonal",
+    "Dense",
+    "Diagonal",
+    "Hierarchical",
+    "LowerTriangular",
+    "Structure",
+    "StructuredMatrix",
+    "TriuToeplitz",
+    "UpperTriangular",
+    "inverse_free_update",
+    "make_structure",
+    "precondition",
+    "riemannian_step",
+]
 
 
 # ------------------------------------------------------------------- inverse-free update
-def _trace(matrix: Tensor) -> Tensor:
-    r""":math:`\mathrm{tr}` per group ``[G, 1, 1]``."""
-    return matrix.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+Factors = tuple[StructuredMatrix, StructuredMatrix]
+"""A pair :math:`(K, C)` (or their momenta, or curvature terms) of structured matrices."""
 
 
 def riemannian_step(
-    factors: tuple[Tensor, Tensor],
-    momenta: tuple[Tensor, Tensor],
-    curvature: tuple[Tensor, Tensor],
-    structures: tuple[Structure, Structure],
+    factors: Factors,
+    momenta: Factors,
+    curvature: Factors,
     damping: float,
     alpha1: float,
     beta1: float,
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    r"""The multiplicative update of :math:`(K, C)` from the curvature terms :math:`(T_K, T_C)`.
+) -> tuple[Factors, Factors]:
+    r"""The multiplicative update of :math:`(K, C)` from the projected curvature terms.
 
     .. math::
 
-        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\Pi_K\big(T_K + \lambda\,\mathrm{tr}(C^\top C)
-        K^\top K - b I_a\big), \quad K \leftarrow \Pi_K\big(K (I_a - \beta_1 m_K)\big)
+        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\big(\Pi_K(T_K) + \lambda\,\mathrm{tr}(C^\top C)
+        \,\Pi_K(K^\top K) - b I_a\big), \quad K \leftarrow K (I_a - \beta_1 m_K)
 
-    and likewise for :math:`C` (with :math:`a` and :math:`b` swapped). SINGD's terms are
-    :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C = \mathrm{tr}(H_K) H_C`
+    and likewise for :math:`C` (with :math:`a` and :math:`b` swapped), all in the factors'
+    structures (:mod:`curvlab.optim.structures`: the product stays in the structure, a group).
+    SINGD's terms are :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C = \mathrm{tr}(H_K) H_C`
     (:func:`inverse_free_update`); IF-Shampoo's come from the gradient matrix
     (:class:`curvlab.optim.IFShampoo`).
 
     Args:
-        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``.
-        momenta: :math:`m_K` ``[G, a, a]``, :math:`m_C` ``[G, b, b]``.
-        curvature: :math:`T_K` ``[G, a, a]``, :math:`T_C` ``[G, b, b]``.
-        structures: :math:`\Pi_K`, :math:`\Pi_C`.
+        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``, structured.
+        momenta: :math:`m_K`, :math:`m_C`, in the factors' structures.
+        curvature: :math:`\Pi_K(T_K)`, :math:`\Pi_C(T_C)`, in the factors' structures.
         damping: :math:`\lambda \ge 0`.
         alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
         beta1: Factor learning rate :math:`\beta_1 > 0`.
 
     Returns:
-        ``(K, C), (m_K, m_C)``, new tensors of the factors' dtype.
+        ``(K, C), (m_K, m_C)``, new structured matrices of the factors' dtype.
     """
     k, c = factors
     m_k, m_c = momenta
     t_k, t_c = curvature
-    pi_k, pi_c = structures
-    dim_a, dim_b = k.shape[-1], c.shape[-1]
-    ktk, ctc = k.transpose(-2, -1) @ k, c.transpose(-2, -1) @ c
-    eye_a = torch.eye(dim_a, dtype=k.dtype, device=k.device)
-    eye_b = torch.eye(dim_b, dtype=c.dtype, device=c.device)
-    step_k = (t_k + damping * _trace(ctc) * ktk - dim_b * eye_a) / (2 * dim_b)
-    step_c = (t_c + damping * _trace(ktk) * ctc - dim_a * eye_b) / (2 * dim_a)
-    m_k = alpha1 * m_k + pi_k.project(step_k)
-    m_c = alpha1 * m_c + pi_c.project(step_c)
-    k = pi_k.project(k @ (eye_a - beta1 * m_k))
-    c = pi_c.project(c @ (eye_b - beta1 * m_c))
+    dim_a, dim_b = k.dim, c.dim
+    ktk, ktk_trace = k.gram()
+    ctc, ctc_trace = c.gram()
+    step_k = (
+        t_k.scale(1 / (2 * dim_b))
+        + ktk.scale(damping * ctc_trace / (2 * dim_b))
+        - k.eye_like().scale(0.5)
+    )
+    step_c = (
+        t_c.scale(1 / (2 * dim_a))
+        + ctc.scale(damping * ktk_trace / (2 * dim_a))
+        - c.eye_like().scale(0.5)
+    )
+    m_k = m_k.scale(alpha1) + step_k
+    m_c = m_c.scale(alpha1) + step_c
+    k = k - k.product(m_k).scale(beta1)
+    c = c - c.product(m_c).scale(beta1)
     return (k, c), (m_k, m_c)
 
 
 def inverse_free_update(
-    factors: tuple[Tensor, Tensor],
-    momenta: tuple[Tensor, Tensor],
+    factors: Factors,
+    momenta: Factors,
     statistics: tuple[Tensor, Tensor],
-    structures: tuple[Structure, Structure],
     damping: float,
     alpha1: float,
     beta1: float,
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+) -> tuple[Factors, Factors]:
     r"""SINGD's update of :math:`(K, C)` from the Kronecker statistics (module docstring).
 
-    :func:`riemannian_step` with :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C =
-    \mathrm{tr}(H_K) H_C`, :math:`H_K = K^\top A K`, :math:`H_C = C^\top B C`.
+    :func:`riemannian_step` with :math:`\Pi_K(T_K) = \mathrm{tr}(H_C) \Pi_K(H_K)`,
+    :math:`\Pi_C(T_C) = \mathrm{tr}(H_K) \Pi_C(H_C)`, :math:`H_K = K^\top A K`,
+    :math:`H_C = C^\top B C` (:meth:`~curvlab.optim.structures.StructuredMatrix.congruence`:
+    only the structure's part of :math:`H` is formed where it can be, e.g. the diagonal
+    blocks).
 
     Args:
-        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``.
-        momenta: :math:`m_K` ``[G, a, a]``, :math:`m_C` ``[G, b, b]``.
+        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``, structured.
+        momenta: :math:`m_K`, :math:`m_C`, in the factors' structures.
         statistics: :math:`A` ``[G, a, a]`` (input side), :math:`B` ``[G, b, b]`` (output side).
-        structures: :math:`\Pi_K`, :math:`\Pi_C`.
         damping: :math:`\lambda \ge 0`.
         alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
         beta1: Factor learning rate :math:`\beta_1 > 0`.
 
     Returns:
-        ``(K, C), (m_K, m_C)``, new tensors of the factors' dtype.
+        ``(K, C), (m_K, m_C)``, new structured matrices of the factors' dtype.
     """
     k, c = factors
     a_stat, b_stat = (s.to(k.dtype) for s in statistics)
-    h_k = k.transpose(-2, -1) @ a_stat @ k
-    h_c = c.transpose(-2, -1) @ b_stat @ c
-    curvature = (_trace(h_c) * h_k, _trace(h_k) * h_c)
-    return riemannian_step(factors, momenta, curvature, structures, damping, alpha1, beta1)
+    h_k, trace_k = k.congruence(a_stat)
+    h_c, trace_c = c.congruence(b_stat)
+    curvature = (h_k.scale(trace_c), h_c.scale(trace_k))
+    return riemannian_step(factors, momenta, curvature, damping, alpha1, beta1)
 
 
-def precondition(k: Tensor, c: Tensor, matrix: Tensor) -> Tensor:
-    r""":math:`C C^\top M K K^\top` for the gradient matrices ``matrix`` ``[G, b, a]``."""
+def precondition(k: StructuredMatrix, c: StructuredMatrix, matrix: Tensor) -> Tensor:
+    r""":math:`C C^\top M K K^\top` for the gradient matrices ``matrix`` ``[G, b, a]``.
+
+    Computed by the structured products :math:`C\,(C^\top ((M K) K^\top))`.
+    """
     m = matrix.to(k.dtype)
-    out = c @ (c.transpose(-2, -1) @ m @ k) @ k.transpose(-2, -1)
+    out = c.matmul(c.tmatmul(k.rtmatmul(k.rmatmul(m))))
     return out.to(matrix.dtype)
 
 
@@ -460,25 +321,37 @@ class SINGD(_LayerwiseOptimizer):
     def _all_units(self) -> list[_Unit]:
         return [u for units in self._units for u in units]
 
-    def preconditioner(self) -> dict[str, tuple[Tensor, Tensor]]:
-        r"""The factors :math:`(K, C)` by parameter name (a joint block under both names)."""
+    def preconditioner(self) -> dict[str, tuple[StructuredMatrix, StructuredMatrix]]:
+        r"""The factors :math:`(K, C)` by parameter name (a joint block under both names).
+
+        Returns:
+            ``{name: (K, C)}``, :class:`~curvlab.optim.structures.StructuredMatrix` objects
+            (``.shape`` ``[G, a, a]`` and ``[G, b, b]``, ``.to_dense()``); empty before the
+            first step.
+        """
         out = {}
         for unit in self._all_units():
-            state = self.state[unit.params[0]]
-            if "K" in state:
-                out.update(dict.fromkeys(unit.names, (state["K"], state["C"])))
+            if "K" in self.state[unit.params[0]]:
+                out.update(dict.fromkeys(unit.names, self._factors(unit, "K", "C")))
         return out
 
-    def _init_factors(self, unit: _Unit) -> None:
+    def _factors(self, unit: _Unit, key_k: str, key_c: str) -> Factors:
+        """The structured matrices stored (as their parameters) under ``key_k``, ``key_c``."""
         state = self.state[unit.params[0]]
-        if "K" in state:
+        pi_k, pi_c = self.structures
+        return pi_k.wrap(tuple(state[key_k])), pi_c.wrap(tuple(state[key_c]))
+
+    def _store(self, unit: _Unit, **matrices: StructuredMatrix) -> None:
+        """Keep the matrices' parameters (tuples of tensors) in the unit's state."""
+        self.state[unit.params[0]].update({k: m.tensors for k, m in matrices.items()})
+
+    def _init_factors(self, unit: _Unit) -> None:
+        if "K" in self.state[unit.params[0]]:
             return
         p = unit.params[0]
         groups, b, a = unit.layout.to_matrix([q.detach() for q in unit.params], 0).shape
-        for key, dim in (("K", a), ("C", b)):
-            eye = torch.eye(dim, dtype=p.dtype, device=p.device).expand(groups, dim, dim)
-            state[key] = eye.clone()
-            state["m_" + key] = torch.zeros_like(state[key])
+        k, c = (s.eye(groups, d, p.dtype, p.device) for s, d in zip(self.structures, (a, b)))
+        self._store(unit, K=k, C=c, m_K=k.zeros_like(), m_C=c.zeros_like())
 
     def _update_factors(self, results: dict[str, Any]) -> None:
         for unit in self._all_units():
@@ -488,16 +361,15 @@ class SINGD(_LayerwiseOptimizer):
                     f"SINGD: the engine's block of {unit.names[0]} ({new!r}) does not have the "
                     f"expected layout {unit.layout}"
                 )
-            state = self.state[unit.params[0]]
-            (state["K"], state["C"]), (state["m_K"], state["m_C"]) = inverse_free_update(
-                (state["K"], state["C"]),
-                (state["m_K"], state["m_C"]),
+            (k, c), (m_k, m_c) = inverse_free_update(
+                self._factors(unit, "K", "C"),
+                self._factors(unit, "m_K", "m_C"),
                 (new.input_factor.detach(), new.output_factor.detach()),
-                self.structures,
                 self.damping,
                 self.alpha1,
                 self.lr_cov,
             )
+            self._store(unit, K=k, C=c, m_K=m_k, m_C=m_c)
 
     # ----------------------------------------------------------------------------- step
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
@@ -537,12 +409,10 @@ class SINGD(_LayerwiseOptimizer):
         for group, units in zip(self.param_groups, self._units, strict=True):
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for unit in units:
-                state = self.state[unit.params[0]]
                 grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in unit.params]
                 matrix = unit.layout.to_matrix(grads, 0)
-                directions = unit.layout.from_matrix(
-                    precondition(state["K"], state["C"], matrix), 0
-                )
+                k, c = self._factors(unit, "K", "C")
+                directions = unit.layout.from_matrix(precondition(k, c, matrix), 0)
                 for p, d in zip(unit.params, directions, strict=True):
                     d = parts.with_weight_decay(d, p, decay)
                     buffer = parts.momentum_direction(
