@@ -215,6 +215,82 @@ class ParamDerivatives:
             return self._single_scaled("sq_norm_jac_t", source, 2)
         return self.jac_t(source).flatten(start_dim=2).square().sum(-1)
 
+    def factored(self) -> bool:
+        r"""Whether the per-sample VJPs are outer products (:meth:`Rule.factored_per_sample`).
+
+        ``True`` only for a single call whose rule says so (a ``Linear`` layer without
+        positions): then :meth:`sq_norm`, :meth:`gram`, :meth:`dot` and :meth:`sample` never
+        form ``[M, N, *p]``.
+        """
+        if not self.uses or not self._single_call():
+            return False
+        owner = self.uses[0][0]
+        return owner.rule.factored_per_sample(owner.module, owner.calls[0])
+
+    def gram(self, source: Source) -> Tensor:
+        r"""Gram matrix of the VJPs :math:`\langle J_n^\top F_{mn}, J_{n'}^\top F_{m'n'} \rangle`.
+
+        ``[M, N, M, N]``, by the rule's :meth:`~curvlab.backprop.rules.base.Rule.gram` (factored
+        where it has a factored form) for a single call, from the summed VJPs otherwise.
+        """
+        if not self.uses:
+            m, n = self._columns(source), self.num_samples
+            return self.param.new_zeros(m, n, m, n)
+        if self._single_call():
+            return self._single_scaled("gram", source, 2)
+        vjp = self.jac_t(source).flatten(start_dim=2)
+        return torch.einsum("mnp,kqp->mnkq", vjp, vjp)
+
+    def dot(self, source: Source, vectors: Tensor) -> Tensor:
+        r"""Per-sample dot products :math:`\langle J_n^\top F_{mn}, v_k \rangle = \langle F_{mn}, J_n v_k \rangle`.
+
+        Through the rules' :meth:`~curvlab.backprop.rules.base.Rule.jvp` (for a ``Linear`` layer
+        one product of the inputs with :math:`v_k`, for a convolution one convolution of the
+        inputs with :math:`v_k` as its weight): no ``[M, N, *p]`` tensor. Reads the stored
+        factors and inputs without consuming them, so it may run after the pass, as long as
+        they are kept (e.g. by a quantity's partial value).
+
+        Args:
+            source: The factor.
+            vectors: ``[K, *p]``.
+
+        Returns:
+            ``[M, N, K]``.
+        """
+        source = as_source(source)
+        k = vectors.shape[0]
+        out = self.param.new_zeros(self._columns(source), self.num_samples, k)
+        with torch.no_grad():
+            for owner, local in self.uses:
+                for call in owner.calls:
+                    tangents = owner.rule.jvp(owner.module, call, local, vectors)
+                    for f, t in zip(self.factors[source][call], tangents, strict=True):
+                        out += torch.einsum("mn...,kn...->mnk", f, t)
+        return self._scaled(out, 1)
+
+    def sample(self, source: Source, samples: Tensor, elements: Tensor) -> Tensor:
+        r"""Chosen elements :math:`(J_{n_b}^\top F_{m n_b})_{j_b}` of the per-sample VJPs, ``[M, B]``.
+
+        By the rules' :meth:`~curvlab.backprop.rules.base.Rule.sample_jac_t` (``O(M)`` per
+        element for a ``Linear`` layer, a dot over the positions for a convolution), summed
+        over calls. Not cached.
+
+        Args:
+            source: The factor.
+            samples: Sample indices :math:`n_b`, ``[B]``.
+            elements: Flat (row-major) parameter indices :math:`j_b`, ``[B]``.
+        """
+        source = as_source(source)
+        out = self.param.new_zeros(self._columns(source), samples.shape[0])
+        with torch.no_grad():
+            for owner, local in self.uses:
+                for call in owner.calls:
+                    factors = self.factors[source][call]
+                    out += owner.rule.sample_jac_t(
+                        owner.module, call, factors, local, samples, elements
+                    )
+        return self._scaled(out, 1)
+
     def kron_kind(self) -> str:
         """The Kronecker layout of the parameter's rule, or ``"whole"`` (no Kronecker rule)."""
         if not self.uses or any(owner.kron_rule is None for owner, _ in self.uses):

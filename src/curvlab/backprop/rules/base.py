@@ -256,6 +256,44 @@ class Rule:
 
         return vmap(single)(vectors)
 
+    def factored_per_sample(self, module: nn.Module, call: Call) -> bool:
+        r"""Whether the call's per-sample VJPs are outer products :math:`F_{mn} x_n^\top`.
+
+        Then per-sample norms, dot products (:meth:`jvp`) and elements
+        (:meth:`sample_jac_t`) cost :math:`O(N (\text{in} + \text{out}))` or one product of
+        the inputs with a weight-shaped vector, and materialising ``[M, N, *p]`` never pays.
+        Default ``False``.
+        """
+        return False
+
+    def sample_jac_t(
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        name: str,
+        samples: Tensor,
+        elements: Tensor,
+    ) -> Tensor:
+        r"""Chosen elements of the per-sample VJPs, :math:`(J_{n_b}^\top F_{m n_b})_{j_b}`.
+
+        The default forms :meth:`jac_t` (``[M, N, *p]``) and gathers; rules override it with
+        forms that never build the per-sample VJPs.
+
+        Args:
+            module: The module.
+            call: One of its calls.
+            factors: ``[M, N, *out]`` per output tensor.
+            name: The parameter (relative to the module).
+            samples: Sample indices :math:`n_b`, ``[B]`` (``int64``).
+            elements: Flat indices :math:`j_b` into the parameter (row-major), ``[B]``.
+
+        Returns:
+            ``[M, B]``.
+        """
+        vjp = self.jac_t(module, call, factors, [name])[name]
+        return vjp.flatten(start_dim=2)[:, samples, elements]
+
 
 def sandwich(module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor:
     r""":math:`J^\top \bar G J` for the input Jacobian :math:`J` of ``module`` at one sample ``x``.

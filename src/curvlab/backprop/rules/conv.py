@@ -88,6 +88,53 @@ def torch_unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return patches.flatten(start_dim=2)
 
 
+def patch_rows(
+    module: nn.modules.conv._ConvNd,
+    x: Tensor,
+    samples: Tensor,
+    channels: Tensor,
+    offsets: Tensor,
+) -> Tensor:
+    r"""Chosen rows of the unfolded input, :math:`u_{n_b, (c_b, k_b), :}`, without unfolding.
+
+    Gathered from the padded input: row :math:`(c, k)` of sample :math:`n` holds input channel
+    :math:`c` at kernel offset :math:`k` for every output position (``B T`` elements read).
+
+    Args:
+        module: The convolution.
+        x: Input ``[N, in, *spatial]``.
+        samples: :math:`n_b`, ``[B]``.
+        channels: Input channels :math:`c_b` (of all ``in``, not per group), ``[B]``.
+        offsets: Flat kernel offsets :math:`k_b` (row-major over ``kernel_size``), ``[B]``.
+
+    Returns:
+        ``[B, T]``, positions in the order of the convolution's output.
+    """
+    pairs = einconv.padding_pairs(
+        module.padding, module.kernel_size, module.stride, module.dilation
+    )
+    pad = einconv.pad_amounts(pairs)
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    spatial = x.shape[2:]
+    d = len(spatial)
+    flat = [math.prod(spatial[a + 1 :]) for a in range(d)]  # strides of the flat spatial index
+    positions = torch.zeros(1, dtype=torch.long, device=x.device)
+    kernel_base = torch.zeros_like(offsets)
+    remainder = offsets
+    for a in range(d):
+        size = spatial[a] - module.dilation[a] * (module.kernel_size[a] - 1) - 1
+        count = size // module.stride[a] + 1
+        axis = torch.arange(count, device=x.device) * (module.stride[a] * flat[a])
+        positions = (positions[:, None] + axis[None, :]).flatten()
+        inner = math.prod(module.kernel_size[a + 1 :])
+        kernel_base = kernel_base + (remainder // inner) * (module.dilation[a] * flat[a])
+        remainder = remainder % inner
+    planes = x.reshape(-1, math.prod(spatial))  # [N * in, S]
+    return planes[(samples * x.shape[1] + channels)[:, None], kernel_base[:, None] + positions]
+
+
 def _grouped(
     module: nn.modules.conv._ConvNd, call: Call, factors: tuple[Tensor, ...]
 ) -> tuple[Tensor, Tensor]:
@@ -387,6 +434,46 @@ class ConvRule(Rule):
         if "bias" in names:
             out["bias"] = KronSums(None, n if approx == "reduce" else n * t, summed)
         return out
+
+    def jvp(  # noqa: D102
+        self, module: nn.modules.conv._ConvNd, call: Call, name: str, vectors: Tensor
+    ) -> tuple[Tensor, ...]:
+        # J_n v: the convolution of the input with v as its weight (no bias), one per vector;
+        # for the bias, v broadcast over the positions
+        x = call.args[0]
+        if name == "weight":
+            return (torch.stack([module._conv_forward(x, v, None) for v in vectors]),)
+        shape = module._conv_forward(x[:1], module.weight.detach(), None).shape[2:]
+        k = vectors.shape[0]
+        tangent = vectors.reshape(k, 1, -1, *[1] * len(shape))
+        return (tangent.expand(k, x.shape[0], module.out_channels, *shape),)
+
+    def sample_jac_t(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        name: str,
+        samples: Tensor,
+        elements: Tensor,
+    ) -> Tensor:
+        # element (o, c, k) of sample n: sum_t f_{m,n,o,t} u_{n,(c,k),t}, one patch row each
+        f = factors[0]
+        m, n, out_channels = f.shape[0], f.shape[1], module.out_channels
+        f = f.reshape(m, n, out_channels, -1)
+        if name == "bias":
+            return f.sum(-1)[:, samples, elements]
+        per_group, k = module.weight.shape[1], math.prod(module.kernel_size)
+        o = elements // (per_group * k)
+        c = (elements // k) % per_group + (o // (out_channels // module.groups)) * per_group
+        step = max(1, CHUNK_ELEMENTS // max(1, f.shape[-1] * (m + 1)))
+        parts = []
+        for s in range(0, samples.shape[0], step):
+            chunk = slice(s, s + step)
+            rows = patch_rows(module, call.args[0], samples[chunk], c[chunk], elements[chunk] % k)
+            picked = f.permute(1, 2, 0, 3)[samples[chunk], o[chunk]]  # [B, M, T]
+            parts.append(torch.einsum("bmt,bt->mb", picked, rows))
+        return torch.cat(parts, dim=1)
 
     # ------------------------------------------------------------------ input side
     def diag_backprop(  # noqa: D102

@@ -9,6 +9,7 @@ over ``t`` when that is cheaper.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -121,6 +122,27 @@ class LinearRule(Rule):
         if "bias" not in names:
             del out["bias"]
         return out
+
+    def factored_per_sample(self, module: nn.Linear, call: Call) -> bool:  # noqa: D102
+        return math.prod(call.args[0].shape[1:-1]) == 1
+
+    def sample_jac_t(  # noqa: D102
+        self,
+        module: nn.Linear,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        name: str,
+        samples: Tensor,
+        elements: Tensor,
+    ) -> Tensor:
+        # element (o, i) of sample n: sum_t g_{m,n,t,o} x_{n,t,i}, O(M T) each
+        x, g = _flat(module, call, factors)  # [N, T, in], [M, N, T, out]
+        if name == "bias":
+            return g.sum(2)[:, samples, elements]
+        rows, columns = elements // module.in_features, elements % module.in_features
+        picked_g = g.permute(1, 3, 0, 2)[samples, rows]  # [B, M, T]
+        picked_x = x.permute(0, 2, 1)[samples, columns]  # [B, T]
+        return torch.einsum("bmt,bt->mb", picked_g, picked_x)
 
     def jvp(self, module: nn.Linear, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
         x = call.args[0]
