@@ -28,6 +28,8 @@ from curvlab.experiments.config import (
     BUNDLED_DEFAULTS,
     EXPERIMENTS,
     OPTIMIZERS,
+    RACE_MODELS,
+    RACE_OPTIMIZERS,
     ExperimentConfig,
     default_lr,
     make_config,
@@ -35,6 +37,10 @@ from curvlab.experiments.config import (
 
 #: The width study (:mod:`curvlab.experiments.width_scaling`), run by ``curvlab run`` too.
 WIDTH_SCALING = "width-scaling"
+#: The optimizers' time-to-accuracy study (:mod:`curvlab.experiments.optim_race`).
+OPTIM_RACE = "optim-race"
+#: Every optimizer name an experiment takes (the paper's and the race's).
+_ALL_NAMES = ALL_OPTIMIZERS + tuple(o for o in RACE_OPTIMIZERS if o not in ALL_OPTIMIZERS)
 
 #: The defaults of every setting on the full datasets.
 _DEFAULTS = {
@@ -111,9 +117,9 @@ def _rates(text: str) -> dict[str, float]:
     rates = {}
     for item in text.split(","):
         name, sep, value = item.strip().partition("=")
-        if not sep or name not in ALL_OPTIMIZERS:
+        if not sep or name not in _ALL_NAMES:
             raise argparse.ArgumentTypeError(
-                f"expected NAME=VALUE pairs with NAME in {ALL_OPTIMIZERS}, got {item!r}"
+                f"expected NAME=VALUE pairs with NAME in {_ALL_NAMES}, got {item!r}"
             )
         try:
             rates[name] = float(value)
@@ -131,7 +137,7 @@ def _add_config_arguments(p: argparse.ArgumentParser, extra: tuple[str, ...] = (
         "experiment",
         choices=EXPERIMENTS + extra,
         help="named after the paper's figures"
-        + (f"; {', '.join(extra)}: see docs/ntk.md" if extra else "")
+        + (f"; {', '.join(extra)}: see docs/ntk.md and docs/optim_race.md" if extra else "")
         + " (required)",
     )
     p.add_argument(
@@ -456,6 +462,19 @@ def _add_width_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_race_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models",
+        type=_csv(
+            str,
+            f"a comma-separated subset of {','.join(RACE_MODELS)}",
+            lambda v: v in RACE_MODELS,
+        ),
+        metavar="LIST",
+        help=f"optim-race only: the models (default: {','.join(RACE_MODELS)})",
+    )
+
+
 def _cmd_width_scaling(args: argparse.Namespace) -> int:
     """``curvlab run width-scaling``: the width study (docs/ntk.md)."""
     from curvlab.experiments.width_scaling import (
@@ -465,7 +484,9 @@ def _cmd_width_scaling(args: argparse.Namespace) -> int:
     )
 
     given = [
-        name for name in (*_NOT_WIDTH_OPTIONS, "monitor") if getattr(args, name, None) is not None
+        name
+        for name in (*_NOT_WIDTH_OPTIONS, "monitor", "models")
+        if getattr(args, name, None) is not None
     ]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -492,16 +513,74 @@ def _cmd_width_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The paper's settings that ``optim-race`` takes (it has its own models and optimizers).
+_RACE_OPTIONS = (
+    "data_path",
+    "seeds",
+    "steps",
+    "epochs",
+    "batch_size",
+    "hidden",
+    "depth",
+    "evals_per_epoch",
+    "eval_train_size",
+    "validation",
+    "device",
+    "diverge_factor",
+    "optimizers",
+)
+
+
+def _race(args: argparse.Namespace, out: Path | None = None, **extra):
+    """The :class:`~curvlab.experiments.optim_race.OptimRace` of ``curvlab run/sweep optim-race``.
+
+    Raises:
+        ValueError: an option of the paper's experiments or of width-scaling was given, or a
+            setting is out of range (the message names it).
+    """
+    from curvlab.experiments.optim_race import OptimRace, make_race_config
+
+    other = [n for n in _CONFIG_OPTIONS if n not in _RACE_OPTIONS] + ["monitor", *_WIDTH_OPTIONS]
+    given = [name for name in other if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"optim-race: {flags} belong to the other experiments")
+    values = {name: getattr(args, name, None) for name in _RACE_OPTIONS}
+    values.update(dataset=args.dataset, models=getattr(args, "models", None), **extra)
+    rates = values.pop("lr", None) or getattr(args, "lr", None)
+    config = make_race_config(lr=rates, **values)
+    out = Path(out or args.out or f"runs/optim-race-{config.dataset}")
+    return OptimRace(config, out, progress=not args.no_progress)
+
+
+def _cmd_optim_race(args: argparse.Namespace) -> int:
+    """``curvlab run optim-race``: the optimizers' time to accuracy (docs/optim_race.md)."""
+    from curvlab.experiments.optim_race import plot_race
+
+    race = _race(args)
+    print(f"curvlab run optim-race on {race.config.dataset} -> {race.store.path}")
+    race.run()
+    _print_summary(race.store.folder)
+    if not args.no_plot:
+        for path in plot_race(race.store.folder):
+            print(f"wrote {path}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from curvlab.experiments.plots import plot_run
     from curvlab.experiments.runner import Runner
 
     if args.experiment == WIDTH_SCALING:
         return _cmd_width_scaling(args)
+    if args.experiment == OPTIM_RACE:
+        return _cmd_optim_race(args)
     given = [name for name in _WIDTH_OPTIONS if getattr(args, name, None) is not None]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ValueError(f"{args.experiment}: {flags} belong to width-scaling")
+    if getattr(args, "models", None) is not None:
+        raise ValueError(f"{args.experiment}: --models belongs to optim-race")
 
     lr = None
     if args.lr:
@@ -530,6 +609,13 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     from curvlab.experiments.plots import NoResultsError
 
     try:
+        if args.at_test_acc is not None:
+            from curvlab.experiments.optim_race import time_to_accuracy_table
+
+            if args.at_train_loss is not None:
+                raise ValueError("give --at-train-loss or --at-test-acc, not both")
+            print(time_to_accuracy_table([Path(f) for f in args.folder], args.at_test_acc))
+            return 0
         _print_summary([Path(f) for f in args.folder], args.at_train_loss)
     except NoResultsError as error:
         print(f"curvlab summary: {error}", file=sys.stderr)
@@ -570,18 +656,27 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/sweep-{args.experiment}-{args.dataset}-{args.optimizer}")
     damping_field = "gn_output_damping" if args.ce_hessian == "exact" else "gn_damping"
-    rank_by = args.rank_by or ("val_loss" if args.validation else "train_loss")
-    if rank_by == "val_loss" and not args.validation:
+    validation = args.validation
+    if validation is None and args.experiment == OPTIM_RACE:
+        validation = 1  # the race holds out a validation split by default
+    rank_by = args.rank_by or ("val_loss" if validation else "train_loss")
+    if rank_by == "val_loss" and not validation:
         raise ValueError("--rank-by val_loss needs --validation N")
+    if args.experiment == OPTIM_RACE and len(args.models or RACE_MODELS) != 1:
+        raise ValueError("sweep optim-race: give one model with --models (rates are per model)")
     rows = []
     for point in _sweep_points(args):
         rate, damping = point["lr"], point["damping"]
-        lr = {"fullbatch": {args.optimizer: rate}, "minibatch": {args.optimizer: rate}}
-        extra = {} if damping is None else {damping_field: damping}
-        config = _config(args, lr=lr, optimizers=(args.optimizer,), **extra)
         name = f"lr={rate:g}" + ("" if damping is None else f",damping={damping:g}")
         folder = out / name
-        Runner(config, folder, progress=not args.no_progress).run()
+        if args.experiment == OPTIM_RACE:
+            lr = {args.optimizer: rate}
+            _race(args, folder, lr=lr, optimizers=(args.optimizer,)).run()
+        else:
+            lr = {"fullbatch": {args.optimizer: rate}, "minibatch": {args.optimizer: rate}}
+            extra = {} if damping is None else {damping_field: damping}
+            config = _config(args, lr=lr, optimizers=(args.optimizer,), **extra)
+            Runner(config, folder, progress=not args.no_progress).run()
         for row in summary(folder):
             rows.append({"lr": rate, "damping": damping, **row})
             shown = "" if row.get("val_loss") is None else f", val loss {row['val_loss']:.4f}"
@@ -638,18 +733,20 @@ def build_parser() -> argparse.ArgumentParser:
         "continues a killed run; more --steps, --epochs, --optimizers or --seeds extend a "
         "finished one.",
     )
-    _add_config_arguments(run, (WIDTH_SCALING,))
+    _add_config_arguments(run, (WIDTH_SCALING, OPTIM_RACE))
     _add_width_arguments(run)
+    _add_race_arguments(run)
     run.add_argument(
         "--optimizers",
         type=_csv(
             str,
-            f"a comma-separated subset of {','.join(ALL_OPTIMIZERS)}",
-            lambda v: v in ALL_OPTIMIZERS,
+            f"a comma-separated subset of {','.join(_ALL_NAMES)}",
+            lambda v: v in _ALL_NAMES,
         ),
         metavar="LIST",
         help=f"optimizers to run, one after the other (default: {','.join(OPTIMIZERS)}; ntk-cka: "
-        "gn-right-inverse,gn-pinv,gn-paper,adam,sgd; gn-SCHEME is ExactGN with that scheme)",
+        "gn-right-inverse,gn-pinv,gn-paper,adam,sgd; gn-SCHEME is ExactGN with that scheme; "
+        f"optim-race: {','.join(RACE_OPTIMIZERS)})",
     )
     run.add_argument(
         "--lr",
@@ -687,6 +784,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare every run where its training loss first reaches X (interpolated "
         "between evaluations) instead of at its last evaluation (default: last evaluation)",
     )
+    summ.add_argument(
+        "--at-test-acc",
+        dest="at_test_acc",
+        type=_float_type("a test accuracy in [0, 1]", lambda v: 0 <= v <= 1),
+        metavar="A",
+        help="optim-race: updates and training seconds until the test accuracy first reaches A "
+        "(interpolated between evaluations), with the final test accuracy, per model and "
+        "optimizer (default: none)",
+    )
     summ.set_defaults(func=_cmd_summary)
 
     export = sub.add_parser(
@@ -706,8 +812,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="One run per grid point in OUT/lr=X[,damping=Y]; the best by the final "
         "validation loss (with --validation N: never the test set) or else the training loss.",
     )
-    _add_config_arguments(sweep)
-    sweep.add_argument("--optimizer", required=True, choices=ALL_OPTIMIZERS, help="(required)")
+    _add_config_arguments(sweep, (OPTIM_RACE,))
+    _add_race_arguments(sweep)
+    sweep.add_argument(
+        "--optimizer",
+        required=True,
+        choices=_ALL_NAMES,
+        help=f"optim-race takes {', '.join(RACE_OPTIMIZERS)} (required)",
+    )
     sweep.add_argument(
         "--lrs",
         required=True,

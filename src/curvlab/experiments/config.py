@@ -20,6 +20,18 @@ OPTIMIZERS = ("gn", "adam", "sgd")
 GN_VARIANTS = ("gn-right-inverse", "gn-pinv", "gn-paper")
 ALL_OPTIMIZERS = OPTIMIZERS + GN_VARIANTS
 NTK_MODES = ("full", "trace", "diagonal")
+#: ``curvlab run optim-race`` (:mod:`curvlab.experiments.optim_race`): its models and optimizers.
+RACE_MODELS = ("cnn", "revmlp")
+RACE_OPTIMIZERS = (
+    "sgd",
+    "adam",
+    "kfac",
+    "singd-dense",
+    "singd-diagonal",
+    "rootfree-adam",
+    "ifshampoo",
+    "adahesscale",
+)
 #: Seed of the validation split (:attr:`ExperimentConfig.validation`): one split for every run.
 VALIDATION_SEED = 20240
 
