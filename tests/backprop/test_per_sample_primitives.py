@@ -124,3 +124,44 @@ def test_factored_only_for_linear_layers_without_positions():
     assert all(factored["mlp"].values())
     assert factored["linear-positions"] == {"0.weight": False, "3.weight": True}
     assert not any(factored["conv2d"][k] for k in ("0.weight", "2.weight"))
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_sample_block_is_a_sub_block_of_each_chosen_sample(name):
+    model, loss_func, x, y, params, per_sample = setup(name)
+    gen = torch.Generator().manual_seed(4)
+    picks = {}
+    for key, p in params.items():
+        first, rest = p.shape[0], p.numel() // p.shape[0]
+        samples = torch.randint(0, N, (3,), generator=gen)
+        rows = torch.randint(0, first, (3, 2), generator=gen)
+        picks[key] = (samples, rows, torch.randint(0, rest, (3, 4), generator=gen))
+    probe = Probe(lambda view: view.sample_block(GRAD, *picks[view.name]))
+    results = compute(model, loss_func, x, y, [probe])["Probe"]
+    for key, value in results.items():
+        samples, rows, columns = picks[key]
+        matrix = per_sample[key].reshape(N, params[key].shape[0], -1)
+        want = torch.stack(
+            [matrix[n][rows[s]][:, columns[s]] for s, n in enumerate(samples.tolist())]
+        )
+        torch.testing.assert_close(value[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_sample_block_of_a_grouped_convolution():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 9, 3)).double()
+    x = torch.randn(N, 4, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,))
+    loss_func = nn.CrossEntropyLoss()
+    grads = reference.per_sample_gradients(model, loss_func, x, y)[:, : 6 * 2 * 9]
+    samples, rows, columns = torch.tensor([0, 3]), torch.tensor([[1, 5], [4, 0]]), torch.arange(18)
+    columns = columns.expand(2, 18)
+    probe = Probe(
+        lambda view: (
+            view.sample_block(GRAD, samples, rows, columns) if view.name == "0.weight" else 0
+        )
+    )
+    value = compute(model, loss_func, x, y, [probe])["Probe"]["0.weight"]
+    matrix = grads.reshape(N, 6, 18)
+    want = torch.stack([matrix[n][rows[s]] for s, n in enumerate(samples.tolist())])
+    torch.testing.assert_close(value[0], want, rtol=1e-10, atol=1e-12)

@@ -291,6 +291,33 @@ class ParamDerivatives:
                     )
         return self._scaled(out, 1)
 
+    def sample_block(
+        self, source: Source, samples: Tensor, rows: Tensor, columns: Tensor
+    ) -> Tensor:
+        r"""Per-sample sub-blocks of the VJPs viewed as ``[p_0, p / p_0]``, ``[M, S, R, C]``.
+
+        By the rules' :meth:`~curvlab.backprop.rules.base.Rule.sample_block_jac_t` (for a
+        ``Linear`` layer the outer product of ``R`` output gradients and ``C`` inputs per
+        sample; for a convolution ``C`` gathered patch rows per sample), summed over calls.
+
+        Args:
+            source: The factor.
+            samples: :math:`n_s`, ``[S]``.
+            rows: Row indices per chosen sample, ``[S, R]``.
+            columns: Column indices per chosen sample, ``[S, C]``.
+        """
+        source = as_source(source)
+        s, r, c = samples.shape[0], rows.shape[1], columns.shape[1]
+        out = self.param.new_zeros(self._columns(source), s, r, c)
+        with torch.no_grad():
+            for owner, local in self.uses:
+                for call in owner.calls:
+                    factors = self.factors[source][call]
+                    out += owner.rule.sample_block_jac_t(
+                        owner.module, call, factors, local, samples, rows, columns
+                    )
+        return self._scaled(out, 1)
+
     def kron_kind(self) -> str:
         """The Kronecker layout of the parameter's rule, or ``"whole"`` (no Kronecker rule)."""
         if not self.uses or any(owner.kron_rule is None for owner, _ in self.uses):

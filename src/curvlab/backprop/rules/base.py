@@ -294,6 +294,43 @@ class Rule:
         vjp = self.jac_t(module, call, factors, [name])[name]
         return vjp.flatten(start_dim=2)[:, samples, elements]
 
+    def sample_block_jac_t(
+        self,
+        module: nn.Module,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        name: str,
+        samples: Tensor,
+        rows: Tensor,
+        columns: Tensor,
+    ) -> Tensor:
+        r"""A sub-block of each chosen sample's VJP, :math:`(J_{n_s}^\top F_{m n_s})_{r_{si}, c_{sj}}`.
+
+        The parameter is viewed as a matrix ``[p_0, p / p_0]`` (its first dimension against the
+        rest; a vector as ``[p_0, 1]``). Per chosen sample :math:`n_s`, the rows
+        :math:`r_{s\cdot}` and columns :math:`c_{s\cdot}` of its block: ``S R + S C`` indices
+        for ``S R C`` elements (an outer product for a ``Linear`` layer). The default forms
+        :meth:`jac_t` and gathers.
+
+        Args:
+            module: The module.
+            call: One of its calls.
+            factors: ``[M, N, *out]`` per output tensor.
+            name: The parameter (relative to the module).
+            samples: :math:`n_s`, ``[S]``.
+            rows: ``[S, R]``.
+            columns: ``[S, C]``.
+
+        Returns:
+            ``[M, S, R, C]``.
+        """
+        vjp = self.jac_t(module, call, factors, [name])[name]
+        m, n = vjp.shape[:2]
+        matrix = vjp.reshape(m, n, vjp.shape[2], -1)[:, samples]  # [M, S, p_0, p / p_0]
+        s, r, c = rows.shape[0], rows.shape[1], columns.shape[1]
+        picked = matrix.gather(2, rows[None, :, :, None].expand(m, s, r, matrix.shape[-1]))
+        return picked.gather(3, columns[None, :, None, :].expand(m, s, r, c))
+
 
 def sandwich(module: nn.Module, x: Tensor, g_bar: Tensor) -> Tensor:
     r""":math:`J^\top \bar G J` for the input Jacobian :math:`J` of ``module`` at one sample ``x``.

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
+from curvlab.backprop.rules.conv_factor import expand_input_sum, shifted_products_apply
 from curvlab.linalg.gram import gram
 from curvlab.nn import einconv
 
@@ -475,6 +476,44 @@ class ConvRule(Rule):
             parts.append(torch.einsum("bmt,bt->mb", picked, rows))
         return torch.cat(parts, dim=1)
 
+    def sample_block_jac_t(  # noqa: D102
+        self,
+        module: nn.modules.conv._ConvNd,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        name: str,
+        samples: Tensor,
+        rows: Tensor,
+        columns: Tensor,
+    ) -> Tensor:
+        # rows are output channels, columns (c, k) pairs: sum_t f_{m,n,o,t} u_{n,(c,k),t}
+        if module.groups != 1 and name == "weight":  # the column's channel depends on the row
+            return super().sample_block_jac_t(module, call, factors, name, samples, rows, columns)
+        f = factors[0]
+        m, n = f.shape[:2]
+        f = f.reshape(m, n, module.out_channels, -1)
+        s, r = rows.shape
+        t = f.shape[-1]
+        picked = f[:, samples].gather(2, rows[None, :, :, None].expand(m, s, r, t))
+        if name == "bias":
+            return picked.sum(-1).unsqueeze(-1)  # [M, S, R, 1]
+        k = math.prod(module.kernel_size)
+        c = columns.shape[1]
+        step = max(1, CHUNK_ELEMENTS // max(1, c * t + m * r * t))
+        parts = []
+        for a in range(0, s, step):
+            chunk = slice(a, a + step)
+            cols = columns[chunk]
+            patch = patch_rows(
+                module,
+                call.args[0],
+                samples[chunk].repeat_interleave(c),
+                (cols // k).flatten(),
+                (cols % k).flatten(),
+            ).reshape(cols.shape[0], c, t)
+            parts.append(torch.einsum("msrt,sct->msrc", picked[:, chunk], patch))
+        return torch.cat(parts, dim=1)
+
     # ------------------------------------------------------------------ input side
     def diag_backprop(  # noqa: D102
         self,
@@ -512,6 +551,13 @@ def _expand_input_sum(module: nn.modules.conv._ConvNd, x: Tensor, n: int, t: int
     r""":math:`\sum_{n,t} u_{nt} u_{nt}^\top` ``[in*K, in*K]`` (``[G, ...]`` if grouped)."""
     g = module.groups
     arguments = _einconv_arguments(module)
+    if arguments is not None and shifted_products_apply(
+        module.in_channels, g, module.stride, module.kernel_size
+    ):  # stride 1: shifted channel products, never the unfolded input (conv_factor.py)
+        pairs = einconv.padding_pairs(
+            module.padding, module.kernel_size, module.stride, module.dilation
+        )
+        return expand_input_sum(x, module.kernel_size, pairs, module.dilation)
     if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy)
         return einconv.kfac_expand_factor(x, **arguments, reduction="sum")
     u = torch_unfold(module, x)  # [N, in * K, T]

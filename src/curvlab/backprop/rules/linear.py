@@ -140,9 +140,31 @@ class LinearRule(Rule):
         if name == "bias":
             return g.sum(2)[:, samples, elements]
         rows, columns = elements // module.in_features, elements % module.in_features
+        if x.shape[1] == 1:  # no positions: one product per element
+            return g[:, samples, 0, rows] * x[samples, 0, columns]
         picked_g = g.permute(1, 3, 0, 2)[samples, rows]  # [B, M, T]
         picked_x = x.permute(0, 2, 1)[samples, columns]  # [B, T]
         return torch.einsum("bmt,bt->mb", picked_g, picked_x)
+
+    def sample_block_jac_t(  # noqa: D102
+        self,
+        module: nn.Linear,
+        call: Call,
+        factors: tuple[Tensor, ...],
+        name: str,
+        samples: Tensor,
+        rows: Tensor,
+        columns: Tensor,
+    ) -> Tensor:
+        # sum_t g_{m,n,t,rows} x_{n,t,columns}: an outer product per sample when T = 1
+        x, g = _flat(module, call, factors)  # [N, T, in], [M, N, T, out]
+        m, t = g.shape[0], g.shape[2]
+        s, r = rows.shape
+        picked_g = g[:, samples].gather(3, rows[None, :, None, :].expand(m, s, t, r))
+        if name == "bias":
+            return picked_g.sum(2).unsqueeze(-1)  # [M, S, R, 1]
+        picked_x = x[samples].gather(2, columns[:, None, :].expand(s, t, columns.shape[1]))
+        return torch.einsum("mstr,stc->msrc", picked_g, picked_x)
 
     def jvp(self, module: nn.Linear, call: Call, name: str, vectors: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
         x = call.args[0]
