@@ -14,6 +14,8 @@ import torch
 from curvlab.distributed import (
     DataParallelPreconditioner,
     all_reduce_bucketed,
+    assign_by_cost,
+    eigh_cost,
     flatten,
     make_buckets,
     reduce_results,
@@ -55,7 +57,7 @@ def launched(tmp_path_factory):
 @pytest.mark.parametrize("case", worker.CASES)
 def test_two_ranks_take_the_whole_batch_step(launched, case):
     reference = worker.run_case(case)
-    initial = list(worker.model("conv" in case).parameters())
+    initial = list(worker.model("conv" in case, deep="deep" in case).parameters())
     for got, want, start in zip(launched[case], reference, initial, strict=True):
         assert not torch.allclose(want, start)  # the steps moved the parameters
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -70,18 +72,34 @@ def test_mc_fisher_ranks_sample_apart_but_step_together(launched):
     assert not torch.allclose(rank0, single)  # other labels sampled: equal in distribution only
 
 
-def test_reduce_results_sums_and_per_sample(launched):
+@pytest.mark.parametrize("split", ["results", "uneven"])
+def test_reduce_results_sums_variance_and_per_sample(launched, split):
+    """Equal halves, and shards of 5 and 3 samples: the whole batch's quantities."""
     reference = worker.results()
-    got = launched["results"]
+    got = launched[split]
     assert set(got) == set(reference)
     for q in reference:
         for name, value in reference[q].items():
             torch.testing.assert_close(got[q][name], value, rtol=1e-10, atol=1e-12)
-    assert got["BatchGrad"]["0.weight"].shape[0] == 8  # gathered over both halves
+    assert got["BatchGrad"]["0.weight"].shape[0] == 8  # gathered over both shards
+    assert got["SqrtGGN"]["0.weight"].shape[1] == 8  # gathered along its sample axis
+
+
+def test_variance_is_not_the_mean_of_the_ranks_variances():
+    """The check above has teeth: averaging the halves' variances gives another value."""
+    x, y = worker.data(0)
+    quantity = worker.Variance()
+    halves = [
+        worker.compute(worker.model(), worker.LOSS, x[s], y[s], [quantity])
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    mean = (halves[0][quantity]["0.weight"] + halves[1][quantity]["0.weight"]) / 2
+    whole = worker.compute(worker.model(), worker.LOSS, x, y, [quantity])[quantity]["0.weight"]
+    assert not torch.allclose(mean, whole, rtol=1e-3)
 
 
 def test_reduce_results_names_the_unknown_quantity(launched):
-    assert "Variance" in launched["error"] and "no known reduction" in launched["error"]
+    assert "GGNMP" in launched["error"] and "no known reduction" in launched["error"]
 
 
 def test_make_buckets_respects_size_order_and_dtype():
@@ -117,3 +135,38 @@ def test_clear_errors_without_process_group():
         all_reduce_bucketed([torch.zeros(1)])
     with pytest.raises(RuntimeError, match="DataParallelPreconditioner"):
         DataParallelPreconditioner(KFAC(model, loss_func=worker.LOSS))
+
+
+# ------------------------------------------------------------ KFAC's inverses by their cost
+def test_assignment_is_greedy_largest_first():
+    assert assign_by_cost([8, 7, 6, 5, 4], 2) == [0, 1, 1, 0, 0]  # loads 17 and 13
+    assert assign_by_cost([1, 2, 3], 1) == [0, 0, 0]
+    assert assign_by_cost([3, 1], 4) == [0, 1]  # more ranks than blocks: one block each
+    with pytest.raises(ValueError, match="world_size"):
+        assign_by_cost([1.0], 0)
+
+
+def _loads(owners, costs, world):
+    loads = [0.0] * world
+    for owner, cost in zip(owners, costs, strict=True):
+        loads[owner] += cost
+    return loads
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_assignment_of_3c3d_blocks_is_balanced(world):
+    """3C3D's joint blocks (a, b): the cost-balanced loads beat round-robin's."""
+    dims = [(76, 64), (577, 96), (865, 128), (1153, 512), (513, 256), (257, 10)]
+    costs = [float(a) ** 3 + float(b) ** 3 for a, b in dims]
+    loads = _loads(assign_by_cost(costs, world), costs, world)
+    round_robin = _loads([i % world for i in range(len(costs))], costs, world)
+    bound = max(sum(costs) / world, max(costs))  # no assignment does better
+    assert max(loads) <= 4 / 3 * bound  # the longest-processing-time guarantee
+    assert max(loads) - min(loads) <= max(costs)
+    assert max(loads) <= max(round_robin)
+
+
+def test_eigh_cost_is_the_cubes_of_both_factors():
+    block = worker.compute(worker.model(), worker.LOSS, *worker.data(0), [worker.KFLR()])
+    kron = block[worker.KFLR()]["0.weight"]  # the weight alone: A [1, 5, 5], B [1, 4, 4]
+    assert eigh_cost(kron) == 5**3 + 4**3

@@ -14,12 +14,17 @@ import torch.distributed as dist
 from torch import nn
 
 from curvlab.backprop import (
+    GGNMP,
     KFLR,
+    BatchDiagGGN,
+    BatchDiagHessian,
     BatchGrad,
     BatchL2,
     DiagGGN,
+    DiagHessian,
     HesScale,
     KFACEmpirical,
+    SqrtGGN,
     SumGradSquared,
     Variance,
     compute,
@@ -38,6 +43,8 @@ CASES = (
     "adahesscale",
     "kfac-conv-expand",
     "kfac-conv-reduce",
+    "kfac-deep",
+    "singd-structured",
 )
 MC_CASE = "kfac-mc"  # per-rank generators: the ranks agree with each other, not with 1 process
 QUANTITIES = (
@@ -48,11 +55,21 @@ QUANTITIES = (
     KFACEmpirical(),
     BatchGrad(),
     BatchL2(),
+    Variance(),
+    DiagHessian(),
+    BatchDiagGGN(),
+    BatchDiagHessian(),
+    SqrtGGN(),
 )
+UNEVEN = 5  # rank 0's share of the 8 samples in the uneven results (rank 1: 3)
 
 
-def model(conv: bool = False) -> nn.Module:
+def model(conv: bool = False, deep: bool = False) -> nn.Module:
     torch.manual_seed(0)
+    if deep:  # blocks of unequal cost: the spread of the inverses is by cost, not round-robin
+        sizes = [(5, 16), (16, 4), (4, 8), (8, 3)]
+        layers = [m for a, b in sizes for m in (nn.Linear(a, b), nn.Tanh())][:-1]
+        return nn.Sequential(*layers).double()
     if conv:  # weight sharing over 3 x 3 positions: input_count = N T for expand
         layers = [nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)]
         return nn.Sequential(*layers).double()
@@ -88,6 +105,11 @@ def optimizer(case: str, net: nn.Module) -> torch.optim.Optimizer:
         )
     if case == "singd":
         return SINGD(net, lr=0.1, loss_func=LOSS, update_interval=1, structure="dense")
+    if case == "singd-structured":
+        structure = ("triu_toeplitz", "block_diagonal")
+        return SINGD(
+            net, lr=0.1, loss_func=LOSS, update_interval=1, structure=structure, block_size=2
+        )
     if case == "adahesscale":
         return AdaHesScale(net, lr=0.01, loss_func=LOSS)
     if case == "ifshampoo":
@@ -98,7 +120,7 @@ def optimizer(case: str, net: nn.Module) -> torch.optim.Optimizer:
 def run_case(case: str) -> list[torch.Tensor]:
     """``STEPS`` steps of ``case`` on this rank's shard; the final parameters."""
     conv = "conv" in case
-    net = model(conv)
+    net = model(conv, deep="deep" in case)
     opt = optimizer(case, net)
     forward: nn.Module = net
     if dist.is_initialized():
@@ -107,6 +129,8 @@ def run_case(case: str) -> list[torch.Tensor]:
         ddp = case == "kfac-ddp"
         forward = nn.parallel.DistributedDataParallel(net) if ddp else net
         opt = DataParallelPreconditioner(opt, model=forward, bucket_bytes=64)  # type: ignore[assignment]
+        patched = [k for k in vars(opt.optimizer) if k.startswith("_update")]  # type: ignore[attr-defined]
+        assert not patched, f"private methods patched: {patched}"  # only the public hooks
     for step in range(STEPS):
         x, y = (shard(t) for t in data(step, conv=conv))
 
@@ -120,9 +144,16 @@ def run_case(case: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
-def results() -> dict[str, dict[str, torch.Tensor]]:
+def uneven(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's first :data:`UNEVEN` samples, rank 1's the rest (all without a process group)."""
+    if not dist.is_initialized():
+        return t
+    return t[:UNEVEN] if dist.get_rank() == 0 else t[UNEVEN:]
+
+
+def results(split=shard) -> dict[str, dict[str, torch.Tensor]]:
     """The engine's quantities of this rank's shard (reduced over the ranks if distributed)."""
-    x, y = (shard(t) for t in data(0))
+    x, y = (split(t) for t in data(0))
     res = compute(model(), LOSS, x, y, QUANTITIES)
     if dist.is_initialized():
         from curvlab.distributed import reduce_results
@@ -136,12 +167,12 @@ def results() -> dict[str, dict[str, torch.Tensor]]:
 
 
 def unknown_quantity_error() -> str:
-    """The message of :func:`reduce_results` on a quantity it cannot reduce (Variance)."""
+    """The message of :func:`reduce_results` on a quantity it cannot reduce (GGNMP)."""
     from curvlab.distributed import reduce_results
 
     x, y = (shard(t) for t in data(0))
     try:
-        reduce_results(compute(model(), LOSS, x, y, [Variance()]))
+        reduce_results(compute(model(), LOSS, x, y, [GGNMP()]))
     except ValueError as error:
         return str(error)
     return ""
@@ -151,6 +182,7 @@ def main(path: str) -> None:
     dist.init_process_group("gloo")
     out = {case: run_case(case) for case in CASES}
     out["results"] = results()  # type: ignore[assignment]
+    out["uneven"] = results(uneven)  # type: ignore[assignment]
     out["error"] = unknown_quantity_error()  # type: ignore[assignment]
     flat = torch.cat([p.reshape(-1) for p in run_case(MC_CASE)])
     ranks = [torch.empty_like(flat) for _ in range(dist.get_world_size())]

@@ -10,6 +10,7 @@ from curvlab.distributed.buckets import (
     make_buckets,
     unflatten,
 )
+from curvlab.distributed.inverses import assign_by_cost, eigh_cost, spread_inverses
 from curvlab.distributed.preconditioner import DataParallelPreconditioner
 from curvlab.distributed.reduce import reduce_kron_blocks, reduce_results
 
@@ -17,9 +18,12 @@ __all__ = [
     "DEFAULT_BUCKET_BYTES",
     "DataParallelPreconditioner",
     "all_reduce_bucketed",
+    "assign_by_cost",
+    "eigh_cost",
     "flatten",
     "make_buckets",
     "reduce_kron_blocks",
     "reduce_results",
+    "spread_inverses",
     "unflatten",
 ]

@@ -8,9 +8,14 @@ process on the whole batch:
 * the Kronecker statistics of KFAC and SINGD are all-reduced, bucketed, by
   :func:`~curvlab.distributed.reduce.reduce_kron_blocks` before they enter the running average;
 * AdaHesScale's Hessian diagonals (degree 1 in the batch factor) are averaged over the
-  ranks (bucketed), through its ``_reduce_statistics`` hook;
-* KFAC's eigendecompositions are spread over the ranks round-robin (block :math:`i` on rank
-  :math:`i \bmod W`) and broadcast from their owner.
+  ranks (bucketed);
+* KFAC's eigendecompositions are spread over the ranks by their cost (largest first, to the
+  least loaded rank: :func:`~curvlab.distributed.inverses.assign_by_cost`) and broadcast,
+  bucketed, from their owners (:func:`~curvlab.distributed.inverses.spread_inverses`).
+
+All of it goes through the optimizers' public hooks (:mod:`curvlab.optim.hooks`):
+``register_statistics_hook`` for the statistics, KFAC's ``register_inverse_hook`` for the
+decompositions; :meth:`DataParallelPreconditioner.remove` unregisters them.
 
 Gradient-only methods (RootFreeAdam, IFShampoo: their statistics are functions of the
 averaged gradient) need only the first point. MC Fisher sampling stays per rank: seed each
@@ -26,13 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from curvlab.backprop import KronFactors
 from curvlab.distributed.buckets import (
     DEFAULT_BUCKET_BYTES,
     all_reduce_bucketed,
     require_initialized,
 )
+from curvlab.distributed.inverses import spread_inverses
 from curvlab.distributed.reduce import reduce_kron_blocks
-from curvlab.optim import parts
 
 
 class DataParallelPreconditioner:
@@ -46,7 +52,8 @@ class DataParallelPreconditioner:
         group: The process group (``None``: the default one).
         bucket_bytes: The bucket size of the all-reduces.
         average_gradients: Average the gradients here (default: unless ``model`` is DDP).
-        spread_inverses: Spread KFAC's eigendecompositions over the ranks (default ``True``).
+        spread_inverses: Spread KFAC's eigendecompositions over the ranks by their cost and
+            broadcast them (default ``True``; ``False``: every rank decomposes every block).
 
     Raises:
         RuntimeError: If the process group is not initialised.
@@ -69,44 +76,33 @@ class DataParallelPreconditioner:
         self.average_gradients = not ddp if average_gradients is None else average_gradients
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if hasattr(optimizer, "_update_factors"):  # KFAC, SINGD: Kronecker statistics
-            update = optimizer._update_factors
-            optimizer._update_factors = lambda results: update(  # type: ignore[method-assign]
-                reduce_kron_blocks(results, group, bucket_bytes)
-            )
-        if hasattr(optimizer, "_reduce_statistics"):  # AdaHesScale: a diagonal per parameter
-            optimizer._reduce_statistics = self._average_statistics  # type: ignore[method-assign]
-        if spread_inverses and hasattr(optimizer, "_update_inverses"):  # KFAC
-            optimizer._update_inverses = self._update_inverses  # type: ignore[method-assign]
+        self.handles: list[Any] = []
+        if hasattr(optimizer, "register_statistics_hook"):  # KFAC, SINGD, AdaHesScale
+            self.handles.append(optimizer.register_statistics_hook(self._reduce_statistics))
+        if spread_inverses and hasattr(optimizer, "register_inverse_hook"):  # KFAC
+            self.handles.append(optimizer.register_inverse_hook(self._spread_inverses))
 
-    def _average_statistics(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        r"""The mean over the ranks, :math:`\frac1W \sum_k D_k` (a mean loss, equal shards)."""
-        names = list(values)
-        reduced = all_reduce_bucketed([values[k] for k in names], self.group, self.bucket_bytes)
+    def remove(self) -> None:
+        """Unregister the hooks from the optimizer (it then runs on its own again)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _reduce_statistics(self, optimizer: Any, statistics: dict[str, Any]) -> dict[str, Any]:
+        r"""Kronecker blocks: :func:`reduce_kron_blocks`; diagonals: :math:`\frac1W \sum_k D_k`.
+
+        The mean of the diagonals is that of the whole batch for a mean loss on equal shards.
+        """
+        if statistics and all(isinstance(v, KronFactors) for v in statistics.values()):
+            return reduce_kron_blocks(statistics, self.group, self.bucket_bytes)
+        names = list(statistics)
+        tensors = [statistics[k] for k in names]
+        reduced = all_reduce_bucketed(tensors, self.group, self.bucket_bytes)
         return {k: v / self.world_size for k, v in zip(names, reduced, strict=True)}
 
-    def _update_inverses(self) -> None:
-        """Eigendecompose the blocks owned by this rank, then broadcast every block's."""
-        opt: Any = self.optimizer
-        units = [u for group_units in opt._units for u in group_units]
-        for i, unit in enumerate(units):
-            state = opt.state[unit.params[0]]
-            owner = i % self.world_size
-            a, b = state["input_factor"], state["output_factor"]
-            if owner == self.rank:
-                inverse = parts.KronInverse.from_factors(a, b).as_tensors()
-                tensors = {k: t.contiguous() for k, t in inverse.items()}  # eigh: column-major
-            else:
-                tensors = {
-                    "input_values": a.new_empty(a.shape[:-1]),
-                    "input_vectors": torch.empty_like(a),
-                    "output_values": b.new_empty(b.shape[:-1]),
-                    "output_vectors": torch.empty_like(b),
-                }
-            src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
-            for t in tensors.values():
-                dist.broadcast(t, src=src, group=self.group)
-            state.update(tensors)
+    def _spread_inverses(self, optimizer: Any, blocks: dict[str, KronFactors]) -> dict[str, Any]:
+        """This rank's share of KFAC's decompositions (by cost), then broadcast."""
+        return spread_inverses(blocks, self.group, self.bucket_bytes)
 
     def _average(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

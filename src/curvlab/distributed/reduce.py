@@ -7,10 +7,20 @@ BatchGrad, BatchL2: :math:`d = 0`) reduces to
 
 .. math:: V = \sum_k (N_k / N)^d \, V_k
 
-(a sum loss: :math:`V = \sum_k V_k`). Per-sample values (``[N_k, ...]``) are rescaled the same
-way and gathered along the sample axis in rank order. Kronecker blocks reduce their
-unnormalised sums: :math:`A = \sum_k N_k T\, A_k / \sum_k N_k T` (``input_count``) and
-:math:`B = r \sum_k B_k / r_k` with :math:`r = 1/N` (mean) or :math:`1` (sum).
+(a sum loss: :math:`V = \sum_k V_k`). Per-sample values (BatchGrad, BatchL2, BatchDiagGGN,
+BatchDiagHessian ``[N_k, ...]``, SqrtGGN ``[M, N_k, ...]`` of degree :math:`\frac12`) are
+rescaled the same way and gathered along the sample axis in rank order (unequal shards are
+padded for the collective and trimmed). Kronecker blocks reduce their unnormalised sums:
+:math:`A = \sum_k N_k T\, A_k / \sum_k N_k T` (``input_count``) and :math:`B = r \sum_k B_k /
+r_k` with :math:`r = 1/N` (mean) or :math:`1` (sum).
+
+The gradient variance is not a mean of the ranks' variances. With :math:`\bar g_k` the rank's
+mean per-sample gradient (``grad`` :math:`/ (r_k N_k)`) and :math:`S_k = N_k (V_k + \bar
+g_k^{\odot 2}) = \sum_{n \in k} g_n^{\odot 2}`, the sums and counts are all-reduced and
+
+.. math:: V = \frac1N \sum_k S_k - \Big(\frac1N \sum_k N_k \bar g_k\Big)^{\odot 2}
+
+(clamped at zero, as the engine's :class:`~curvlab.backprop.Variance`).
 """
 
 from __future__ import annotations
@@ -34,8 +44,12 @@ SUM_DEGREES = {"grad": 1, "SumGradSquared": 0, "DiagHessian": 1}
 """Quantities reduced by a sum, with their degree in the batch factor."""
 SUM_PREFIXES = {"DiagGGN": 1, "BL89": 1, "HesScale": 1}
 """Name prefixes (MC variants carry a suffix) reduced by a sum, with their degree."""
-GATHER_DEGREES = {"BatchGrad": 0, "BatchL2": 0}
-"""Per-sample quantities gathered along the sample axis, with their degree."""
+GATHER_DEGREES = {"BatchGrad": 0, "BatchL2": 0, "BatchDiagHessian": 0}
+"""Per-sample quantities gathered along the sample axis (axis 0), with their degree."""
+GATHER_PREFIXES = {"BatchDiagGGN": (0, 0), "SqrtGGN": (0.5, 1)}
+"""Name prefixes (MC variants carry a suffix) of gathered quantities: (degree, sample axis)."""
+VARIANCE = "Variance"
+"""The gradient variance, reduced through sums of squares and counts."""
 
 
 def _is_mean(block: KronFactors) -> bool:
@@ -84,15 +98,26 @@ def _degree(name: str, table: Mapping[str, int]) -> int | None:
     return next((d for p, d in SUM_PREFIXES.items() if name.startswith(p)), None)
 
 
-def _gather(value: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+def _gather_spec(name: str) -> tuple[float, int] | None:
+    """``(degree, sample axis)`` of a gathered quantity, or ``None``."""
+    if name in GATHER_DEGREES:
+        return GATHER_DEGREES[name], 0
+    return next((spec for p, spec in GATHER_PREFIXES.items() if name.startswith(p)), None)
+
+
+def _gather(value: Tensor, group: dist.ProcessGroup | None, axis: int = 0) -> Tensor:
+    """All-gather ``value`` along ``axis`` in rank order (shards of any sizes)."""
     world = dist.get_world_size(group)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([value.shape[0]]), group=group)
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"reduce_results: {name} needs equal batch sizes per rank, got {sizes}")
-    parts = [torch.empty_like(value) for _ in range(world)]
-    dist.all_gather(parts, value.contiguous(), group=group)
-    return torch.cat(parts)
+    dist.all_gather(sizes, torch.tensor([value.shape[axis]]), group=group)
+    counts = [int(s) for s in sizes]
+    pad = max(counts) - value.shape[axis]
+    moved = value.movedim(axis, 0)
+    if pad:
+        moved = torch.cat([moved, moved.new_zeros(pad, *moved.shape[1:])])
+    parts = [torch.empty_like(moved) for _ in range(world)]
+    dist.all_gather(parts, moved.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).movedim(0, axis)
 
 
 def reduce_results(
@@ -103,10 +128,12 @@ def reduce_results(
 ) -> Results:
     r"""Reduce one rank's :class:`~curvlab.backprop.Results` to those of the whole batch.
 
-    Sums (``grad``, SumGradSquared, DiagGGN, DiagHessian) are all-reduced with the weights
-    :math:`(N_k/N)^d`, Kronecker blocks by :func:`reduce_kron_blocks`, per-sample quantities
-    (BatchGrad, BatchL2) rescaled and all-gathered along the sample axis; the loss is the
-    weighted mean (``"mean"``) or the sum (``"sum"``), ``output`` is gathered.
+    Sums (``grad``, SumGradSquared, DiagGGN, DiagHessian, BL89, HesScale) are all-reduced with
+    the weights :math:`(N_k/N)^d`, Kronecker blocks by :func:`reduce_kron_blocks`, the Variance
+    through sums of squares and counts (module docstring), per-sample quantities (BatchGrad,
+    BatchL2, BatchDiagGGN, BatchDiagHessian, SqrtGGN) rescaled and all-gathered along the
+    sample axis; the loss is the weighted mean (``"mean"``) or the sum (``"sum"``), ``output``
+    is gathered.
 
     Args:
         results: This rank's results (of its ``N_k`` samples, ``results.output`` ``[N_k, ...]``).
@@ -127,31 +154,52 @@ def reduce_results(
     n_local = results.output.shape[0]
     counts = torch.tensor([float(n_local)], dtype=torch.float64)
     dist.all_reduce(counts, group=group)
-    share = n_local / float(counts) if reduction == "mean" else 1.0
+    n_total = float(counts)
+    share = n_local / n_total if reduction == "mean" else 1.0
+    r_local = 1.0 / n_local if reduction == "mean" else 1.0
+    # (quantity, name, this rank's term, weight of the summed term)
     sums: list[tuple[str, str, Tensor]] = [("grad", k, v) for k, v in results.grad.items()]
+    weights: list[float] = [share] * len(sums)
     quantities: dict[str, dict[str, Any]] = {}
     for qname in results:
         values = results[qname]
+        spec = _gather_spec(qname)
         if values and all(isinstance(v, KronFactors) for v in values.values()):
             quantities[qname] = reduce_kron_blocks(values, group, bucket_bytes)
-            continue
-        if qname in GATHER_DEGREES:
-            d = GATHER_DEGREES[qname]
-            quantities[qname] = {k: _gather(v * share**d, group, qname) for k, v in values.items()}
-            continue
-        if _degree(qname, SUM_DEGREES) is None:
+        elif spec is not None:
+            degree, axis = spec
+            scale = share**degree
+            quantities[qname] = {k: _gather(v * scale, group, axis) for k, v in values.items()}
+        elif qname == VARIANCE:
+            quantities[qname] = {}
+            for k, v in values.items():
+                mean = results.grad[k] / (r_local * n_local)  # this rank's mean g_n
+                sums += [("Variance.squares", k, n_local * (v + mean.square()))]
+                sums += [("Variance.sum", k, n_local * mean)]
+                weights += [1.0, 1.0]
+        elif _degree(qname, SUM_DEGREES) is not None:
+            quantities[qname] = {}
+            sums += [(qname, k, v) for k, v in values.items()]
+            weights += [share ** _degree(qname, SUM_DEGREES)] * len(values)  # type: ignore[operator]
+        else:
             raise ValueError(
                 f"reduce_results: no known reduction for {qname!r}; supported: sums "
-                f"{sorted(SUM_DEGREES)} + {sorted(SUM_PREFIXES)}*, per-sample "
-                f"{sorted(GATHER_DEGREES)}, Kronecker blocks"
+                f"{sorted(SUM_DEGREES)} + {sorted(SUM_PREFIXES)}*, {VARIANCE}, per-sample "
+                f"{sorted(GATHER_DEGREES)} + {sorted(GATHER_PREFIXES)}*, Kronecker blocks"
             )
-        quantities[qname] = {}
-        sums += [(qname, k, v) for k, v in values.items()]
-    weighted = [v * share ** _degree(q, SUM_DEGREES) for q, _, v in sums]  # type: ignore[operator]
+    weighted = [v * w for (_, _, v), w in zip(sums, weights, strict=True)]
     loss = results.loss.reshape(1) * share
     reduced = all_reduce_bucketed([*weighted, loss], group, bucket_bytes)
     grad: dict[str, Tensor] = {}
+    variance_parts: dict[str, dict[str, Tensor]] = {}
     for (q, k, _), v in zip(sums, reduced[:-1], strict=True):
-        (grad if q == "grad" else quantities[q])[k] = v
-    output = _gather(results.output, group, "output")
+        if q.startswith(VARIANCE + "."):
+            variance_parts.setdefault(k, {})[q] = v
+        else:
+            (grad if q == "grad" else quantities[q])[k] = v
+    for k, part in variance_parts.items():
+        mean = part["Variance.sum"] / n_total
+        second = part["Variance.squares"] / n_total
+        quantities[VARIANCE][k] = (second - mean.square()).clamp_min(0.0)
+    output = _gather(results.output, group)
     return Results(reduced[-1].reshape(()), grad, output, quantities)

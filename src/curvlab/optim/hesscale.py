@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from curvlab.backprop import BL89, HesScale, capture
 from curvlab.backprop.loss import LossSpec
 from curvlab.optim import parts
+from curvlab.optim.hooks import StatisticsHooks
 
 METHODS = ("hesscale", "bl89")
 """``"hesscale"``: :class:`curvlab.backprop.HesScale` (exact last layer, the paper's choice);
@@ -45,7 +46,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class AdaHesScale(torch.optim.Optimizer):
+class AdaHesScale(StatisticsHooks, torch.optim.Optimizer):
     r"""AdaHesScale (module docstring's equations) for every parameter of ``model``.
 
     Defaults: :math:`\beta = (0.9, 0.999)` and :math:`\epsilon = 10^{-8}` are the paper's
@@ -65,6 +66,9 @@ class AdaHesScale(torch.optim.Optimizer):
         loss_func: The loss the closure calls as ``loss_func(model(x), y)``
             (``nn.CrossEntropyLoss`` by default).
         method: One of :data:`METHODS`.
+
+    Hooks: :meth:`register_statistics_hook` sees each step's diagonals ``{name: [*p]}`` before
+    the moments (:mod:`curvlab.optim.hooks`; data parallelism averages them there).
 
     Raises:
         ValueError: A bad hyperparameter (the message names it).
@@ -129,7 +133,7 @@ class AdaHesScale(torch.optim.Optimizer):
         with capture(self.model, self.loss_func, [self.quantity]) as captured:
             with torch.enable_grad():
                 loss = closure()
-        diagonals = self._reduce_statistics(captured.results[self.quantity.name])
+        diagonals = self._run_statistics_hooks(dict(captured.results[self.quantity.name]))
         with torch.no_grad():
             for group in self.param_groups:
                 self._check_group(group)
@@ -138,10 +142,6 @@ class AdaHesScale(torch.optim.Optimizer):
                         continue
                     self._update(p, diagonals[self._names[id(p)]].detach(), group)
         return loss
-
-    def _reduce_statistics(self, diagonals: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Hook for data parallelism (:mod:`curvlab.distributed` reduces over ranks); identity."""
-        return diagonals
 
     def _update(self, p: Tensor, diagonal: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]

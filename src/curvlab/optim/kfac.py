@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from curvlab.backprop import KronFactors, Layout, capture
 from curvlab.backprop.loss import LossSpec
 from curvlab.optim import parts
+from curvlab.optim.hooks import InverseHooks, StatisticsHooks
 
 KRONECKER_MODULES: dict[type[nn.Module], str] = {
     nn.Linear: "rows",
@@ -116,11 +117,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _LayerwiseOptimizer(torch.optim.Optimizer):
-    """What KFAC and SINGD share: their Kronecker units per param group and the fallback.
+class _LayerwiseOptimizer(StatisticsHooks, torch.optim.Optimizer):
+    """What KFAC and SINGD share: their Kronecker units per param group, the fallback, the hook.
 
     Subclasses call :meth:`_setup_layers` in their ``__init__`` and define
-    ``_check_group_values(momentum, weight_decay)``; messages carry the subclass's name.
+    ``_check_group_values(momentum, weight_decay)``; messages carry the subclass's name. On the
+    steps that refresh the curvature, the engine's blocks ``{name: KronFactors}`` (a joint
+    block under both names) pass through the hooks of :meth:`register_statistics_hook`
+    (:mod:`curvlab.optim.hooks`) before they enter the running averages or the factors'
+    update: data parallelism all-reduces them there.
     """
 
     def _setup_layers(
@@ -221,7 +226,7 @@ class _LayerwiseOptimizer(torch.optim.Optimizer):
         self._fallback.step()
 
 
-class KFAC(_LayerwiseOptimizer):
+class KFAC(InverseHooks, _LayerwiseOptimizer):
     r"""KFAC with running averages, damping (fixed, :math:`\pi`, Levenberg-Marquardt) and intervals.
 
     ``step(closure)`` takes the standard closure (``zero_grad``, forward, loss, backward,
@@ -266,6 +271,13 @@ class KFAC(_LayerwiseOptimizer):
         fallback_lr: A fixed learning rate for the built-in fallback (default: the group's).
         seed: Seed of the generator for MC sampling (default: drawn from torch's global RNG);
             its state is part of ``state_dict``.
+
+    Hooks (:mod:`curvlab.optim.hooks`): ``register_statistics_hook(hook)`` sees the engine's
+    fresh blocks ``{name: KronFactors}`` before the running average (``hook(optimizer,
+    blocks)`` returns replacements or ``None``); ``register_inverse_hook(hook)`` may compute the
+    eigendecompositions of the averaged blocks instead (``{name: KronInverse}``, one name per
+    block: :meth:`inverse_blocks`). :class:`curvlab.distributed.DataParallelPreconditioner`
+    uses both: it all-reduces the statistics and spreads the decompositions over the ranks.
 
     Raises:
         ValueError: A bad hyperparameter (the message names it), parameters not in ``model``,
@@ -399,6 +411,7 @@ class KFAC(_LayerwiseOptimizer):
         return out
 
     def _update_factors(self, results: dict[str, Any]) -> None:
+        results = self._run_statistics_hooks(dict(results))
         for unit in (u for units in self._units for u in units):
             new = results[unit.names[0]]
             if not isinstance(new, KronFactors) or new.layout != unit.layout:
@@ -415,11 +428,30 @@ class KFAC(_LayerwiseOptimizer):
                 batch_factor=average.batch_factor,
             )
 
-    def _update_inverses(self) -> None:
+    def inverse_blocks(self) -> dict[str, KronFactors]:
+        """The averaged blocks whose eigendecompositions KFAC keeps, one name per block.
+
+        Returns:
+            ``{first parameter name of the block: KronFactors}`` in the blocks' order; empty
+            before the first factor update.
+        """
+        out = {}
         for unit in (u for units in self._units for u in units):
-            state = self.state[unit.params[0]]
-            inverse = parts.KronInverse.from_factors(state["input_factor"], state["output_factor"])
-            state.update(inverse.as_tensors())
+            block = self._block(unit)
+            if block is not None:
+                out[unit.names[0]] = block
+        return out
+
+    def _update_inverses(self) -> None:
+        blocks = self.inverse_blocks()
+        inverses = self._run_inverse_hooks(blocks)
+        for unit in (u for units in self._units for u in units):
+            if inverses is None:
+                block = blocks[unit.names[0]]
+                inverse = parts.KronInverse.from_factors(block.input_factor, block.output_factor)
+            else:
+                inverse = inverses[unit.names[0]]
+            self.state[unit.params[0]].update(inverse.as_tensors())
 
     def _inverse(self, unit: _Unit) -> parts.KronInverse:
         state = self.state[unit.params[0]]

@@ -240,6 +240,11 @@ class SINGD(_LayerwiseOptimizer):
         fallback_lr: A fixed learning rate for the built-in fallback (default: the group's).
         seed: Seed of the MC generator (``"mc"`` only matters); saved in ``state_dict``.
 
+    Hooks: ``register_statistics_hook(hook)`` (:mod:`curvlab.optim.hooks`) sees the engine's
+    fresh blocks ``{name: KronFactors}`` before they update :math:`K` and :math:`C`
+    (``hook(optimizer, blocks)`` returns replacements or ``None``); data parallelism
+    all-reduces them there.
+
     Raises:
         ValueError: A bad hyperparameter or structure (the message names it), or parameters
             not in ``model``.
@@ -354,6 +359,7 @@ class SINGD(_LayerwiseOptimizer):
         self._store(unit, K=k, C=c, m_K=k.zeros_like(), m_C=c.zeros_like())
 
     def _update_factors(self, results: dict[str, Any]) -> None:
+        results = self._run_statistics_hooks(dict(results))
         for unit in self._all_units():
             new = results[unit.names[0]]
             if not isinstance(new, KronFactors) or new.layout != unit.layout:
