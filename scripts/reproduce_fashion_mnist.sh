@@ -31,7 +31,7 @@ best() {  # best() SWEEP_DIR KEY: the chosen value of a finished sweep
 
 if [[ $STAGE == sweep || $STAGE == all ]]; then
   S=(--seeds 42,43,44 --eval-every 10)
-  "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer adam --lrs 1e-4,3e-4,1e-3 \
+  "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer adam --lrs 3e-5,1e-4,3e-4,1e-3 \
     --out "$RUNS/sweep-adam"
   "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer sgd --lrs 0.01,0.03,0.05,0.1 \
     --out "$RUNS/sweep-sgd"
