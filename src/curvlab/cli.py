@@ -417,6 +417,37 @@ def summary_table(folder: Path | Sequence[Path], at_train_loss: float | None = N
     return "\n".join(table)
 
 
+def _setting(config: dict, phase: str, optimizer: str) -> tuple[str, str]:
+    """A source's learning rate and (GN only) Gram damping, as ``curvlab sweep`` names them."""
+    rates = config["lr"][phase]
+    lr = rates.get(optimizer, rates.get("gn") if optimizer.startswith("gn") else None)
+    damping = f"{config.get('gn_damping', 0.0):g}" if optimizer.startswith("gn") else ""
+    return ("-" if lr is None else f"{lr:g}"), damping
+
+
+def per_source_table(sources: Sequence[Path]) -> str:
+    """One row per source and (phase, optimizer), labelled with its rate and damping.
+
+    The table of a sweep: every point's records summarized on their own (means over its
+    seeds), so points of the same optimizer, which record the same seeds, sit side by side.
+    """
+    from curvlab.experiments.plots import summary
+    from curvlab.experiments.store import ResultsStore
+
+    rows = [(row, ResultsStore(source).config()) for source in sources for row in summary(source)]
+    columns = [c for c in _metric_columns([r for r, _ in rows]) if c[0] != "train_acc"]
+    head = ["phase", "optimizer", "lr", "damping", "seeds"] + [c[1] for c in columns] + ["status"]
+    lines = [head]
+    for row, config in rows:
+        lr, damping = _setting(config, row["phase"], row["optimizer"])
+        cells = [row["phase"], row["optimizer"], lr, damping, str(row["seeds"])]
+        cells += [_cell(row, key, digits) for key, _, digits in columns]
+        lines.append(cells + [_status(row)])
+    table = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    table += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
+    return "\n".join(table)
+
+
 def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> None:
     print(summary_table(folder, at_train_loss))
 
@@ -616,6 +647,11 @@ def _cmd_summary(args: argparse.Namespace) -> int:
                 raise ValueError("give --at-train-loss or --at-test-acc, not both")
             print(time_to_accuracy_table([Path(f) for f in args.folder], args.at_test_acc))
             return 0
+        if args.per_source:
+            if args.at_train_loss is not None:
+                raise ValueError("give --per-source or --at-train-loss, not both")
+            print(per_source_table([Path(f) for f in args.folder]))
+            return 0
         _print_summary([Path(f) for f in args.folder], args.at_train_loss)
     except NoResultsError as error:
         print(f"curvlab summary: {error}", file=sys.stderr)
@@ -792,6 +828,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="optim-race: updates and training seconds until the test accuracy first reaches A "
         "(interpolated between evaluations), with the final test accuracy, per model and "
         "optimizer (default: none)",
+    )
+    summ.add_argument(
+        "--per-source",
+        dest="per_source",
+        action="store_true",
+        help="one row per folder or records file, labelled with its learning rate and GN "
+        "damping: the table of a sweep's points (default: all sources as one)",
     )
     summ.set_defaults(func=_cmd_summary)
 

@@ -1,0 +1,50 @@
+"""``curvlab summary --per-source``: a sweep's points side by side, each with its setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from curvlab.cli import main, per_source_table
+from curvlab.experiments.plots import summary
+
+TINY = ["--subset", "32", "--steps", "3", "--hidden", "64", "--depth", "2", "--no-progress", "--validation", "50"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    args = ["sweep", "fullbatch", *TINY, "--seeds", "1,2", "--optimizer", "gn-right-inverse"]
+    assert main([*args, "--lrs", "0.5,1", "--dampings", "0,10", "--out", str(out)]) == 0
+    return out
+
+
+def _rows(table: str) -> list[dict[str, str]]:
+    lines = table.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_every_point_is_a_row_with_its_rate_damping_and_own_means(sweep):
+    points = sorted(sweep.glob("lr=*"))
+    assert len(points) == 4
+    rows = _rows(per_source_table(points))
+    assert [(r["lr"], r["damping"]) for r in rows] == [
+        (p.name.split(",")[0][3:], p.name.split("=")[-1]) for p in points
+    ]
+    for row, point in zip(rows, points):
+        (expected,) = summary(point)
+        assert row["seeds"] == "2"
+        mean, std = (float(x) for x in row["val loss"].split(" ± "))
+        assert mean == pytest.approx(expected["val_loss"], abs=5e-5)
+        assert std == pytest.approx(expected["val_loss_std"], abs=5e-5)
+    assert len({r["val loss"] for r in rows}) == 4  # the points differ
+
+
+def test_the_command_prints_it_and_refuses_a_second_mode(sweep, capsys):
+    points = [str(p) for p in sorted(sweep.glob("lr=*"))]
+    assert main(["summary", "--per-source", *points]) == 0
+    assert capsys.readouterr().out.strip() == per_source_table([Path(p) for p in points])
+    assert main(["summary", "--per-source", "--at-train-loss", "1", *points]) == 2
+    assert "not both" in capsys.readouterr().err
