@@ -194,7 +194,10 @@ class StreamedPass:
             if count == self.expected_columns:
                 self.done.add(own)
                 del self.columns[own]
-                factor = cols[0].sqrt_()[None] if own in self.squared else torch.stack(cols)
+                if own in self.squared:
+                    factor = cols[0].sqrt_()[None]
+                else:  # one column (MC, k = 1): a view, read-only like the gradient's
+                    factor = cols[0][None] if len(cols) == 1 else torch.stack(cols)
                 self._evaluate(own, source, factor)
 
         return hook

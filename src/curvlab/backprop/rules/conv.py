@@ -33,6 +33,11 @@ _CONV_ND = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CHUNK_ELEMENTS = 2**22
 """Budget (tensor elements) for per-sample weight VJPs built at once in reductions."""
 
+FACTOR_CHUNK_ELEMENTS = 2**20
+"""Budget (elements) of the unfolded input per chunk of samples of a KFAC-expand input factor:
+a chunk stays in cache for its product (first 3C3D layer at ``N = 128``: 55 -> 37 ms, shared
+loaded machine)."""
+
 
 def unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """Patches of the input that the convolution's weight multiplies.
@@ -558,8 +563,17 @@ def _expand_input_sum(module: nn.modules.conv._ConvNd, x: Tensor, n: int, t: int
             module.padding, module.kernel_size, module.stride, module.dilation
         )
         return expand_input_sum(x, module.kernel_size, pairs, module.dilation)
-    if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy)
-        return einconv.kfac_expand_factor(x, **arguments, reduction="sum")
+    if arguments is not None:  # KFAC-expand factor by einconv (no F.unfold copy), in chunks
+        step = max(
+            1,
+            FACTOR_CHUNK_ELEMENTS
+            // max(1, module.in_channels // g * math.prod(module.kernel_size) * t),
+        )
+        total = None
+        for start in range(0, n, step):
+            part = einconv.kfac_expand_factor(x[start : start + step], **arguments, reduction="sum")
+            total = part if total is None else total.add_(part)
+        return total
     u = torch_unfold(module, x)  # [N, in * K, T]
     u = u.reshape(n, g, -1, t).permute(1, 2, 0, 3).flatten(2)  # [G, in/G * K, N*T]
     input_sum = gram(u)
