@@ -204,23 +204,25 @@ def test_bad_shapes_name_the_problem():
         op + Jacobian(model, None, data)
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn", "residual-layernorm"])
-def test_hessian_kept_graph_equals_recomputed_and_dense(case):
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_kept_graph_equals_recomputed_and_dense(kind, case):
     model, loss_func, data, inputs, targets = make_case(case)
-    ref = dense_reference("hessian", model, loss_func, inputs, targets)
-    kept = Hessian(model, loss_func, None, data, keep_graph=True)
-    fresh = Hessian(model, loss_func, None, data, keep_graph=False)
+    ref = dense_reference(kind, model, loss_func, inputs, targets)
+    kept = OPERATORS[kind](model, loss_func, None, data, keep_graph=True)
+    fresh = OPERATORS[kind](model, loss_func, None, data, keep_graph=False)
     m = torch.randn(ref.shape[1], 3, dtype=torch.float64)
     first, second = kept @ m, kept @ m  # the second product reuses the kept graphs
-    assert len(kept._kept) == len(data) and not fresh._kept
+    assert len(kept._kept_passes) == len(data) and not fresh._kept_passes
     torch.testing.assert_close(
         torch.stack([first, second, fresh @ m]), torch.stack([ref @ m] * 3), **TOL
     )
 
 
-def test_hessian_kept_graph_follows_in_place_changes():
+@pytest.mark.parametrize("kind", OPERATORS)
+def test_kept_graph_follows_in_place_changes(kind):
     model, loss_func, data, inputs, targets = make_case("mlp")
-    op = Hessian(model, loss_func, None, [(inputs, targets)])
+    op = OPERATORS[kind](model, loss_func, None, [(inputs, targets)])
     assert op.keep_graph  # one batch in a list: kept by default
     v = torch.randn(op.shape[1], dtype=torch.float64)
     op @ v
@@ -228,5 +230,13 @@ def test_hessian_kept_graph_follows_in_place_changes():
         for p in model.parameters():
             p.mul_(1.5)  # an optimizer step, in place
         inputs.mul_(0.5)
-    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    ref = dense_reference(kind, model, loss_func, inputs, targets)
     torch.testing.assert_close(op @ v, ref @ v, **TOL)
+
+
+def test_kept_graph_mc_ggn_uses_the_same_samples():
+    model, loss_func, data, _, _ = make_case("cnn")
+    kept = GGN(model, loss_func, None, data, mc_samples=2, seed=3, keep_graph=True)
+    fresh = GGN(model, loss_func, None, data, mc_samples=2, seed=3, keep_graph=False)
+    m = torch.randn(kept.shape[1], 2, dtype=torch.float64)
+    torch.testing.assert_close(torch.stack([kept @ m, kept @ m]), torch.stack([fresh @ m] * 2))

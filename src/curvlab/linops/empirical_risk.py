@@ -139,6 +139,7 @@ class ModelOperator(CurvatureOperator):
         if self.num_data == 0:
             raise ValueError("data holds no samples")
         self._init_spaces()
+        self._init_keep(False)
 
     # ------------------------------------------------------------------ spaces
     def _init_spaces(self) -> None:
@@ -247,8 +248,49 @@ class ModelOperator(CurvatureOperator):
             )
         new = copy.copy(self)
         new.params = {n: self.params[n] for n in names}
+        new._kept_passes = {}
         new._init_spaces()
         return new
+
+    # ------------------------------------------------------------------ kept passes
+    def _init_keep(self, keep_graph: bool | None) -> None:
+        """Whether products keep per-batch work between calls (see :meth:`_kept`).
+
+        ``None``: when :attr:`data` is a list or tuple of one batch; ``True``: for every batch
+        of a list or tuple; ``False`` (and any other data, whose batches are new tensors at
+        every pass): never.
+        """
+        sequence = isinstance(self.data, (list, tuple))
+        self.keep_graph = sequence and (len(self.data) == 1 if keep_graph is None else keep_graph)
+        self._kept_passes: dict[int, tuple[object, Tensor, tuple[int, ...], object]] = {}
+
+    def _versions(self, inputs: object, targets: Tensor) -> tuple[int, ...]:
+        """In-place version counters of the parameters and the batch (change on ``x.mul_()``)."""
+        tensors = [*self.params.values(), inputs, targets]
+        return tuple(t._version if isinstance(t, Tensor) else -1 for t in tensors)
+
+    def _kept(self, index: int, inputs: object, targets: Tensor) -> object | None:
+        """What :meth:`_keep` stored for batch ``index``, if still valid, else ``None``.
+
+        Valid while the batch is the same objects and neither they nor the parameters have
+        been modified in place; a stale entry is dropped (its memory freed) at once.
+        """
+        entry = self._kept_passes.get(index)
+        if entry is None:
+            return None
+        if (
+            entry[0] is inputs
+            and entry[1] is targets
+            and entry[2] == self._versions(inputs, targets)
+        ):
+            return entry[3]
+        del self._kept_passes[index]
+        return None
+
+    def _keep(self, index: int, inputs: object, targets: Tensor, payload: object) -> None:
+        """Store ``payload`` for batch ``index`` if :attr:`keep_graph`."""
+        if self.keep_graph:
+            self._kept_passes[index] = (inputs, targets, self._versions(inputs, targets), payload)
 
 
 def generator_for(seed: int, index: int, device: torch.device) -> torch.Generator:

@@ -16,14 +16,22 @@ r"""Operators of the form :math:`r \sum_n J_n^\top M_n J_n`: GGN, MC Fisher, emp
 
 A product with ``K`` columns costs per batch one forward pass, one batched Jacobian-vector
 product (``vmap`` over the columns of ``jvp``), the output-space product and one batched
-vector-Jacobian product.
+vector-Jacobian product. With ``keep_graph`` (the default for a list of one batch) the first
+product records, per batch, the output with its graph and the linearised model
+(:func:`torch.func.linearize`: the tangent map without the primal pass); later products run
+only :math:`J v` on the linearisation and :math:`J^\top u` backward through the kept graph,
+column by column (on CPU faster than ``vmap``: 3C3D-CIFAR-10, batch 128, about 0.85x a
+gradient per column instead of 1.8x).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import jvp, linearize, vjp, vmap
 
 from curvlab.linops.empirical_risk import Data, ModelOperator, Params, generator_for
 
@@ -35,10 +43,57 @@ class _OutputSpaceCurvature(ModelOperator):
         """:math:`M_n z_{kn}` for ``z`` ``[K, N, *out]`` (per-sample, without :math:`r`)."""
         raise NotImplementedError
 
+    def _linearized(
+        self, index: int, inputs: object, targets: Tensor
+    ) -> tuple[tuple[Tensor, ...], Tensor, Callable] | None:
+        """``(leaves, output, tangent_map)`` of the batch, kept or recorded.
+
+        ``None`` if the model cannot be linearised (:func:`torch.func.linearize` traces it).
+        """
+        kept = self._kept(index, inputs, targets)
+        if kept is not None:
+            return kept
+        leaves = {k: p.detach().requires_grad_() for k, p in self.params.items()}
+        with torch.enable_grad():
+            output = self.model_output(leaves, inputs)
+        try:
+            with warnings.catch_warnings():  # const folding's get_attr notes
+                warnings.simplefilter("ignore", UserWarning)
+                _, tangent = linearize(lambda p: self.model_output(p, inputs), self.params)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None
+        record = (tuple(leaves.values()), output, tangent)
+        self._keep(index, inputs, targets, record)
+        return record
+
+    def _kept_matmat(self, index, targets, record, columns):
+        r""":math:`J^\top M J` by the linearisation and the kept graph, column by column."""
+        leaves, output, tangent = record
+        names = list(self.params)
+        count = next(iter(columns.values())).shape[0]
+        tangents = torch.stack(
+            [tangent({k: c[j] for k, c in columns.items()}) for j in range(count)]
+        )
+        middle = self._middle(index, output.detach(), targets, tangents) * self.batch_factor
+        out = {k: torch.zeros_like(columns[k]) for k in names}
+        for j in range(count):
+            with torch.enable_grad():
+                product = torch.autograd.grad(
+                    output, leaves, middle[j], retain_graph=True, allow_unused=True
+                )
+            for name, value in zip(names, product, strict=True):
+                if value is not None:
+                    out[name][j] = value
+        return out
+
     def _batch_matmat(self, index, inputs, targets, columns):
         def f(p):
             return self.model_output(p, inputs)
 
+        if self.keep_graph:
+            record = self._linearized(index, inputs, targets)
+            if record is not None:
+                return self._kept_matmat(index, targets, record, columns)
         if next(iter(columns.values())).shape[0] == 1:
             return self._batch_matvec(index, f, targets, columns)
         output, pullback = vjp(f, self.params)
@@ -79,6 +134,10 @@ class GGN(_OutputSpaceCurvature):
         mc_samples: ``None`` for the exact GGN, ``k >= 1`` for the MC estimate.
         seed: Seed of the MC samples (the same samples at every product).
         check_deterministic: Check at construction that two passes over the data agree.
+        keep_graph: Keep each batch's output graph and linearisation between products
+            (memory: about two forward passes' saved tensors per batch). ``None``: when
+            ``data`` is a list or tuple of one batch; ``True``: every batch of a list or tuple;
+            ``False``: never (nor for a data loader, whose batches are new tensors).
     """
 
     def __init__(
@@ -90,6 +149,7 @@ class GGN(_OutputSpaceCurvature):
         mc_samples: int | None = None,
         seed: int = 0,
         check_deterministic: bool = True,
+        keep_graph: bool | None = None,
     ) -> None:
         if mc_samples is not None and (not isinstance(mc_samples, int) or mc_samples < 1):
             raise ValueError(
@@ -97,6 +157,7 @@ class GGN(_OutputSpaceCurvature):
             )
         self.mc_samples, self.seed = mc_samples, seed
         super().__init__(model, loss_func, params, data, check_deterministic)
+        self._init_keep(keep_graph)
 
     def _middle(self, index, output, targets, z):
         if self.mc_samples is None:
@@ -128,6 +189,7 @@ class FisherMC(GGN):
         mc_samples: Sampled labels per input ``k`` (default 1).
         seed: Seed of the samples.
         check_deterministic: Check that two passes over the data agree.
+        keep_graph: As for :class:`GGN`.
     """
 
     def __init__(
@@ -139,10 +201,13 @@ class FisherMC(GGN):
         mc_samples: int = 1,
         seed: int = 0,
         check_deterministic: bool = True,
+        keep_graph: bool | None = None,
     ) -> None:
         if mc_samples is None:
             raise ValueError("FisherMC samples labels; use GGN for the exact matrix")
-        super().__init__(model, loss_func, params, data, mc_samples, seed, check_deterministic)
+        super().__init__(
+            model, loss_func, params, data, mc_samples, seed, check_deterministic, keep_graph
+        )
 
 
 class EmpiricalFisher(_OutputSpaceCurvature):
@@ -159,6 +224,7 @@ class EmpiricalFisher(_OutputSpaceCurvature):
         params: The parameters (``None``: all trainable ones).
         data: Re-iterable ``(inputs, targets)`` batches.
         check_deterministic: Check that two passes over the data agree.
+        keep_graph: As for :class:`GGN`.
     """
 
     def __init__(
@@ -168,8 +234,10 @@ class EmpiricalFisher(_OutputSpaceCurvature):
         params: Params,
         data: Data,
         check_deterministic: bool = True,
+        keep_graph: bool | None = None,
     ) -> None:
         super().__init__(model, loss_func, params, data, check_deterministic)
+        self._init_keep(keep_graph)
 
     def _middle(self, index, output, targets, z):
         g = self.spec.per_sample_gradient(output, targets).flatten(1)  # [N, D]

@@ -3,35 +3,15 @@ r"""The Hessian of the loss over the data, :math:`\nabla^2_\theta L`, as an oper
 A product is a double backward: :math:`H v = \nabla_\theta \langle \nabla_\theta L, v \rangle`.
 The first backward (the gradient, with its graph) does not depend on :math:`v`, so the operator
 can keep it: once recorded, every further product is only the second backward (3C3D-CIFAR-10,
-batch 128: 1.6x a gradient instead of 2.7x; see ``docs/linops.md``, "Cost").
+batch 128: 1.5x a gradient instead of 2.7x; see ``docs/linops.md``, "Cost").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from curvlab.linops.base import CurvatureOperator
 from curvlab.linops.empirical_risk import Data, ModelOperator, Params
-
-
-@dataclass
-class _KeptGraph:
-    r"""One batch's gradient :math:`\nabla_\theta L_b` with its graph, and what it was taken at."""
-
-    inputs: object
-    targets: Tensor
-    versions: tuple[int, ...]
-    leaves: tuple[Tensor, ...]
-    gradient: tuple[Tensor, ...]
-
-
-def _versions(tensors: Sequence[object]) -> tuple[int, ...]:
-    """In-place version counters: they change when a tensor is modified in place."""
-    return tuple(t._version if isinstance(t, Tensor) else -1 for t in tensors)
 
 
 class Hessian(ModelOperator):
@@ -67,56 +47,42 @@ class Hessian(ModelOperator):
         keep_graph: bool | None = None,
     ) -> None:
         super().__init__(model, loss_func, params, data, check_deterministic)
-        sequence = isinstance(data, (list, tuple))
-        self.keep_graph = sequence and (len(data) == 1 if keep_graph is None else keep_graph)
-        self._kept: dict[int, _KeptGraph] = {}
+        self._init_keep(keep_graph)
 
-    def restrict(self, names: Sequence[str]) -> CurvatureOperator:
-        """The Hessian block of the named parameters (its own kept graphs)."""
-        new = super().restrict(names)
-        new._kept = {}
-        return new
-
-    def _gradient_graph(self, index: int, inputs: object, targets: Tensor) -> _KeptGraph:
-        """The batch's gradient with its graph: the kept one if still valid, else a new one."""
-        versions = _versions([*self.params.values(), inputs, targets])
-        kept = self._kept.get(index)
-        if (
-            kept is not None
-            and kept.inputs is inputs
-            and kept.targets is targets
-            and kept.versions == versions
-        ):
+    def _gradient_graph(
+        self, index: int, inputs: object, targets: Tensor
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        """``(leaves, gradient)``: the batch's gradient with its graph (kept or recorded)."""
+        kept = self._kept(index, inputs, targets)
+        if kept is not None:
             return kept
-        self._kept.pop(index, None)  # free the stale graph before recording the new one
         leaves = {k: p.detach().requires_grad_() for k, p in self.params.items()}
         with torch.enable_grad():
             loss = self.spec.value(self.model_output(leaves, inputs), targets)
             gradient = torch.autograd.grad(
                 loss, list(leaves.values()), create_graph=True, allow_unused=True
             )
-        record = _KeptGraph(inputs, targets, versions, tuple(leaves.values()), gradient)
-        if self.keep_graph:
-            self._kept[index] = record
+        record = (tuple(leaves.values()), gradient)
+        self._keep(index, inputs, targets, record)
         return record
 
     def _batch_matmat(self, index, inputs, targets, columns):
         weight = self.batch_weight(targets.shape[0])
-        record = self._gradient_graph(index, inputs, targets)
+        leaves, gradient = self._gradient_graph(index, inputs, targets)
         names = list(self.params)
-        live = [i for i, g in enumerate(record.gradient) if g is not None and g.requires_grad]
+        live = [i for i, g in enumerate(gradient) if g is not None and g.requires_grad]
         count = next(iter(columns.values())).shape[0]
         out = {k: torch.zeros_like(columns[k]) for k in names}
         if not live:  # the loss is at most linear in the parameters
             return out
-        outputs = [record.gradient[i] for i in live]
+        outputs = [gradient[i] for i in live]
         # one second backward per column: on CPU faster than vmap over the backward
-        # (is_grads_batched), whose batching rules copy (3C3D: 2.7x vs 1.6x a gradient each)
+        # (is_grads_batched), whose batching rules copy (3C3D: 2.7x vs 1.5x a gradient each)
         for j in range(count):
             with torch.enable_grad():
                 product = torch.autograd.grad(
                     outputs,
-                    record.leaves,
+                    leaves,
                     grad_outputs=[columns[names[i]][j] for i in live],
                     retain_graph=self.keep_graph or j < count - 1,
                     allow_unused=True,
