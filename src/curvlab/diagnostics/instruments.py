@@ -52,12 +52,18 @@ from torch import Tensor, nn
 
 from curvlab.backprop import (
     GRAD,
-    BatchGrad,
     BatchL2,
     DiagHessian,
     Quantity,
     SumGradSquared,
     Variance,
+)
+from curvlab.diagnostics.per_sample import (
+    HISTOGRAM_BUDGET,
+    HistogramRequest,
+    KeptGradients,
+    bin_index,
+    total,
 )
 from curvlab.linalg import hutchpp_trace, lanczos_eigs
 from curvlab.linops import Hessian
@@ -112,16 +118,18 @@ class BatchGradDots(Quantity):
 
     Summed over parameters it gives :math:`g_n^\top \bar g = \frac1N \sum_m g_n^\top g_m` for
     the inner-product and orthogonality tests; its diagonal is :class:`~curvlab.backprop.BatchL2`.
-    Computed inside the backward from each parameter's per-sample gradients ``[N, *p]``, which
-    are freed at once (Cockpit's ``batch_dot`` transform). Scaling: none.
+    Computed inside the backward by the rules' Gram primitive (factored for ``Linear``,
+    :math:`(x_n^\top x_m)(\delta_n^\top \delta_m)`; for a convolution the cheaper of the
+    position-pair and the per-sample form; Cockpit's ``batch_dot`` transform). The monitor's
+    instruments read :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics` instead, which
+    needs only :math:`g_n^\top \bar g`. Scaling: none.
     """
 
     def sources(self) -> tuple:  # noqa: D102
         return (GRAD,)
 
     def evaluate(self, view, ctx) -> Tensor:  # noqa: D102
-        per_sample = view.jac_t(GRAD)[0].flatten(start_dim=1)
-        return per_sample @ per_sample.T
+        return view.gram(GRAD)[0, :, 0]
 
 
 # ------------------------------------------------------------------- in-pass quantities
@@ -177,13 +185,6 @@ class GradHistogram1d(Quantity):
         return torch.histc(values, self.bins, low, high)
 
 
-def _bin_index(values: Tensor, bins: int, low: float, high: float) -> Tensor:
-    """Bin indices of ``values`` clipped into ``[low, high]`` (equal bins; ``high`` in the last)."""
-    width = (high - low) / bins
-    index = torch.floor((values.clamp(low, high) - low) / width).long()
-    return index.clamp_(0, bins - 1)
-
-
 class GradHistogram2d(Quantity):
     r"""Joint counts of per-sample gradient elements :math:`g_{n,j}` and parameters :math:`\theta_j`.
 
@@ -216,8 +217,8 @@ class GradHistogram2d(Quantity):
     def evaluate(self, view, ctx) -> Tensor:  # noqa: D102
         (bg, bt), ((lg, hg), (lt, ht)) = self.bins, self.range
         per_sample = view.jac_t(GRAD)[0].flatten(start_dim=1)  # [N, p]
-        grad_index = _bin_index(per_sample, bg, lg, hg)
-        param_index = _bin_index(view.param.detach().flatten(), bt, lt, ht)
+        grad_index = bin_index(per_sample, bg, lg, hg)
+        param_index = bin_index(view.param.detach().flatten(), bt, lt, ht)
         joint = (grad_index * bt + param_index).flatten()
         counts = torch.bincount(joint, minlength=bg * bt)
         return counts.reshape(bg, bt).to(per_sample.dtype)
@@ -253,6 +254,8 @@ class StepData:
         num_samples: :math:`N`, or ``None`` without an engine pass.
         grad: This backward's gradient of :math:`L` by name (from the engine), or ``None``.
         quantities: The engine's results by quantity name (each ``dict[str, Tensor]``).
+        per_sample: The step's :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics` by
+            parameter name, or ``None``.
         generator: Random numbers for the stochastic estimators.
     """
 
@@ -270,14 +273,30 @@ class StepData:
     num_samples: int | None = None
     grad: dict[str, Tensor] | None = None
     quantities: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    per_sample: dict[str, dict[str, Any]] | None = None
     generator: torch.Generator | None = None
+    _mean_grad: dict[str, Tensor] | None = field(default=None, repr=False)
+    _mean_sq_norm: float | None = field(default=None, repr=False)
+    _update: dict[str, Tensor] | None = field(default=None, repr=False)
 
     def mean_grad(self) -> dict[str, Tensor]:
-        r""":math:`\bar g = \frac1N \sum_n g_n` by name (``grad / (r N)``)."""
-        n = self.num_samples
-        reduction = getattr(self.loss_func, "reduction", "mean")
-        scale = 1.0 if reduction == "mean" else 1.0 / n
-        return {k: g * scale for k, g in self.grad.items()}
+        r""":math:`\bar g = \frac1N \sum_n g_n` by name (``grad / (r N)``; computed once)."""
+        if self._mean_grad is None:
+            scale = self.mean_scale()
+            self._mean_grad = {k: g if scale == 1.0 else g * scale for k, g in self.grad.items()}
+        return self._mean_grad
+
+    def update(self) -> dict[str, Tensor]:
+        r"""The last update :math:`\theta_t - \theta_{t-1}` by name (needs ``previous``; computed once)."""
+        if self._update is None:
+            self._update = {k: v - self.previous[k].to(v.dtype) for k, v in self.params.items()}
+        return self._update
+
+    def mean_sq_norm(self) -> float:
+        r""":math:`\lVert \bar g \rVert^2` (computed once)."""
+        if self._mean_sq_norm is None:
+            self._mean_sq_norm = _sq_norm(self.mean_grad())
+        return self._mean_sq_norm
 
     def mean_scale(self) -> float:
         r"""The factor from :math:`L` to the mean loss :math:`\frac1N \sum_n \ell_n`: 1 or 1/N."""
@@ -306,13 +325,34 @@ class StepData:
 
     def sq_norms(self) -> Tensor:
         r""":math:`\lVert g_n \rVert^2` summed over parameters, ``[N]``."""
-        if "BatchGradDots" in self.quantities:
-            return self.dots().diagonal()
+        if self.per_sample is not None and _has(self.per_sample, "sq_norms"):
+            return total(self.per_sample, "sq_norms")
         return _total(self.quantities["BatchL2"])
 
+    def dots_with_mean(self) -> Tensor:
+        r""":math:`g_n^\top \bar g` summed over parameters, ``[N]``."""
+        return total(self.per_sample, "dots_with_mean")
+
     def dots(self) -> Tensor:
-        r""":math:`g_n^\top g_m` summed over parameters, ``[N, N]``."""
+        r""":math:`g_n^\top g_m` summed over parameters, ``[N, N]`` (needs ``BatchGradDots``)."""
         return _total(self.quantities["BatchGradDots"])
+
+    def sum_sq(self) -> dict[str, Tensor]:
+        r""":math:`\sum_n g_n^{\odot 2}` by name."""
+        return {k: v["sum_sq"] for k, v in self.per_sample.items()}
+
+    def variance(self) -> dict[str, Tensor]:
+        r""":math:`\sigma^2 = \frac1N \sum_n g_n^{\odot 2} - \bar g^{\odot 2}` by name (clamped at zero)."""
+        mean = self.mean_grad()
+        n = self.num_samples
+        return {
+            k: (v["sum_sq"] / n - mean[k].to(v["sum_sq"].dtype).square()).clamp_min_(0)
+            for k, v in self.per_sample.items()
+        }
+
+
+def _has(stats: Mapping[str, Mapping[str, Any]], key: str) -> bool:
+    return bool(stats) and all(key in v for v in stats.values())
 
 
 def _total(values: Mapping[str, Tensor]) -> Tensor:
@@ -320,12 +360,14 @@ def _total(values: Mapping[str, Tensor]) -> Tensor:
     return sum(tensors[1:], tensors[0])
 
 
-def _sq_norm(values: Mapping[str, Tensor]) -> Tensor:
-    return sum(v.double().square().sum() for v in values.values())
+def _sq_norm(values: Mapping[str, Tensor]) -> float:
+    r""":math:`\sum_k \lVert v_k \rVert^2` (norms in the tensors' dtype, summed in float64)."""
+    norms = [torch.linalg.vector_norm(v) for v in values.values()]
+    return float(torch.stack(norms).double().square().sum()) if norms else 0.0
 
 
 def _difference_norm(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    return math.sqrt(float(sum((a[k].double() - b[k].double()).square().sum() for k in a)))
+    return math.sqrt(_sq_norm({k: a[k] - b[k].to(a[k].dtype) for k in a}))
 
 
 # ---------------------------------------------------------------------------------- formulas
@@ -615,12 +657,16 @@ class Instrument:
             parameters before the last update.
         remembers: ``True`` for instruments that keep something of the step before a due
             step (:meth:`remember`), like :class:`Alpha`.
+        per_sample: Per-sample statistics (:data:`~curvlab.diagnostics.per_sample.STATISTICS`)
+            read from the step's shared
+            :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics` when due.
     """
 
     name: ClassVar[str] = ""
     every: ClassVar[int] = 1
     needs: ClassVar[frozenset[str]] = frozenset()
     remembers: ClassVar[bool] = False
+    per_sample: ClassVar[frozenset[str]] = frozenset()
 
     def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:
         """The engine quantities by name for a step (``due``: at it; ``due_next``: at the next).
@@ -630,6 +676,15 @@ class Instrument:
         if not due:
             return {}
         return {q: ENGINE_QUANTITIES[q]() for q in sorted(self.needs & set(ENGINE_QUANTITIES))}
+
+    def per_sample_requests(self, due: bool, due_next: bool) -> tuple[str | HistogramRequest, ...]:
+        """What the step's :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics` must hold.
+
+        The monitor merges the requests of every instrument of a step into one quantity, so
+        that each statistic is computed once per backward. The default: :attr:`per_sample`
+        when due.
+        """
+        return tuple(sorted(self.per_sample)) if due else ()
 
     def remember(self, data: StepData) -> None:
         """Keep what the next step needs (called when due at the next step, if it remembers)."""
@@ -661,7 +716,7 @@ class GradNorm(Instrument):
 
     def compute(self, data: StepData) -> float:  # noqa: D102
         grads = [p.grad for p in data.model.parameters() if p.requires_grad and p.grad is not None]
-        return math.sqrt(float(sum(g.double().square().sum() for g in grads)))
+        return math.sqrt(_sq_norm(dict(enumerate(grads))))
 
 
 class Distance(Instrument):
@@ -684,7 +739,7 @@ class UpdateSize(Instrument):
     needs = frozenset({"previous"})
 
     def compute(self, data: StepData) -> float | None:  # noqa: D102
-        return None if data.previous is None else _difference_norm(data.params, data.previous)
+        return None if data.previous is None else math.sqrt(_sq_norm(data.update()))
 
 
 class LearningRate(Instrument):
@@ -701,11 +756,12 @@ class LearningRate(Instrument):
 class BatchGradNorms(Instrument):
     r"""Summary of the per-sample gradient norms :math:`\lVert g_n \rVert` over the batch.
 
-    ``mean``, ``std`` (population), ``min``, ``max``, from :class:`~curvlab.backprop.BatchL2`.
+    ``mean``, ``std`` (population), ``min``, ``max``, from the shared per-sample statistics
+    (:math:`\lVert x_n \rVert^2 \lVert \delta_n \rVert^2` for a ``Linear`` layer).
     """
 
     name = "batch_grad_norms"
-    needs = frozenset({"BatchL2"})
+    per_sample = frozenset({"sq_norms"})
 
     def compute(self, data: StepData) -> dict[str, float]:  # noqa: D102
         norms = data.sq_norms().double().clamp_min(0).sqrt()
@@ -718,51 +774,50 @@ class BatchGradNorms(Instrument):
 
 
 class NormTest(Instrument):
-    """:func:`norm_test` from ``BatchL2`` and the gradient."""
+    """:func:`norm_test` from the per-sample squared norms and the gradient."""
 
     name = "norm_test"
-    needs = frozenset({"BatchL2"})
+    per_sample = frozenset({"sq_norms"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return norm_test(data.sq_norms(), _sq_norm(data.mean_grad()))
+        return norm_test(data.sq_norms(), data.mean_sq_norm())
 
 
 class InnerProductTest(Instrument):
-    """:func:`inner_product_test` from the per-sample gradients' Gram matrix."""
+    r""":func:`inner_product_test` from the per-sample projections :math:`g_n^\top \bar g`."""
 
     name = "inner_product_test"
-    needs = frozenset({"BatchGradDots"})
+    per_sample = frozenset({"dots_with_mean"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return inner_product_test(data.dots().mean(1), _sq_norm(data.mean_grad()))
+        return inner_product_test(data.dots_with_mean(), data.mean_sq_norm())
 
 
 class OrthogonalityTest(Instrument):
-    """:func:`orthogonality_test` from the per-sample gradients' Gram matrix."""
+    r""":func:`orthogonality_test` from the per-sample squared norms and :math:`g_n^\top \bar g`."""
 
     name = "orthogonality_test"
-    needs = frozenset({"BatchGradDots"})
+    per_sample = frozenset({"sq_norms", "dots_with_mean"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        dots = data.dots()
-        return orthogonality_test(dots.diagonal(), dots.mean(1), _sq_norm(data.mean_grad()))
+        return orthogonality_test(data.sq_norms(), data.dots_with_mean(), data.mean_sq_norm())
 
 
 class MeanGSNR(Instrument):
-    r""":func:`mean_gsnr` from the engine's ``Variance`` and the gradient.
+    r""":func:`mean_gsnr` from the per-sample second moment (:meth:`StepData.variance`) and the gradient.
 
     Args:
         epsilon: The :math:`\epsilon` in the denominator.
     """
 
     name = "mean_gsnr"
-    needs = frozenset({"Variance"})
+    per_sample = frozenset({"sum_sq"})
 
     def __init__(self, epsilon: float = 1e-5) -> None:
         self.epsilon = epsilon
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return mean_gsnr(data.mean_grad(), data.quantities["Variance"], self.epsilon)
+        return mean_gsnr(data.mean_grad(), data.variance(), self.epsilon)
 
 
 def _batch_hessian(data: StepData) -> Hessian:
@@ -859,71 +914,64 @@ class Alpha(Instrument):
     Recorded at the end point :math:`t` (Cockpit files it under :math:`t - 1`); left out when
     step :math:`t - 1` was not monitored.
 
-    Cost and memory: at :math:`t - 1` (the start) the engine's ``BatchGrad`` is kept until
-    step :math:`t`, :math:`N P` numbers, because :math:`d` is known only after the optimizer
-    step; at :math:`t` the per-sample gradients are projected onto :math:`d` inside the pass
-    (:class:`BatchGradProjections`, :math:`N` numbers per parameter). Any optimizer works
-    (Cockpit's default ``Alpha`` assumes plain SGD).
+    Cost and memory: :math:`d` is known only after the optimizer step, so at :math:`t - 1` (the
+    start) the shared per-sample statistics keep what :math:`g_n^\top d` needs
+    (:class:`~curvlab.diagnostics.per_sample.KeptGradients`: a ``Linear`` layer's inputs and
+    output gradients, ``N (in + out)`` numbers, whose projection at step :math:`t` is one
+    product :math:`\delta_n^\top D x_n`; other layers' per-sample gradients); at :math:`t` the
+    per-sample gradients are projected onto :math:`d` (``"projections"``, from the parameters
+    :math:`\theta_{t-1}` that the monitor keeps for ``update_size`` too: one copy of
+    :math:`\theta`). Any optimizer works (Cockpit's default ``Alpha`` assumes plain SGD). The
+    inputs and output gradients kept from step :math:`t - 1` are the tensors of that forward
+    and backward: do not modify a batch in place between two steps.
     """
 
     name = "alpha"
     remembers = True
+    needs = frozenset({"previous"})
 
     def __init__(self) -> None:
-        self._projections = BatchGradProjections()
         self._start: dict[str, Any] | None = None
 
-    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:  # noqa: D102
-        out: dict[str, Quantity] = {}
-        if due:
-            out["BatchGradProjections"] = self._projections
+    def per_sample_requests(self, due: bool, due_next: bool) -> tuple[str, ...]:  # noqa: D102
+        requests = []
+        if due and self._start is not None:
+            requests.append("projections")  # onto the last update (the monitor's previous)
         if due_next:
-            out["BatchGrad"] = BatchGrad()
-        return out
+            requests.append("keep")
+        return tuple(requests)
 
     def remember(self, data: StepData) -> None:  # noqa: D102
         self._start = None
-        if "BatchGrad" not in data.quantities or data.output is None:
+        stats = data.per_sample
+        if not stats or not all("keep" in v for v in stats.values()) or data.output is None:
             return
         losses = data.per_sample_losses()
-        params = {k: v.clone() for k, v in data.params.items()}
         self._start = {
             "step": data.step,
-            "params": params,
             "f": float(losses.mean()),
             "var_f": float(losses.var()),
-            "batch_grad": data.quantities["BatchGrad"],
+            "kept": {k: v["keep"] for k, v in stats.items()},
         }
-        self._projections.reference = params
 
     def compute(self, data: StepData) -> float | None:  # noqa: D102
-        start = self._start
+        start, stats = self._start, data.per_sample
         if (
             start is None
             or start["step"] != data.step - 1
-            or "BatchGradProjections" not in data.quantities
+            or not stats
+            or not all("projections" in v for v in stats.values())
             or data.output is None
+            or data.previous is None
         ):
             return None
-        direction = {
-            k: data.params[k].double() - start["params"][k].double() for k in start["params"]
-        }
-        t = math.sqrt(float(_sq_norm(direction)))
+        direction = data.update()
+        t = math.sqrt(_sq_norm(direction))
         if t == 0.0:
             return -1.0
-        # in the per-sample gradients' dtype: an [N, P] copy in float64 costs more than the step
-        batch_grad = start["batch_grad"]
-        start_proj = (
-            sum(
-                (
-                    batch_grad[k].flatten(start_dim=1)
-                    @ direction[k].flatten().to(batch_grad[k].dtype)
-                ).double()
-                for k in direction
-            )
-            / t
-        )
-        end_proj = _total(data.quantities["BatchGradProjections"]).double() / t
+        kept: dict[str, KeptGradients] = start["kept"]
+        start_proj = sum(kept[k].dot(direction[k]).double() for k in kept) / t
+        end_proj = total(stats, "projections").double() / t
         losses = data.per_sample_losses()
         mu = fit_quadratic(
             t,
@@ -936,14 +984,14 @@ class Alpha(Instrument):
 
 
 class CABS(Instrument):
-    r""":func:`cabs`, the CABS batch-size suggestion, from the engine's ``Variance``.
+    r""":func:`cabs`, the CABS batch-size suggestion, from the gradient variance (:meth:`StepData.variance`).
 
     Args:
         learning_rate: :math:`\eta`; ``None`` reads the optimizer's first group's ``lr``.
     """
 
     name = "cabs"
-    needs = frozenset({"Variance"})
+    per_sample = frozenset({"sum_sq"})
 
     def __init__(self, learning_rate: float | None = None) -> None:
         self.learning_rate = learning_rate
@@ -954,67 +1002,105 @@ class CABS(Instrument):
             if data.optimizer is None or "lr" not in data.optimizer.param_groups[0]:
                 return None
             lr = float(data.optimizer.param_groups[0]["lr"])
-        total = float(sum(v.double().sum() for v in data.quantities["Variance"].values()))
-        return cabs(lr, total, data.mean_loss())
+        variance_sum = float(sum(v.double().sum() for v in data.variance().values()))
+        return cabs(lr, variance_sum, data.mean_loss())
 
 
 class EarlyStopping(Instrument):
-    r""":func:`early_stopping`, the EB criterion, from the engine's ``Variance``.
+    r""":func:`early_stopping`, the EB criterion, from the gradient variance (:meth:`StepData.variance`).
 
     Args:
         epsilon: The :math:`\epsilon` in the denominator.
     """
 
     name = "early_stopping"
-    needs = frozenset({"Variance"})
+    per_sample = frozenset({"sum_sq"})
 
     def __init__(self, epsilon: float = 1e-5) -> None:
         self.epsilon = epsilon
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return early_stopping(
-            data.mean_grad(), data.quantities["Variance"], data.num_samples, self.epsilon
-        )
+        return early_stopping(data.mean_grad(), data.variance(), data.num_samples, self.epsilon)
+
+
+def _histogram_record(data: StepData, request: HistogramRequest) -> dict[str, Any]:
+    """Counts summed over parameters, whether they are estimated, and from how many elements."""
+    parts = [v[request.key] for v in data.per_sample.values()]
+    counts = sum(p["counts"] for p in parts[1:]) + parts[0]["counts"]
+    elements, total_elements = sum(p["elements"] for p in parts), sum(p["total"] for p in parts)
+    estimated = elements != total_elements
+    rounded = counts.tolist() if counts.dim() == 1 else counts.tolist()
+
+    def value(c: float) -> float | int:
+        return round(c, 3) if estimated else int(round(c))
+
+    listed = (
+        [value(c) for c in rounded]
+        if counts.dim() == 1
+        else [[value(c) for c in row] for row in rounded]
+    )
+    return {"counts": listed, "estimated": estimated, "elements": elements, "total": total_elements}
 
 
 class GradientHistogram1d(Instrument):
     r"""Histogram of the per-sample gradient elements :math:`g_{n,j}` (Cockpit's ``GradHist1d``).
 
-    All :math:`N P` elements, clipped into ``range``, in ``bins`` equal bins, computed inside
-    the backward by :class:`GradHistogram1d` (one parameter's ``[N, *p]`` at a time). The value
-    is ``{"counts": [bins], "edges": [bins + 1]}``.
+    Values clipped into ``range``, in ``bins`` equal bins, binned inside the backward by the
+    shared :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics`. ``budget=None`` bins
+    all :math:`N P` elements (exact, the cost of forming every per-sample gradient, which on a
+    CPU exceeds a plain training step by far). The default is an unbiased estimate from
+    ``budget`` :math:`= 2^{16}` elements (:data:`~curvlab.diagnostics.per_sample.HISTOGRAM_BUDGET`)
+    drawn without forming the per-sample gradients, seeded by the monitor's seed and the step:
+    each parameter's share is proportional to its size, drawn as per-sample blocks of rows and
+    columns of the parameter viewed as a matrix (an outer product of output gradients and
+    inputs for a ``Linear`` layer), every element drawn :math:`S R C / (N p)` times in
+    expectation and the counts scaled by :math:`N p / (S R C)`
+    (:func:`~curvlab.diagnostics.per_sample.block_sample`); a bin holding the fraction
+    :math:`q` of the elements has a relative standard deviation of about
+    :math:`\sqrt{(1 - q) / (B q)}` or somewhat more (elements of a block are correlated). The
+    value is ``{"counts": [bins], "edges": [bins + 1], "estimated": bool, "elements": int,
+    "total": int}``: ``elements`` binned out of ``total`` :math:`= N P`; estimated counts are
+    floats scaled to ``total``, exact ones integers.
 
     Args:
         bins: The number of bins.
         range: ``(low, high)``.
+        budget: The number of sampled elements, or ``None`` for the exact histogram.
     """
 
     name = "gradient_histogram_1d"
 
-    def __init__(self, bins: int = 100, range: tuple[float, float] = (-2.0, 2.0)) -> None:
-        self.quantity = GradHistogram1d(bins, range)
+    def __init__(
+        self,
+        bins: int = 100,
+        range: tuple[float, float] = (-2.0, 2.0),
+        budget: int | None = HISTOGRAM_BUDGET,
+    ) -> None:
+        self.request = HistogramRequest((int(bins),), ((float(range[0]), float(range[1])),), budget)
 
-    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:  # noqa: D102
-        return {self.quantity.name: self.quantity} if due else {}
+    def per_sample_requests(self, due: bool, due_next: bool) -> tuple[HistogramRequest, ...]:  # noqa: D102
+        return (self.request,) if due else ()
 
-    def compute(self, data: StepData) -> dict[str, list]:  # noqa: D102
-        counts = _total(data.quantities[self.quantity.name])
-        low, high = self.quantity.range
-        edges = torch.linspace(low, high, self.quantity.bins + 1, dtype=torch.float64)
-        return {"counts": [int(round(c)) for c in counts.tolist()], "edges": edges.tolist()}
+    def compute(self, data: StepData) -> dict[str, Any]:  # noqa: D102
+        (bins,), ((low, high),) = self.request.bins, self.request.range
+        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+        return {**_histogram_record(data, self.request), "edges": edges.tolist()}
 
 
 class GradientHistogram2d(Instrument):
     r"""Joint histogram of :math:`(g_{n,j}, \theta_j)` (Cockpit's ``GradHist2d``).
 
     Per-sample gradient elements on the first axis, the parameter values on the second, each
-    clipped into its range; computed inside the backward by :class:`GradHistogram2d`. The value
-    is ``{"counts": [bins_g][bins_theta], "grad_edges": [...], "param_edges": [...]}``. Due
-    every 10 steps by default (its record holds ``bins_g * bins_theta`` numbers).
+    clipped into its range; binned inside the backward like :class:`GradientHistogram1d`
+    (estimated from ``budget`` sampled pairs by default, exact with ``budget=None``). The value
+    is ``{"counts": [bins_g][bins_theta], "grad_edges": [...], "param_edges": [...],
+    "estimated": bool, "elements": int, "total": int}``. Due every 10 steps by default (its
+    record holds ``bins_g * bins_theta`` numbers).
 
     Args:
         bins: ``(bins_g, bins_theta)``.
         range: ``((low_g, high_g), (low_theta, high_theta))``.
+        budget: The number of sampled elements, or ``None`` for the exact histogram.
     """
 
     name = "gradient_histogram_2d"
@@ -1024,42 +1110,49 @@ class GradientHistogram2d(Instrument):
         self,
         bins: tuple[int, int] = (40, 50),
         range: tuple[tuple[float, float], tuple[float, float]] = ((-1.0, 1.0), (-2.0, 2.0)),
+        budget: int | None = HISTOGRAM_BUDGET,
     ) -> None:
-        self.quantity = GradHistogram2d(bins, range)
+        self.request = HistogramRequest(
+            (int(bins[0]), int(bins[1])),
+            tuple((float(lo), float(hi)) for lo, hi in range),
+            budget,
+        )
 
-    def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:  # noqa: D102
-        return {self.quantity.name: self.quantity} if due else {}
+    def per_sample_requests(self, due: bool, due_next: bool) -> tuple[HistogramRequest, ...]:  # noqa: D102
+        return (self.request,) if due else ()
 
-    def compute(self, data: StepData) -> dict[str, list]:  # noqa: D102
-        counts = _total(data.quantities[self.quantity.name])
+    def compute(self, data: StepData) -> dict[str, Any]:  # noqa: D102
         edges = [
             torch.linspace(lo, hi, b + 1, dtype=torch.float64).tolist()
-            for b, (lo, hi) in zip(self.quantity.bins, self.quantity.range, strict=True)
+            for b, (lo, hi) in zip(self.request.bins, self.request.range, strict=True)
         ]
+        record = _histogram_record(data, self.request)
         return {
-            "counts": [[int(round(c)) for c in row] for row in counts.tolist()],
+            "counts": record.pop("counts"),
             "grad_edges": edges[0],
             "param_edges": edges[1],
+            **record,
         }
 
 
 class _TIC(Instrument):
     kind: ClassVar[str] = "diag"
     every = 10
-    needs = frozenset({"SumGradSquared", "DiagHessian"})
+    needs = frozenset({"DiagHessian"})
+    per_sample = frozenset({"sum_sq"})
 
     def __init__(self, epsilon: float = 1e-7) -> None:
         self.epsilon = epsilon
 
     def compute(self, data: StepData) -> float:  # noqa: D102
         n, scale = data.num_samples, data.mean_scale()
-        second = {k: v / n for k, v in data.quantities["SumGradSquared"].items()}
+        second = {k: v / n for k, v in data.sum_sq().items()}
         hessian = {k: v * scale for k, v in data.quantities["DiagHessian"].items()}
         return tic(second, hessian, self.kind, self.epsilon)
 
 
 class TICDiag(_TIC):
-    r""":func:`tic` with diagonals, from ``SumGradSquared`` and ``DiagHessian`` (Cockpit's ``TICDiag``).
+    r""":func:`tic` with diagonals, from :math:`\sum_n g_n^{\odot 2}` and ``DiagHessian`` (Cockpit's ``TICDiag``).
 
     The exact Hessian diagonal backpropagates the loss Hessian's square root (``C`` columns for
     ``C`` classes). Due every 10 steps by default.
@@ -1073,7 +1166,7 @@ class TICDiag(_TIC):
 
 
 class TICTrace(_TIC):
-    r""":func:`tic` with traces, from ``SumGradSquared`` and ``DiagHessian`` (Cockpit's ``TICTrace``).
+    r""":func:`tic` with traces, from :math:`\sum_n g_n^{\odot 2}` and ``DiagHessian`` (Cockpit's ``TICTrace``).
 
     Due every 10 steps by default.
 

@@ -57,6 +57,7 @@ from curvlab.diagnostics.instruments import (
     linear_schedule,
     resolve_instruments,
 )
+from curvlab.diagnostics.per_sample import PerSampleStatistics
 
 LOG_NAME = "monitor.jsonl"
 """The log's file name in ``log_dir``."""
@@ -266,6 +267,7 @@ class Monitor:
         self.dashboard_every = dashboard_every
         self._tensorboard = _tensorboard_writer(log_dir) if tensorboard else None
         self.model, self.loss_func, self.seed = model, loss_func, seed
+        self._total_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.instruments = resolve_instruments(preset)
         self.schedules = self._schedules(schedule)
         self.log_dir = None if log_dir is None else Path(log_dir)
@@ -315,15 +317,31 @@ class Monitor:
         return [i for i in self.instruments if self.schedules[i.name](step)]
 
     def _quantities(self, step: int) -> dict[str, Quantity]:
-        """The engine quantities by name that the instruments need at ``step``."""
+        """The engine quantities by name that the instruments need at ``step``.
+
+        Every per-sample statistic of the due instruments goes into one
+        :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics`, so that each is computed
+        once per backward.
+        """
         out: dict[str, Quantity] = {}
+        requests: list = []
         for instrument in self.instruments:
             schedule = self.schedules[instrument.name]
-            due_next = instrument.remembers and schedule(step + 1)
-            for name, quantity in instrument.engine_quantities(schedule(step), due_next).items():
+            due, due_next = schedule(step), instrument.remembers and schedule(step + 1)
+            for name, quantity in instrument.engine_quantities(due, due_next).items():
                 out.setdefault(name, quantity)
-        if "BatchGradDots" in out:
-            out.pop("BatchL2", None)  # its diagonal
+            requests += instrument.per_sample_requests(due, due_next)
+        # projections are onto the last update: from the parameters kept at the step before
+        reference = None
+        if self._previous is not None and self._previous[0] == step - 1:
+            reference = self._previous[1]
+        if reference is None:
+            requests = [r for r in requests if r != "projections"]
+        if requests:
+            stats = PerSampleStatistics(
+                requests, reference, self._total_params, seed=self.seed + step
+            )
+            out[stats.name] = stats
         return out
 
     def _prepare(self, step: int) -> None:
@@ -423,11 +441,15 @@ class Monitor:
             data.output = results.output
             data.grad = results.grad
             data.quantities = {q: results[q] for q in needs}
+            for name, quantity in quantities.items():
+                if isinstance(quantity, PerSampleStatistics):
+                    data.per_sample = results[name]
             if data.loss is None:
                 data.loss = results.loss
         record: dict[str, Any] = {"step": step}
         for instrument in due:
-            if results is None and instrument.engine_quantities(True, False):
+            engine_needs = instrument.engine_quantities(True, False)
+            if results is None and (engine_needs or instrument.per_sample_requests(True, False)):
                 continue  # no batch was recorded
             if "batch" in instrument.needs and (inputs is None or targets is None):
                 continue
