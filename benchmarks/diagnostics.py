@@ -4,7 +4,9 @@ For every problem (``mlp-mnist``, ``3c3d-cifar10``; MISSION.md) at batch 128 on 
 right shapes, one process builds a plain SGD training loop (forward, ``loss.backward()``,
 ``optimizer.step()``) and the same loop inside a
 :class:`curvlab.diagnostics.Monitor` for each preset (``economy``, ``business``, ``full``) and
-tracking interval ``k`` (1, 4, 16: every instrument every ``k`` steps, ``schedule=k``). With
+tracking interval ``k`` (1, 4, 16: every instrument every ``k`` steps, ``schedule=k``), and
+``business-mc``: business with ``TICDiag(curvature="mc")`` and ``HessianTrace(method="mc")`` (one
+sampled GGN column instead of the exact Hessian diagonal; Cockpit's side runs its business). With
 ``--compare cockpit`` the same rows run for cockpit-for-pytorch on BackPACK:
 ``Cockpit(params, quantities=configuration(preset, track_schedule=linear(k)))`` with
 ``loss.backward(create_graph=cockpit.create_graph(step))``, its documented loop. Every
@@ -37,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from curvlab.diagnostics import Monitor
+from curvlab.diagnostics import PRESETS as MONITOR_PRESETS
+from curvlab.diagnostics import HessianTrace, Monitor, TICDiag
 
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
@@ -47,9 +50,9 @@ _spec.loader.exec_module(_backprop)
 build, _commit, _device = _backprop.build, _backprop._commit, _backprop._device
 
 PROBLEMS = ("mlp-mnist", "3c3d-cifar10")
-PRESETS = ("economy", "business", "full")
+PRESETS = ("economy", "business", "business-mc", "full")
 INTERVALS = (1, 4, 16)
-TARGETS = {"economy": 1.25, "business": 1.5}
+TARGETS = {"economy": 1.25, "business": 1.5, "business-mc": 1.5}
 """Issue 19's targets at interval 1 (the ratio to training without a monitor)."""
 COCKPIT_PUBLISHED = {"economy": 1.5, "business": 2.0}
 """Cockpit's published overheads for 3C3D at every step (its paper, Fig. 6)."""
@@ -119,7 +122,7 @@ def _ours(
 ) -> Loop:
     """One SGD step inside ``Monitor(model, loss_func, preset, schedule=interval)`` per call."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    monitor = Monitor(model, loss_func, preset=preset, schedule=interval)
+    monitor = Monitor(model, loss_func, preset=_instruments(preset), schedule=interval)
     counter = [0]
 
     def step() -> None:
@@ -131,6 +134,14 @@ def _ours(
         counter[0] += 1
 
     return step
+
+
+def _instruments(preset: str) -> str | list:
+    """The monitor's preset, or business with the MC curvature options for ``business-mc``."""
+    if preset != "business-mc":
+        return preset
+    swap = {"tic_diag": TICDiag(curvature="mc"), "hessian_trace": HessianTrace(method="mc")}
+    return [swap.get(name, name) for name in MONITOR_PRESETS["business"]]
 
 
 def _theirs(
@@ -150,7 +161,7 @@ def _theirs(
     loss_func = extend(nn.CrossEntropyLoss())
     individual = extend(nn.CrossEntropyLoss(reduction="none"))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    quantities = configuration(preset, track_schedule=linear(interval))
+    quantities = configuration(preset.removesuffix("-mc"), track_schedule=linear(interval))
     watcher = cockpit.Cockpit(model.parameters(), quantities=quantities)
     counter = [0]
 
@@ -301,6 +312,9 @@ def _write(args: argparse.Namespace, rows: list[dict], cockpit_error: str | None
             "(and Cockpit's) on their own model copies, each timed over `interval` steps (one "
             "tracked step), interleaved one run each per round, order rotating; t are medians, "
             "raw_s every run; time_ratio = t_loop / t_plain_loop. CrossEntropyLoss(mean), "
+            "curvlab's gradient histograms are its default unbiased estimates from 2^16 "
+            "elements (Cockpit bins all N P); business-mc is business with TICDiag(curvature="
+            "'mc') and HessianTrace(method='mc') against Cockpit's business. "
             "random data, SGD lr 0.01. Shared machine (2 cores, other engineers' jobs running): "
             "figures taken under load, one thread."
             + (" " + COCKPIT_SHIM if "cockpit" in args.compare else "")

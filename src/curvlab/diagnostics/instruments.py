@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from curvlab.backprop import (
     GRAD,
     BatchL2,
+    DiagGGN,
     DiagHessian,
     Quantity,
     SumGradSquared,
@@ -230,6 +231,7 @@ ENGINE_QUANTITIES: dict[str, Callable[[], Quantity]] = {
     "Variance": Variance,
     "SumGradSquared": SumGradSquared,
     "DiagHessian": DiagHessian,
+    "DiagGGNMC": lambda: DiagGGN(mc_samples=1),
 }
 """The engine quantities instruments may need, by name."""
 
@@ -870,12 +872,17 @@ class HessianTrace(Instrument):
     each quantity once). ``method="hutch++"``: Hutch++ on :class:`~curvlab.linops.Hessian` with
     ``num_matvecs`` products in two batched passes, exact once ``num_matvecs / 3`` reaches
     :math:`P`; the cheaper choice where the Hessian diagonal has no closed form on the graph (the
-    engine then takes one Hessian-vector product per parameter, e.g. attention). Due every 10
-    steps by default.
+    engine then takes one Hessian-vector product per parameter, e.g. attention).
+    ``method="mc"``: the sum of the engine's Monte-Carlo GGN diagonal (``DiagGGN(mc_samples=1)``,
+    one sampled backward column inside the user's backward instead of one per output and the
+    Hessian's residual terms): an unbiased estimate of :math:`\operatorname{tr}(G)`, which is
+    :math:`\operatorname{tr}(\nabla^2 L)` only for networks whose layers are piecewise linear
+    (ReLU, max-pooling, linear and convolution layers), and shared with ``TICDiag(curvature="mc")``.
+    Due every 10 steps by default.
 
     Args:
         num_matvecs: Hutch++'s number of products, at least 3 (``method="hutch++"``).
-        method: ``"diagonal"`` or ``"hutch++"``.
+        method: ``"diagonal"``, ``"hutch++"`` or ``"mc"``.
 
     Raises:
         ValueError: an unknown ``method``.
@@ -886,16 +893,21 @@ class HessianTrace(Instrument):
     needs = frozenset({"DiagHessian"})
 
     def __init__(self, num_matvecs: int = 30, method: str = "diagonal") -> None:
-        if method not in ("diagonal", "hutch++"):
-            raise ValueError(f"HessianTrace method must be 'diagonal' or 'hutch++', got {method!r}")
+        if method not in ("diagonal", "hutch++", "mc"):
+            raise ValueError(
+                f"HessianTrace method must be 'diagonal', 'hutch++' or 'mc', got {method!r}"
+            )
         self.num_matvecs = num_matvecs
         self.method = method
         if method == "hutch++":
             self.needs = frozenset({"batch"})
+        elif method == "mc":
+            self.needs = frozenset({"DiagGGNMC"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        if self.method == "diagonal":
-            return float(sum(v.sum() for v in data.quantities["DiagHessian"].values()))
+        if self.method != "hutch++":
+            (name,) = self.needs
+            return float(sum(v.sum() for v in data.quantities[name].values()))
         return float(
             hutchpp_trace(_batch_hessian(data), self.num_matvecs, generator=data.generator)
         )
@@ -1141,13 +1153,21 @@ class _TIC(Instrument):
     needs = frozenset({"DiagHessian"})
     per_sample = frozenset({"sum_sq"})
 
-    def __init__(self, epsilon: float = 1e-7) -> None:
+    def __init__(self, epsilon: float = 1e-7, curvature: str = "exact") -> None:
+        if curvature not in ("exact", "mc"):
+            raise ValueError(
+                f"{type(self).__name__} curvature must be 'exact' or 'mc', got {curvature!r}"
+            )
         self.epsilon = epsilon
+        self.curvature = curvature
+        if curvature == "mc":
+            self.needs = frozenset({"DiagGGNMC"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
         n, scale = data.num_samples, data.mean_scale()
         second = {k: v / n for k, v in data.sum_sq().items()}
-        hessian = {k: v * scale for k, v in data.quantities["DiagHessian"].items()}
+        (name,) = self.needs
+        hessian = {k: v * scale for k, v in data.quantities[name].items()}
         return tic(second, hessian, self.kind, self.epsilon)
 
 
@@ -1155,10 +1175,14 @@ class TICDiag(_TIC):
     r""":func:`tic` with diagonals, from :math:`\sum_n g_n^{\odot 2}` and ``DiagHessian`` (Cockpit's ``TICDiag``).
 
     The exact Hessian diagonal backpropagates the loss Hessian's square root (``C`` columns for
-    ``C`` classes). Due every 10 steps by default.
+    ``C`` classes). ``curvature="mc"`` takes the Monte-Carlo GGN diagonal instead (one sampled
+    column; the Hessian diagonal in expectation only for piecewise-linear networks, and the
+    ratio of an estimate is biased), shared with ``HessianTrace(method="mc")``. Due every 10
+    steps by default.
 
     Args:
         epsilon: The :math:`\epsilon` in the denominator.
+        curvature: ``"exact"`` (``DiagHessian``) or ``"mc"`` (``DiagGGN(mc_samples=1)``).
     """
 
     name = "tic_diag"
@@ -1168,10 +1192,11 @@ class TICDiag(_TIC):
 class TICTrace(_TIC):
     r""":func:`tic` with traces, from :math:`\sum_n g_n^{\odot 2}` and ``DiagHessian`` (Cockpit's ``TICTrace``).
 
-    Due every 10 steps by default.
+    Due every 10 steps by default; ``curvature`` as for :class:`TICDiag`.
 
     Args:
         epsilon: The :math:`\epsilon` in the denominator.
+        curvature: ``"exact"`` (``DiagHessian``) or ``"mc"`` (``DiagGGN(mc_samples=1)``).
     """
 
     name = "tic_trace"

@@ -344,12 +344,22 @@ class Monitor:
             out[stats.name] = stats
         return out
 
+    def _generator(self, step: int) -> torch.Generator:
+        """The engine's MC samples of ``step``, seeded by ``seed + step``."""
+        device = next(iter(self._params().values())).device
+        return torch.Generator(device).manual_seed(self.seed + step)
+
     def _prepare(self, step: int) -> None:
         """Open the capture for ``step`` (before its forward), if its instruments need one."""
         quantities = self._quantities(step)
         self._recorder.clear()
         if quantities:
-            prepared = capture(self.model, self.loss_func, list(quantities.values()))
+            prepared = capture(
+                self.model,
+                self.loss_func,
+                list(quantities.values()),
+                generator=self._generator(step),
+            )
             prepared.__enter__()
             self._prepared = (step, frozenset(quantities), prepared)
 
@@ -415,7 +425,12 @@ class Monitor:
         inputs, targets = self._recorder.inputs, self._recorder.targets
         if needs and results is None and inputs is not None and targets is not None:
             results = compute(
-                self.model, self.loss_func, inputs, targets, list(quantities.values())
+                self.model,
+                self.loss_func,
+                inputs,
+                targets,
+                list(quantities.values()),
+                generator=self._generator(step),
             )
         params = self._params()
         previous = None
