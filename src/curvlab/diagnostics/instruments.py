@@ -277,6 +277,7 @@ class StepData:
     quantities: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     per_sample: dict[str, dict[str, Any]] | None = None
     generator: torch.Generator | None = None
+    update_buffers: dict[str, Tensor] | None = field(default=None, repr=False)
     _mean_grad: dict[str, Tensor] | None = field(default=None, repr=False)
     _mean_sq_norm: float | None = field(default=None, repr=False)
     _update: dict[str, Tensor] | None = field(default=None, repr=False)
@@ -291,7 +292,7 @@ class StepData:
     def update(self) -> dict[str, Tensor]:
         r"""The last update :math:`\theta_t - \theta_{t-1}` by name (needs ``previous``; computed once)."""
         if self._update is None:
-            self._update = {k: v - self.previous[k].to(v.dtype) for k, v in self.params.items()}
+            self._update = _differences(self.params, self.previous, self.update_buffers)
         return self._update
 
     def mean_sq_norm(self) -> float:
@@ -362,14 +363,45 @@ def _total(values: Mapping[str, Tensor]) -> Tensor:
     return sum(tensors[1:], tensors[0])
 
 
+def copy_into(values: Mapping[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies of ``values`` in the buffers of ``out`` (kept across steps, filled on first use)."""
+    for k, v in values.items():
+        buffer = out.get(k)
+        if buffer is None or buffer.shape != v.shape or buffer.dtype != v.dtype:
+            out[k] = buffer = torch.empty_like(v)
+        buffer.copy_(v)
+    return {k: out[k] for k in values}
+
+
 def _sq_norm(values: Mapping[str, Tensor]) -> float:
     r""":math:`\sum_k \lVert v_k \rVert^2` (norms in the tensors' dtype, summed in float64)."""
     norms = [torch.linalg.vector_norm(v) for v in values.values()]
     return float(torch.stack(norms).double().square().sum()) if norms else 0.0
 
 
-def _difference_norm(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    return math.sqrt(_sq_norm({k: a[k] - b[k].to(a[k].dtype) for k in a}))
+def _difference_norm(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], out: dict[str, Tensor] | None = None
+) -> float:
+    r""":math:`\lVert a - b \rVert`; ``out`` keeps the differences' buffers between calls."""
+    return math.sqrt(_sq_norm(_differences(a, b, out)))
+
+
+def _differences(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], out: dict[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """``a - b`` by name, into the buffers of ``out`` (filled on first use) if given.
+
+    Parameter-sized temporaries are a visible share of a small model's step on the CPU (each is
+    fresh memory the system must map); buffers kept across steps avoid them.
+    """
+    if out is None:
+        return {k: a[k] - b[k].to(a[k].dtype) for k in a}
+    for k in a:
+        buffer = out.get(k)
+        if buffer is None or buffer.shape != a[k].shape or buffer.dtype != a[k].dtype:
+            out[k] = buffer = torch.empty_like(a[k])
+        torch.sub(a[k], b[k].to(a[k].dtype), out=buffer)
+    return {k: out[k] for k in a}
 
 
 # ---------------------------------------------------------------------------------- formulas
@@ -727,7 +759,10 @@ class Distance(Instrument):
     name = "distance"
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return _difference_norm(data.params, data.initial)
+        return _difference_norm(data.params, data.initial, self._buffers)
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
 
 
 class UpdateSize(Instrument):
@@ -913,6 +948,12 @@ class HessianTrace(Instrument):
         )
 
 
+PARALLEL_TOLERANCE = 1e-3
+r"""Alpha's start projections come from :math:`g_n^\top \bar g` when the update :math:`d`
+leaves a residual below this fraction of :math:`\lVert d \rVert` after its projection on the
+start's mean gradient (plain SGD leaves only the rounding of the parameter update)."""
+
+
 class Alpha(Instrument):
     r"""Cockpit's :math:`\alpha`: where the last step landed on a noise-aware parabola.
 
@@ -933,8 +974,10 @@ class Alpha(Instrument):
     product :math:`\delta_n^\top D x_n`; other layers' per-sample gradients); at :math:`t` the
     per-sample gradients are projected onto :math:`d` (``"projections"``, from the parameters
     :math:`\theta_{t-1}` that the monitor keeps for ``update_size`` too: one copy of
-    :math:`\theta`). Any optimizer works (Cockpit's default ``Alpha`` assumes plain SGD). The
-    inputs and output gradients kept from step :math:`t - 1` are the tensors of that forward
+    :math:`\theta`). Any optimizer works (Cockpit's default ``Alpha`` assumes plain SGD); when
+    the update is the start's mean gradient times a step (plain SGD, to
+    :data:`PARALLEL_TOLERANCE`), the start's projections are :math:`\lambda\, g_n^\top \bar g`
+    from its inner-product statistics, with no product at all. The inputs and output gradients kept from step :math:`t - 1` are the tensors of that forward
     and backward: do not modify a batch in place between two steps.
     """
 
@@ -944,13 +987,14 @@ class Alpha(Instrument):
 
     def __init__(self) -> None:
         self._start: dict[str, Any] | None = None
+        self._mean_buffers: dict[str, Tensor] = {}
 
     def per_sample_requests(self, due: bool, due_next: bool) -> tuple[str, ...]:  # noqa: D102
         requests = []
         if due and self._start is not None:
             requests.append("projections")  # onto the last update (the monitor's previous)
         if due_next:
-            requests.append("keep")
+            requests += ["keep", "dots_with_mean"]
         return tuple(requests)
 
     def remember(self, data: StepData) -> None:  # noqa: D102
@@ -964,7 +1008,30 @@ class Alpha(Instrument):
             "f": float(losses.mean()),
             "var_f": float(losses.var()),
             "kept": {k: v["keep"] for k, v in stats.items()},
+            "dots_with_mean": data.dots_with_mean(),
+            "mean_grad": copy_into(data.mean_grad(), self._mean_buffers),
+            "mean_sq_norm": data.mean_sq_norm(),
         }
+
+    def _start_projections(self, direction: dict[str, Tensor], t: float) -> Tensor:
+        r""":math:`g_n(\theta_{t-1})^\top d`, ``[N]``.
+
+        When :math:`d = \lambda \bar g_{t-1}` to :data:`PARALLEL_TOLERANCE` (plain SGD), it is
+        :math:`\lambda\, g_n^\top \bar g_{t-1}`, from the start's inner-product statistics;
+        otherwise one product per layer with the kept factors.
+        """
+        start = self._start
+        mean, mean_sq = start["mean_grad"], start["mean_sq_norm"]
+        if mean_sq > 0:
+            along = sum(
+                float(torch.dot(direction[k].flatten(), mean[k].flatten().to(direction[k].dtype)))
+                for k in direction
+            )
+            residual_sq = t * t - along * along / mean_sq
+            if residual_sq <= (PARALLEL_TOLERANCE * t) ** 2:
+                return start["dots_with_mean"].double() * (along / mean_sq)
+        kept: dict[str, KeptGradients] = start["kept"]
+        return sum(kept[k].dot(direction[k]).double() for k in kept)
 
     def compute(self, data: StepData) -> float | None:  # noqa: D102
         start, stats = self._start, data.per_sample
@@ -981,8 +1048,7 @@ class Alpha(Instrument):
         t = math.sqrt(_sq_norm(direction))
         if t == 0.0:
             return -1.0
-        kept: dict[str, KeptGradients] = start["kept"]
-        start_proj = sum(kept[k].dot(direction[k]).double() for k in kept) / t
+        start_proj = self._start_projections(direction, t) / t
         end_proj = total(stats, "projections").double() / t
         losses = data.per_sample_losses()
         mu = fit_quadratic(

@@ -54,6 +54,7 @@ from curvlab.diagnostics.instruments import (
     Instrument,
     Schedule,
     StepData,
+    copy_into,
     linear_schedule,
     resolve_instruments,
 )
@@ -275,6 +276,8 @@ class Monitor:
         self.log = None if self.log_dir is None else JSONLLog(self.log_dir / LOG_NAME)
         self._latest: dict[str, Any] = {}
         self._previous: tuple[int, dict[str, Tensor]] | None = None
+        self._previous_buffers: dict[str, Tensor] = {}
+        self._update_buffers: dict[str, Tensor] = {}
         self._prepared: tuple[int, frozenset[str], Any] | None = None
         self._recorder = _BatchRecorder(model, loss_func)
         self._closed = False
@@ -450,6 +453,7 @@ class Monitor:
             inputs=inputs,
             targets=targets,
             generator=generator,
+            update_buffers=self._update_buffers,
         )
         if results is not None:
             data.num_samples = results.output.shape[0]
@@ -483,7 +487,8 @@ class Monitor:
             _write_scalars(self._tensorboard, record)
         self._previous = None
         if any("previous" in i.needs for i in self.due(step + 1)):
-            self._previous = (step, {n: p.clone() for n, p in params.items()})
+            # into the same buffers every step (the last step's copy is no longer needed)
+            self._previous = (step, copy_into(params, self._previous_buffers))
         self._prepare(step + 1)
 
 
