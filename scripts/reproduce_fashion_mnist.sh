@@ -33,7 +33,7 @@ if [[ $STAGE == sweep || $STAGE == all ]]; then
   S=(--seeds 42,43,44 --eval-every 10)
   "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer adam --lrs 3e-5,1e-4,3e-4,1e-3 \
     --out "$RUNS/sweep-adam"
-  "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer sgd --lrs 0.01,0.03,0.05,0.1 \
+  "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer sgd --lrs 0.03,0.05,0.1 \
     --out "$RUNS/sweep-sgd"
   "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer gn-right-inverse --lrs 0.5,1 \
     --dampings 100,1000 --out "$RUNS/sweep-gn-right-inverse"
