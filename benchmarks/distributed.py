@@ -3,7 +3,7 @@
 Run with ``torchrun --nproc_per_node=2 benchmarks/distributed.py`` (gloo on CPU). On each
 rank, in the same process: an SGD step under DDP (forward, backward with DDP's gradient
 all-reduce, update) and a KFAC step wrapped by :class:`DataParallelPreconditioner` (factors
-all-reduced in buckets every step; inverses every step, spread round-robin, or computed on
+all-reduced in buckets every step; inverses every step, spread over the ranks by cost, or computed on
 every rank). Rank 0 prints median times over repeats as ratios to the SGD step and writes
 ``benchmarks/results/distributed-<device>.json`` with the device and versions.
 """

@@ -86,7 +86,7 @@ def test_optimizer_keeps_the_structure(name):
     model = mlp()
     x, y = batch()
     opt = SINGD(model, lr=0.01, loss_func=LOSS, structure=name, lr_cov=0.1, update_interval=1)
-    for _ in range(3):
+    for _ in range(12):
         opt.step(closure_for(model, opt, x, y))
     for k, c in opt.preconditioner().values():
         for factor, structure in zip((k, c), opt.structures, strict=True):

@@ -122,8 +122,9 @@ class _LayerwiseOptimizer(StatisticsHooks, torch.optim.Optimizer):
 
     Subclasses call :meth:`_setup_layers` in their ``__init__`` and define
     ``_check_group_values(momentum, weight_decay)``; messages carry the subclass's name. On the
-    steps that refresh the curvature, the engine's blocks ``{name: KronFactors}`` (a joint
-    block under both names) pass through the hooks of :meth:`register_statistics_hook`
+    steps that refresh the curvature, the engine's blocks ``{name: KronFactors}`` of the
+    optimizer's own layers (a joint block under both names; not the fallback's) pass through
+    the hooks of :meth:`register_statistics_hook`
     (:mod:`curvlab.optim.hooks`) before they enter the running averages or the factors'
     update: data parallelism all-reduces them there.
     """
@@ -175,6 +176,11 @@ class _LayerwiseOptimizer(StatisticsHooks, torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self._generator.manual_seed(seed)
         self._steps = 0
+
+    def _hooked_statistics(self, results: dict[str, Any]) -> dict[str, Any]:
+        """The engine's blocks of this optimizer's units (by name), after the hooks."""
+        mine = {n: results[n] for units in self._units for u in units for n in u.names}
+        return self._run_statistics_hooks(mine)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Param groups are fixed at construction (the blocks and the fallback depend on them)."""
@@ -411,7 +417,7 @@ class KFAC(InverseHooks, _LayerwiseOptimizer):
         return out
 
     def _update_factors(self, results: dict[str, Any]) -> None:
-        results = self._run_statistics_hooks(dict(results))
+        results = self._hooked_statistics(results)
         for unit in (u for units in self._units for u in units):
             new = results[unit.names[0]]
             if not isinstance(new, KronFactors) or new.layout != unit.layout:

@@ -359,7 +359,7 @@ class SINGD(_LayerwiseOptimizer):
         self._store(unit, K=k, C=c, m_K=k.zeros_like(), m_C=c.zeros_like())
 
     def _update_factors(self, results: dict[str, Any]) -> None:
-        results = self._run_statistics_hooks(dict(results))
+        results = self._hooked_statistics(results)
         for unit in self._all_units():
             new = results[unit.names[0]]
             if not isinstance(new, KronFactors) or new.layout != unit.layout:
