@@ -71,6 +71,17 @@ class _OutputSpaceCurvature(ModelOperator):
         leaves, output, tangent = record
         names = list(self.params)
         count = next(iter(columns.values())).shape[0]
+        if not self.column_by_column:  # one batched pass: vmap and a batched backward
+            tangents = vmap(tangent)(columns)
+            middle = self._middle(index, output.detach(), targets, tangents) * self.batch_factor
+            with torch.enable_grad():
+                product = torch.autograd.grad(
+                    output, leaves, middle, True, allow_unused=True, is_grads_batched=True
+                )
+            return {
+                k: torch.zeros_like(columns[k]) if v is None else v
+                for k, v in zip(names, product, strict=True)
+            }
         tangents = torch.stack(
             [tangent({k: c[j] for k, c in columns.items()}) for j in range(count)]
         )
