@@ -220,7 +220,7 @@ def test_trains_on_bundled_fashion_mnist():
     assert final < 0.25 * losses[0]  # measured: 2.32 -> 0.35
 
 
-@pytest.mark.parametrize("structure", ["dense", "block_diagonal", "diagonal"])
+@pytest.mark.parametrize("structure", STRUCTURE_NAMES)
 def test_bfloat16_tracks_float32(structure):
     losses32, final32 = _fashion(structure)
     losses16, final16 = _fashion(structure, dtype=torch.bfloat16)
@@ -266,3 +266,15 @@ def test_step_needs_the_closure():
     model = mlp()
     with pytest.raises(TypeError, match="closure"):
         SINGD(model, loss_func=LOSS).step(None)
+
+
+def test_dense_factors_of_an_old_state_dict_are_refused():
+    model, (x, y) = mlp(), batch()
+    opt = SINGD(model, loss_func=LOSS, update_interval=1)
+    opt.step(closure_for(model, opt, x, y))
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        if "K" in state:
+            state["K"] = state["K"][0]  # one dense tensor, as before the structured storage
+    with pytest.raises(ValueError, match="dense tensor"):
+        SINGD(mlp(), loss_func=LOSS).load_state_dict(saved)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab.optim.singd import Factors, precondition, riemannian_step
+from curvlab.optim.singd import Factors, check_structured_state, precondition, riemannian_step
 from curvlab.optim.structures import Structure, StructuredMatrix, make_structure
 
 
@@ -274,6 +274,11 @@ class IFShampoo(torch.optim.Optimizer):
         for group in self.param_groups:
             _check(0 <= group["momentum"] < 1, who, "momentum", group["momentum"], "in [0, 1)")
             _check(group["weight_decay"] >= 0, who, "weight_decay", group["weight_decay"], ">= 0")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (resumes bit for bit)."""
+        check_structured_state(state_dict, "IFShampoo")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -189,6 +189,26 @@ def precondition(k: StructuredMatrix, c: StructuredMatrix, matrix: Tensor) -> Te
     return out.to(matrix.dtype)
 
 
+FACTOR_KEYS = ("K", "C", "m_K", "m_C")
+"""The state entries that hold structured matrices (as tuples of their parameters)."""
+
+
+def check_structured_state(state_dict: dict[str, Any], who: str) -> None:
+    """Raise a clear error for a state dict whose factors are dense tensors (before structured storage).
+
+    Raises:
+        ValueError: A factor stored as one tensor instead of its structure's parameters.
+    """
+    for index, state in state_dict.get("state", {}).items():
+        for key in FACTOR_KEYS:
+            if isinstance(state.get(key), Tensor):
+                raise ValueError(
+                    f"{who}.load_state_dict: state {index!r} holds {key!r} as one dense tensor "
+                    "(a state dict from before the structured storage); the factors are now "
+                    "tuples of their structure's parameters, so it cannot be resumed"
+                )
+
+
 # ------------------------------------------------------------------------------ optimizer
 def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
     if not condition:
@@ -445,6 +465,7 @@ class SINGD(_LayerwiseOptimizer):
         if "singd" not in state_dict:
             raise ValueError("SINGD.load_state_dict: not a SINGD state dict (no 'singd' entry)")
         extra = state_dict.pop("singd")
+        check_structured_state(state_dict, "SINGD")
         super().load_state_dict(state_dict)
         self._steps = int(extra["steps"])
         self._generator.set_state(extra["generator"].cpu())
