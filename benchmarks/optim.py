@@ -27,10 +27,12 @@ drive some methods, AdaHesScale at its default ``lr`` on 3C3D, to NaN); medians 
 
 Memory: bytes of every tensor in ``optimizer.state_dict()`` (the parameters' state; KFAC's
 factors and decompositions, SINGD's factors and momenta), after a few steps, against Adam's.
+SINGD's state is also recorded for every structure (``singd_state_by_structure``, untimed;
+``--memory-only`` refreshes just that entry of an existing JSON).
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/optim.py [--compare singd] [--repeats 5]
+    OMP_NUM_THREADS=1 python benchmarks/optim.py [--compare singd] [--repeats 5] [--memory-only]
 
 Writes ``benchmarks/results/optim-cpu.json`` and ``optim-cpu.png``.
 """
@@ -324,6 +326,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def singd_memory(case: str) -> dict[str, float]:
+    """SINGD's state bytes against Adam's for every structure (after 3 steps, untimed)."""
+    from curvlab.optim import STRUCTURES
+
+    make, shape = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, *shape, generator=g)
+    y = torch.randint(0, 10, (BATCH,), generator=g)
+    ratios = {}
+    adam = build("adam", make)
+    for _ in range(3):
+        adam.step(x, y)
+    adam_bytes = state_bytes(adam.opt)
+    for structure in STRUCTURES:
+        method = build(f"singd-{structure}", make)
+        for _ in range(3):
+            method.step(x, y)
+        ratios[structure] = state_bytes(method.opt) / adam_bytes
+    return ratios
+
+
 def main() -> None:
     """Parse arguments, run the cases, write JSON and PNG, print a table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -332,7 +355,19 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--asdl-steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "optim-cpu.json")
+    parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
+    memory = {case: singd_memory(case) for case in args.cases}
+    for case, ratios in memory.items():
+        print(f"{case}: SINGD state / Adam's by structure")
+        for structure, ratio in ratios.items():
+            print(f"  {structure:18s} {ratio:6.2f}")
+    if args.memory_only:
+        record = json.loads(args.out.read_text())
+        for case, ratios in memory.items():
+            record["results"][case]["singd_state_by_structure"] = ratios
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        return
     structures = ["dense", "diagonal", "block_diagonal"]
     names = ["adam", "sgd", "kfac"] + [f"singd-{s}" for s in structures]
     names += ["rootfree-adam", "ifshampoo", "adahesscale"]
@@ -351,6 +386,8 @@ def main() -> None:
             "replaced by no-ops on this CPU build of torch"
         )
     results = {case: run_case(case, names, args.repeats, args.asdl_steps) for case in args.cases}
+    for case, ratios in memory.items():
+        results[case]["singd_state_by_structure"] = ratios
     record = {
         "benchmark": "optim",
         "device": "cpu",
@@ -378,7 +415,7 @@ def main() -> None:
                 state = r["state_ratio_to_adam"]
                 state_text = "n/a" if state is None else f"{state:7.2f}"
                 print(f"  {name:24s} {r['ratio_to_adam']:6.2f}x   {state_text}")
-            else:
+            elif name != "singd_state_by_structure":
                 print(f"  {name:24s} {r.get('error') or r.get('not_applicable')}")
 
 
