@@ -165,3 +165,13 @@ def test_sample_block_of_a_grouped_convolution():
     matrix = grads.reshape(N, 6, 18)
     want = torch.stack([matrix[n][rows[s]] for s, n in enumerate(samples.tolist())])
     torch.testing.assert_close(value[0], want, rtol=1e-10, atol=1e-12)
+
+
+def test_positions_count_the_outputs_a_weight_is_shared_over():
+    want = {"conv2d": 4 * 3, "conv1d": (9 + 4 - 3) // 2 + 1, "linear-positions": 2, "mlp": 1}
+    got = {}
+    for name in PROBLEMS:
+        model, loss_func, x, y, *_ = setup(name)
+        results = compute(model, loss_func, x, y, [Probe(lambda view: view.positions(GRAD))])
+        got[name] = results["Probe"]["0.weight"]
+    assert got == want

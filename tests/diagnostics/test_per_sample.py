@@ -120,7 +120,7 @@ def exact_counts(model, loss_func, x, y):
 @pytest.mark.parametrize("with_dots", [False, True], ids=["sampled-blocks", "from-rows"])
 def test_exact_histograms_equal_torch_histogram(with_dots):
     model, loss_func, x, y = conv_problem()
-    extra = ["inner_product_test"] if with_dots else []
+    extra = ["orthogonality_test"] if with_dots else []  # norms and dots: the first layer's rows
     with Monitor(model, loss_func, [*histograms(None), *extra], schedule=1) as monitor:
         record = step(model, loss_func, x, y, monitor)
     counts_1d, counts_2d = exact_counts(model, loss_func, x, y)
@@ -134,7 +134,7 @@ def test_exact_histograms_equal_torch_histogram(with_dots):
 def test_histogram_estimates_are_unbiased(with_dots):
     """The mean of the estimates over seeds converges to the exact counts (5 standard errors)."""
     model, loss_func, x, y = conv_problem()
-    extra = ["inner_product_test"] if with_dots else []
+    extra = ["orthogonality_test"] if with_dots else []  # norms and dots: the first layer's rows
     runs = 300
     estimates_1d, estimates_2d = [], []
     for seed in range(runs):

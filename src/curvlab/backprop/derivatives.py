@@ -62,6 +62,9 @@ class Context:
         owners: Called modules with trainable parameters.
         param_names: Trainable parameter names in ``named_parameters()`` order.
         hessian_fallback: Set when Hessian quantities use the generic whole-model path.
+        hessian_residuals: Hessian-diagonal residuals of whole blocks beyond the back-propagated
+            factors (:class:`~curvlab.backprop.blocks.EncoderResiduals`), by the blocks' module
+            names.
         records: Calls of *every* module (only for whole-network recursions), by module name.
         output_grads: Per-sample gradients w.r.t. recorded call outputs, by call.
         grad: The gradient of the batch loss by parameter name.
@@ -77,6 +80,7 @@ class Context:
     owners: list[Owner]
     param_names: list[str]
     hessian_fallback: WholeModelFunc | None = None
+    hessian_residuals: dict[str, Any] = field(default_factory=dict)
     records: dict[str, list[Call]] = field(default_factory=dict)
     output_grads: dict[Call, tuple[Tensor | None, ...]] = field(default_factory=dict)
     grad: dict[str, Tensor] = field(default_factory=dict)
@@ -226,6 +230,22 @@ class ParamDerivatives:
             return False
         owner = self.uses[0][0]
         return owner.rule.factored_per_sample(owner.module, owner.calls[0])
+
+    def positions(self, source: Source) -> int:
+        r"""Output positions :math:`T` per sample over which the parameter is shared.
+
+        Factor entries per sample and column over the parameter's first dimension (a weight's
+        output channels): ``1`` for a ``Linear`` layer without positions, the output's spatial
+        size for a convolution. Summed over the calls of a shared module.
+        """
+        source = as_source(source)
+        channels = self.shape[0] if len(self.shape) else 1
+        total = 0
+        for owner, _ in self.uses:
+            for call in owner.calls:
+                factor = self.factors[source][call][0]
+                total += factor.numel() // max(1, factor.shape[0] * factor.shape[1] * channels)
+        return max(1, total)
 
     def gram(self, source: Source) -> Tensor:
         r"""Gram matrix of the VJPs :math:`\langle J_n^\top F_{mn}, J_{n'}^\top F_{m'n'} \rangle`.
