@@ -12,7 +12,7 @@ from torch import nn
 from curvlab import backprop
 from curvlab.backprop import KFLR, CaptureError, KFACEmpirical, UnsupportedLossError, compute
 from curvlab.data import load_dataset, to_float
-from curvlab.optim import KFAC, kfac, parts
+from curvlab.optim import KFAC, SINGD, kfac, parts
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -349,3 +349,25 @@ def test_misuse_raises_clear_errors():
             loss_func=LOSS,
             params=[{"params": [model[0].weight]}, {"params": [model[0].bias]}],
         )
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d, nn.ConvTranspose2d])
+@pytest.mark.parametrize("make", [KFAC, SINGD], ids=["KFAC", "SINGD"])
+def test_grouped_conv_with_a_separate_bias_block(layer, make):
+    """The bias block of a grouped convolution has the engine's layout (groups kept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 3 * 3, 3))
+    x, y = torch.randn(8, 4, 5, 5), torch.randint(0, 3, (8,))
+    if layer is nn.ConvTranspose2d:
+        model[2] = nn.Linear(6 * 7 * 7, 3)
+    opt = make(model, loss_func=LOSS, separate_weight_and_bias=True)
+    before = model[0].bias.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = LOSS(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert not torch.equal(model[0].bias, before)

@@ -102,7 +102,7 @@ def _kronecker_units(
                 layout = Layout(kind, (tuple(weight.shape),), groups)
                 units.append(_Unit((name + "weight",), [weight], layout))
             if bias is not None:
-                layout = Layout("bias", (tuple(bias.shape),), 1)
+                layout = Layout("bias", (tuple(bias.shape),), groups)  # as the engine
                 units.append(_Unit((name + "bias",), [bias], layout))
         covered.update(id(p) for p in local.values())
     return units, covered
