@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.backprop import assembly
+from curvlab.backprop.blocks import EncoderResiduals, encoder_obstacle
 from curvlab.backprop.derivatives import Owner, ParamDerivatives
 from curvlab.backprop.errors import GenericPathWarning
 from curvlab.backprop.functional import (
@@ -39,7 +40,8 @@ from curvlab.backprop.functional import (
     output_batch_dims,
 )
 from curvlab.backprop.hessian import ELEMENTWISE, PIECEWISE_LINEAR, graph_obstacle, residual_columns
-from curvlab.backprop.plan import Plan
+from curvlab.backprop.plan import Plan, sources_of
+from curvlab.backprop.quantities import BatchDiagHessian, DiagHessian
 from curvlab.backprop.recording import _WARNED
 from curvlab.backprop.results import Results
 from curvlab.backprop.rules.base import Call
@@ -127,8 +129,17 @@ class _Slots:
                 if isinstance(modules[name], ELEMENTWISE)
                 for call in calls
             ]
+        self.blocks: list[tuple[str, nn.Module, Call]] = []  # whole blocks (blocks.py)
+        if plan.needs_hessian:
+            self.blocks = [
+                (name, modules[name], call)
+                for name, calls in plan.records.items()
+                if isinstance(modules[name], nn.TransformerEncoderLayer)
+                for call in calls
+            ]
         extra = [c for calls in plan.records.values() for c in calls] if plan.needs_model else []
         extra += [call for _, _, call in self.activations]
+        extra += [call for _, _, call in self.blocks]
         self.grad_calls = list(dict.fromkeys(self.owner_calls + extra))
         self.slots: list[Slot] = [
             (c, i) for c in self.grad_calls for i, o in enumerate(c.outputs) if o.requires_grad
@@ -227,6 +238,43 @@ def _hessian_obstacle(plan: Plan, activations: list[tuple[str, nn.Module, Call]]
     return graph_obstacle(plan.output, calls, activations)
 
 
+def _block_route(
+    plan: Plan, slots: _Slots, output_grads: dict
+) -> tuple[dict[str, EncoderResiduals], str | None]:
+    """Residuals of a whole encoder layer that make the fast Hessian path exact, or why not.
+
+    Applies to one ``nn.TransformerEncoderLayer`` call (:func:`~curvlab.backprop.blocks.
+    encoder_obstacle`), no subsampling, only Hessian diagonals, and a graph after the layer that
+    :func:`~curvlab.backprop.hessian.graph_obstacle` finds linear without activation residuals.
+    """
+    if plan.method != "auto" or plan.index is not None:
+        return {}, "subsampling or method='func'"
+    hessian = [q for q in plan.quantities if HESSIAN_POS in sources_of(q)]
+    if not all(type(q) in (DiagHessian, BatchDiagHessian) for q in hessian):
+        return {}, "a Hessian quantity other than DiagHessian / BatchDiagHessian"
+    if len(slots.blocks) != 1:
+        return {}, "not exactly one TransformerEncoderLayer call"
+    name, module, call = slots.blocks[0]
+    reason = encoder_obstacle(module, call)
+    if reason is not None:
+        return {}, f"TransformerEncoderLayer (module '{name}') with {reason}"
+    outside = [own for own in plan.owners if not own.name.startswith(f"{name}.")]
+    for own in outside:
+        if len(own.calls) > 1 or isinstance(own.rule, FuncRule):
+            return {}, f"module '{own.name}' (called twice, or without a per-layer rule)"
+    calls = [(name, module, call, True)] + [
+        (own.name, own.module, c, own.rule.linear_in_input) for own in outside for c in own.calls
+    ]
+    reason = graph_obstacle(plan.output, calls, [])
+    grad_out = output_grads[call][0]
+    if reason is not None or grad_out is None:
+        return {}, f"after module '{name}': {reason}"
+    try:
+        return {name: EncoderResiduals(module, call, grad_out)}, None
+    except RuntimeError as err:
+        return {}, str(err)
+
+
 def _warn_hessian_fallback(obstacle: str, method: str) -> None:
     key = f"hessian:{obstacle}"
     if method == "func" or key in _WARNED:
@@ -242,15 +290,23 @@ def _warn_hessian_fallback(obstacle: str, method: str) -> None:
 
 def _hessian_factors(
     plan: Plan, slots: _Slots, output_grads: dict, exact: Sequence | None, select: _Selection
-) -> tuple[Factors, WholeModelFunc | None]:
-    """The signed Hessian factors, or the generic whole-model fallback."""
+) -> tuple[Factors, WholeModelFunc | None, dict[str, EncoderResiduals]]:
+    """The signed Hessian factors (and whole blocks' residuals), or the whole-model fallback."""
     obstacle = _hessian_obstacle(plan, slots.activations)
     n = plan.num_samples
+    residuals: dict[str, EncoderResiduals] = {}
+    if obstacle is not None and slots.blocks:
+        residuals, _ = _block_route(plan, slots, output_grads)
+        if residuals:  # the GGN's factors, and the block's residuals in closed form
+            if exact is None:
+                sqrt = plan.spec.sqrt_hessian(plan.output, plan.targets)
+                exact = batched_backward(plan.output, slots.factor_outputs, sqrt)
+            return {HESSIAN_POS: slots.concat([slots.parts(exact, select)], n)}, None, residuals
     if obstacle is not None:
         _warn_hessian_fallback(obstacle, plan.method)
         names = [name for name, _ in plan.named]
         inputs, targets = select(plan.inputs[0]), select(plan.targets)
-        return {}, WholeModelFunc(plan.model, plan.spec, inputs, targets, plan.r, names)
+        return {}, WholeModelFunc(plan.model, plan.spec, inputs, targets, plan.r, names), {}
     if exact is None:
         sqrt = select.masked(plan.spec.sqrt_hessian(plan.output, plan.targets))
         exact = batched_backward(plan.output, slots.factor_outputs, sqrt)
@@ -273,12 +329,12 @@ def _hessian_factors(
     factors: Factors = {HESSIAN_POS: slots.concat(pos, n)}
     if neg:
         factors[HESSIAN_NEG] = slots.concat(neg, n)
-    return factors, None
+    return factors, None, {}
 
 
 def _factors(
     plan: Plan, slots: _Slots, output_grads: dict, select: _Selection
-) -> tuple[Factors, WholeModelFunc | None]:
+) -> tuple[Factors, WholeModelFunc | None, dict[str, EncoderResiduals]]:
     """Every source's factors at the owner calls' outputs."""
     n = plan.num_samples
     factors: Factors = {}
@@ -295,11 +351,11 @@ def _factors(
         batched = batched_backward(plan.output, slots.factor_outputs, sqrt)
         exact = batched if source == EXACT else exact
         factors[source] = slots.per_call(batched, sqrt.shape[0], n, select)
-    fallback = None
+    fallback, residuals = None, {}
     if plan.needs_hessian:
-        hessian, fallback = _hessian_factors(plan, slots, output_grads, exact, select)
+        hessian, fallback, residuals = _hessian_factors(plan, slots, output_grads, exact, select)
         factors.update(hessian)
-    return factors, fallback
+    return factors, fallback, residuals
 
 
 def _select_tree(tree: Any, dims: Any, select: _Selection) -> Any:
@@ -334,11 +390,12 @@ def run(plan: Plan) -> Results:
     select = _Selection(plan.index, plan.output.shape[0], plan.output)
     slots = _Slots(plan)
     param_grads, output_grads = _gradient(plan, slots)
-    factors, fallback = _factors(plan, slots, output_grads, select)
+    factors, fallback, residuals = _factors(plan, slots, output_grads, select)
     _select_calls(plan.records, dict(plan.model.named_modules()), select)
     ctx = plan.context(
         grad=param_grads,
         hessian_fallback=fallback,
+        hessian_residuals=residuals,
         records=plan.records,
         output_grads={
             k: tuple(

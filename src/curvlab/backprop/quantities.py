@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from curvlab.backprop.blocks import block_residual
 from curvlab.backprop.kron import DenseBlock, Layout, kron_block
 from curvlab.backprop.rules.base import KRON_APPROXIMATIONS
 from curvlab.backprop.sources import (
@@ -267,9 +268,11 @@ class DiagHessian(Quantity):
     loss. Fast path: the loss Hessian's square root and, for each elementwise activation module
     :math:`a = \phi(h)`, the signed columns of :math:`\mathrm{diag}(\phi''(h) \odot \partial
     \ell_n / \partial a)` are back-propagated to the parameters; used when every other operation
-    on the way is linear in the activations (checked on the autograd graph). Otherwise (e.g.
-    LayerNorm, attention, functional nonlinearities in ``forward``) the generic torch.func path
-    computes :math:`P` Hessian-vector products (slow; exact).
+    on the way is linear in the activations (checked on the autograd graph). A post-norm
+    ``nn.TransformerEncoderLayer`` on the model input, followed by linear operations, adds its
+    layer norms' and softmax's residuals in closed form (:mod:`curvlab.backprop.blocks`).
+    Otherwise (e.g. LayerNorm or attention elsewhere, functional nonlinearities in ``forward``)
+    the generic torch.func path computes :math:`P` Hessian-vector products (slow; exact).
     """
 
     def sources(self) -> tuple[Source, ...]:  # noqa: D102
@@ -281,6 +284,9 @@ class DiagHessian(Quantity):
         value = view.sum_sq(HESSIAN_POS, per_sample=False)
         if HESSIAN_NEG in view.factors:  # some activation has negative curvature residuals
             value = value - view.sum_sq(HESSIAN_NEG, per_sample=False)
+        residual = block_residual(ctx.hessian_residuals, view.name, per_sample=False)
+        if residual is not None:  # a whole block's second derivatives (blocks.py)
+            value = value + residual
         return value.mul_(ctx.r)
 
 
@@ -297,7 +303,8 @@ class BatchDiagHessian(DiagHessian):
         value = view.sum_sq(HESSIAN_POS, per_sample=True)
         if HESSIAN_NEG in view.factors:
             value = value - view.sum_sq(HESSIAN_NEG, per_sample=True)
-        return value
+        residual = block_residual(ctx.hessian_residuals, view.name, per_sample=True)
+        return value if residual is None else value + residual
 
 
 # ---------------------------------------------------------------- block matrix products

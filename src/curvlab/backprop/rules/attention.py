@@ -41,6 +41,31 @@ IN_PROJ = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
 OUT_PROJ = {"out_proj.weight": "weight", "out_proj.bias": "bias"}
 
 
+def softmax_hessian_forms(probs: Tensor, grad_probs: Tensor, u: Tensor) -> Tensor:
+    r"""Quadratic forms :math:`u_j^\top R_t u_j` of the softmax residual, per row ``t``.
+
+    For one row :math:`p = \mathrm{softmax}(s)` with output gradient :math:`g`,
+    :math:`R = \sum_k g_k \nabla_s^2 p_k = \mathrm{diag}(p \odot (g - \bar g))
+    - (g \odot p) p^\top - p (g \odot p)^\top + 2 \bar g\, p p^\top`,
+    :math:`\bar g = p^\top g` (diagonal plus rank three), so
+    :math:`u^\top R u = \sum_s p_s (g_s - \bar g) u_s^2 - 2 (u^\top (g \odot p))(u^\top p)
+    + 2 \bar g (u^\top p)^2`.
+
+    Args:
+        probs: :math:`p` ``[..., T, S]`` (rows ``t`` over ``S`` keys).
+        grad_probs: :math:`g` ``[..., T, S]``.
+        u: Vectors over the keys ``[..., S, J]``, shared by the rows.
+
+    Returns:
+        ``[..., T, J]``.
+    """
+    weighted = grad_probs * probs
+    mean = weighted.sum(-1, keepdim=True)
+    along_p = probs @ u
+    forms = (weighted - mean * probs) @ u.square()
+    return forms - 2 * (weighted @ u) * along_p + 2 * mean * along_p.square()
+
+
 @dataclass(frozen=True)
 class _LinearShape:
     """What :class:`LinearRule` reads of a module: its feature sizes."""

@@ -12,6 +12,7 @@ Kronecker quantities give their *exact* (or MC) GGN block as a single factor ``(
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,96 @@ def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
     raise TypeError(f"not a normalization layer: {type(module).__name__}")
+
+
+def layer_norm_statistics(module: nn.LayerNorm, u: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The normalized input :math:`\hat x = (u - \bar u) / \sigma` and :math:`\sigma` ``[..., 1]``.
+
+    For a layer norm over the last dimension ``D`` (one-entry ``normalized_shape``):
+    :math:`\sigma = (\frac{1}{D} \lVert u - \bar u \rVert^2 + \epsilon)^{1/2}`.
+    """
+    centered = u - u.mean(-1, keepdim=True)
+    sigma = (centered.square().mean(-1, keepdim=True) + module.eps).sqrt()
+    return centered / sigma, sigma
+
+
+def layer_norm_input_jacobian(xhat: Tensor, sigma: Tensor, weight: Tensor | None) -> Tensor:
+    r""":math:`\partial y / \partial u = \mathrm{diag}(w) (P - \hat x \hat x^\top / D) / \sigma`.
+
+    Args:
+        xhat: Normalized input ``[..., D]``.
+        sigma: ``[..., 1]``.
+        weight: :math:`w` ``[D]``, or ``None`` (no affine map).
+
+    Returns:
+        ``[..., D, D]`` (row: output entry, column: input entry); :math:`P = I - 11^\top / D`.
+    """
+    d = xhat.shape[-1]
+    eye = torch.eye(d, dtype=xhat.dtype, device=xhat.device)
+    jac = (eye - 1.0 / d) - xhat[..., :, None] * xhat[..., None, :] / d
+    jac = jac / sigma[..., None]
+    return jac if weight is None else weight[:, None] * jac
+
+
+class CenteredLowRank(NamedTuple):
+    r"""A symmetric matrix :math:`\alpha P + V S V^\top` per position, :math:`P = I - 11^\top / D`.
+
+    Attributes:
+        alpha: ``[..., 1, 1]``.
+        vectors: :math:`V` ``[..., D, R]``.
+        core: :math:`S` ``[..., R, R]``, symmetric.
+    """
+
+    alpha: Tensor
+    vectors: Tensor
+    core: Tensor
+
+    def dense(self) -> Tensor:
+        """The matrix ``[..., D, D]``."""
+        d = self.vectors.shape[-2]
+        eye = torch.eye(d, dtype=self.alpha.dtype, device=self.alpha.device)
+        return self.alpha * (eye - 1.0 / d) + self.vectors @ self.core @ self.vectors.mT
+
+    def diagonal(self) -> Tensor:
+        """Its diagonal ``[..., D]``."""
+        d = self.vectors.shape[-2]
+        low_rank = ((self.vectors @ self.core) * self.vectors).sum(-1)
+        return self.alpha[..., 0] * (1.0 - 1.0 / d) + low_rank
+
+
+def layer_norm_input_hessian(
+    xhat: Tensor, sigma: Tensor, weight: Tensor | None, grad_out: Tensor
+) -> CenteredLowRank:
+    r"""Second derivative of :math:`\langle g, \mathrm{LN}(u) \rangle` w.r.t. the input :math:`u`.
+
+    With :math:`\tilde a = P (g \odot w)` and :math:`\gamma = \tilde a^\top \hat x`,
+
+    .. math::
+        \nabla_u^2 \langle g, y \rangle = \frac{1}{D \sigma^2} \Big(
+            -\tilde a \hat x^\top - \hat x \tilde a^\top - \gamma P
+            + \frac{3 \gamma}{D} \hat x \hat x^\top \Big),
+
+    the residual a layer norm adds to the Hessian w.r.t. its input (the bias does not enter):
+    :math:`\alpha = -\gamma / (D \sigma^2)`, :math:`V = [\tilde a, \hat x]`.
+
+    Args:
+        xhat: Normalized input ``[..., D]``.
+        sigma: ``[..., 1]``.
+        weight: :math:`w` ``[D]``, or ``None``.
+        grad_out: :math:`g = \partial \ell / \partial y` ``[..., D]``.
+
+    Returns:
+        The residual as :class:`CenteredLowRank` (rank-two :math:`V`).
+    """
+    d = xhat.shape[-1]
+    a = grad_out if weight is None else grad_out * weight
+    a = a - a.mean(-1, keepdim=True)
+    gamma = (a * xhat).sum(-1, keepdim=True)[..., None]  # [..., 1, 1]
+    scale = 1.0 / (d * sigma.square()[..., None])  # [..., 1, 1]
+    core = torch.zeros(*gamma.shape[:-2], 2, 2, dtype=xhat.dtype, device=xhat.device)
+    core[..., 0, 1] = core[..., 1, 0] = -scale[..., 0, 0]
+    core[..., 1, 1] = (3.0 / d) * (gamma * scale)[..., 0, 0]
+    return CenteredLowRank(-gamma * scale, torch.stack([a, xhat], dim=-1), core)
 
 
 def _as_positions(module: nn.Module, t: Tensor, batch_dims: int) -> Tensor:
