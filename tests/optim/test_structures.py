@@ -175,3 +175,20 @@ def test_a_custom_projection_runs_densely():
     product = s.product(s)
     torch.testing.assert_close(product.to_dense(), custom.project(s.to_dense() @ s.to_dense()))
     assert custom.wrap(s.tensors).projection == custom.project
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_damped_congruence_in_two_phases(name):
+    """Pi(S^T (alpha A + beta I) S) with alpha, beta per group, and tr(S^T A S), ||S||_F^2."""
+    _, ref, s = pair(name)
+    a, dense = spd(DIM, 4), s.to_dense()
+    alpha = torch.tensor([0.7, 2.0], dtype=torch.float64)
+    beta = torch.tensor([0.1, 0.03], dtype=torch.float64)
+    parts, trace = s.congruence_parts(a)
+    eye = torch.eye(DIM, dtype=torch.float64)
+    full = dense.mT @ (alpha[:, None, None] * a + beta[:, None, None] * eye) @ dense
+    torch.testing.assert_close(
+        s.damped_congruence(parts, alpha, beta).to_dense(), ref.project(full)
+    )
+    torch.testing.assert_close(trace, (dense.mT @ a @ dense).diagonal(dim1=-2, dim2=-1).sum(-1))
+    torch.testing.assert_close(s.frobenius_sq(), dense.square().sum((-2, -1)))

@@ -79,6 +79,7 @@ __all__ = [
     "UpperTriangular",
     "inverse_free_update",
     "make_structure",
+    "multiplicative_update",
     "precondition",
     "riemannian_step",
 ]
@@ -122,23 +123,42 @@ def riemannian_step(
         ``(K, C), (m_K, m_C)``, new structured matrices of the factors' dtype.
     """
     k, c = factors
-    m_k, m_c = momenta
     t_k, t_c = curvature
-    dim_a, dim_b = k.dim, c.dim
     ktk, ktk_trace = k.gram()
     ctc, ctc_trace = c.gram()
-    step_k = (
-        t_k.scale(1 / (2 * dim_b))
-        + ktk.scale(damping * ctc_trace / (2 * dim_b))
-        - k.eye_like().scale(0.5)
-    )
-    step_c = (
-        t_c.scale(1 / (2 * dim_a))
-        + ctc.scale(damping * ktk_trace / (2 * dim_a))
-        - c.eye_like().scale(0.5)
-    )
-    m_k = m_k.scale(alpha1) + step_k
-    m_c = m_c.scale(alpha1) + step_c
+    damped = (t_k + ktk.scale(damping * ctc_trace), t_c + ctc.scale(damping * ktk_trace))
+    return multiplicative_update(factors, momenta, damped, alpha1, beta1)
+
+
+def multiplicative_update(
+    factors: Factors, momenta: Factors, damped: Factors, alpha1: float, beta1: float
+) -> tuple[Factors, Factors]:
+    r"""The step shared by SINGD and IF-Shampoo from the damped, projected curvature terms.
+
+    .. math::
+
+        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b} \big(D_K - b I_a\big), \quad
+        K \leftarrow K (I_a - \beta_1 m_K)
+
+    with :math:`D_K = \Pi_K(T_K) + \lambda\,\mathrm{tr}(C^\top C)\,\Pi_K(K^\top K)`, and
+    likewise for :math:`C`.
+
+    Args:
+        factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``, structured.
+        momenta: :math:`m_K`, :math:`m_C`, in the factors' structures.
+        damped: :math:`D_K`, :math:`D_C`, in the factors' structures.
+        alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
+        beta1: Factor learning rate :math:`\beta_1 > 0`.
+
+    Returns:
+        ``(K, C), (m_K, m_C)``.
+    """
+    k, c = factors
+    m_k, m_c = momenta
+    d_k, d_c = damped
+    dim_a, dim_b = k.dim, c.dim
+    m_k = m_k.scale(alpha1) + d_k.scale(1 / (2 * dim_b)) - k.eye_like().scale(0.5)
+    m_c = m_c.scale(alpha1) + d_c.scale(1 / (2 * dim_a)) - c.eye_like().scale(0.5)
     k = k - k.product(m_k).scale(beta1)
     c = c - c.product(m_c).scale(beta1)
     return (k, c), (m_k, m_c)
@@ -154,11 +174,12 @@ def inverse_free_update(
 ) -> tuple[Factors, Factors]:
     r"""SINGD's update of :math:`(K, C)` from the Kronecker statistics (module docstring).
 
-    :func:`riemannian_step` with :math:`\Pi_K(T_K) = \mathrm{tr}(H_C) \Pi_K(H_K)`,
-    :math:`\Pi_C(T_C) = \mathrm{tr}(H_K) \Pi_C(H_C)`, :math:`H_K = K^\top A K`,
-    :math:`H_C = C^\top B C` (:meth:`~curvlab.optim.structures.StructuredMatrix.congruence`:
-    only the structure's part of :math:`H` is formed where it can be, e.g. the diagonal
-    blocks).
+    :func:`riemannian_step` with :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C = \mathrm{tr}(H_K)
+    H_C`, :math:`H_K = K^\top A K`, :math:`H_C = C^\top B C`, its damping term folded in:
+    :math:`D_K = \Pi_K\big(K^\top (\mathrm{tr}(H_C) A + \lambda\,\mathrm{tr}(C^\top C) I)
+    K\big)` (:meth:`~curvlab.optim.structures.StructuredMatrix.damped_congruence`: two products
+    for the dense-backed structures, only the structure's part of :math:`A` for the others, e.g.
+    its diagonal blocks).
 
     Args:
         factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``, structured.
@@ -173,10 +194,13 @@ def inverse_free_update(
     """
     k, c = factors
     a_stat, b_stat = (s.to(k.dtype) for s in statistics)
-    h_k, trace_k = k.congruence(a_stat)
-    h_c, trace_c = c.congruence(b_stat)
-    curvature = (h_k.scale(trace_c), h_c.scale(trace_k))
-    return riemannian_step(factors, momenta, curvature, damping, alpha1, beta1)
+    parts_k, trace_k = k.congruence_parts(a_stat)
+    parts_c, trace_c = c.congruence_parts(b_stat)
+    damped = (
+        k.damped_congruence(parts_k, trace_c, damping * c.frobenius_sq()),
+        c.damped_congruence(parts_c, trace_k, damping * k.frobenius_sq()),
+    )
+    return multiplicative_update(factors, momenta, damped, alpha1, beta1)
 
 
 def precondition(k: StructuredMatrix, c: StructuredMatrix, matrix: Tensor) -> Tensor:

@@ -42,6 +42,32 @@ def _per_group(factor: float | Tensor, tensor: Tensor) -> float | Tensor:
     return factor
 
 
+class _DenseBacked:
+    """The two-phase damped congruence through a dense :math:`S` (two products in all)."""
+
+    def to_dense(self) -> Tensor:  # noqa: D102 - provided by the StructuredMatrix
+        raise NotImplementedError
+
+    def from_dense(self, matrix: Tensor) -> StructuredMatrix:  # noqa: D102 - idem
+        raise NotImplementedError
+
+    def congruence_parts(self, symmetric: Tensor) -> tuple[object, Tensor]:
+        r""":math:`A S` ``[G, d, d]`` and :math:`\mathrm{tr}(S^\top A S) = \sum A S \odot S`."""
+        dense = self.to_dense()
+        product = symmetric @ dense
+        return product, (product * dense).sum((-2, -1))
+
+    def damped_congruence(
+        self, parts: object, alpha: float | Tensor, beta: float | Tensor
+    ) -> StructuredMatrix:
+        r""":math:`\Pi\big(S^\top (\alpha A S + \beta S)\big)` with ``parts`` :math:`= A S`."""
+        if not isinstance(parts, Tensor):
+            raise TypeError(f"{type(self).__name__}.damped_congruence: parts of another kind")
+        dense = self.to_dense()
+        inner = parts * _per_group(alpha, parts) + dense * _per_group(beta, dense)
+        return self.from_dense(dense.mT @ inner)
+
+
 def _own(tensor: Tensor) -> Tensor:
     """A contiguous copy (a view would keep the dense matrix it came from alive)."""
     return tensor.clone(memory_format=torch.contiguous_format)
@@ -142,6 +168,35 @@ class StructuredMatrix:
         full = self.tmatmul(self.to_dense())
         return self.from_dense(full), trace(full)
 
+    def frobenius_sq(self) -> Tensor:
+        r""":math:`\|S\|_F^2 = \mathrm{tr}(S^\top S)` ``[G]``."""
+        return self.to_dense().square().sum((-2, -1))
+
+    def congruence_parts(self, symmetric: Tensor) -> tuple[object, Tensor]:
+        r"""Phase one of :meth:`damped_congruence`: what it needs of ``symmetric`` and the trace.
+
+        Returns the parts and :math:`\mathrm{tr}(S^\top A S)` ``[G]``. Two phases because
+        SINGD weighs one factor's term by the other factor's trace. By default the parts are
+        :meth:`congruence`'s projection; the dense-backed structures keep :math:`A S`, which
+        saves the product :math:`S^\top S`.
+        """
+        projected, full_trace = self.congruence(symmetric)
+        return projected, full_trace
+
+    def damped_congruence(
+        self, parts: object, alpha: float | Tensor, beta: float | Tensor
+    ) -> StructuredMatrix:
+        r""":math:`\Pi\big(S^\top (\alpha A + \beta I) S\big)` from :meth:`congruence_parts`.
+
+        Args:
+            parts: :meth:`congruence_parts`' first result for :math:`A`.
+            alpha: :math:`\alpha`, a number or ``[G]``.
+            beta: :math:`\beta`, a number or ``[G]``.
+        """
+        if not isinstance(parts, StructuredMatrix):
+            raise TypeError(f"{type(self).__name__}.damped_congruence: parts of another kind")
+        return parts.scale(alpha) + self.gram()[0].scale(beta)
+
     def scale(self, factor: float | Tensor) -> StructuredMatrix:
         """:math:`c S` for a number or one factor per group (``[G]``)."""
         return self.like(*(t * _per_group(factor, t) for t in self.tensors))
@@ -161,7 +216,7 @@ class StructuredMatrix:
 
 
 # -------------------------------------------------------------------------- structures
-class DenseMatrix(StructuredMatrix):
+class DenseMatrix(_DenseBacked, StructuredMatrix):
     """Every entry free: ``matrix`` ``[G, d, d]``."""
 
     name = "dense"
@@ -207,6 +262,10 @@ class DenseMatrix(StructuredMatrix):
         r""":math:`\Pi(S^\top A S)` and its trace ``[G]``."""
         full = self.matrix.mT @ symmetric @ self.matrix
         return DenseMatrix(full), trace(full)
+
+    def frobenius_sq(self) -> Tensor:
+        r""":math:`\|S\|_F^2` ``[G]``."""
+        return self.matrix.square().sum((-2, -1))
 
     def gram(self) -> tuple[DenseMatrix, Tensor]:
         r""":math:`\Pi(S^\top S)` and its trace ``[G]``."""
@@ -264,6 +323,10 @@ class DiagonalMatrix(StructuredMatrix):
         r""":math:`\Pi(S^\top A S)` and its trace ``[G]``."""
         diagonal = self.diagonal.square() * symmetric.diagonal(dim1=-2, dim2=-1)
         return DiagonalMatrix(diagonal), diagonal.sum(-1)
+
+    def frobenius_sq(self) -> Tensor:
+        r""":math:`\|S\|_F^2` ``[G]``."""
+        return self.diagonal.square().sum(-1)
 
     def gram(self) -> tuple[DiagonalMatrix, Tensor]:
         r""":math:`\Pi(S^\top S)` and its trace ``[G]``."""
@@ -359,7 +422,7 @@ class BlockDiagonalMatrix(StructuredMatrix):
         return new, trace(new.blocks).sum(-1) + trace(new.last)
 
 
-class _TriangularMatrix(StructuredMatrix):
+class _TriangularMatrix(_DenseBacked, StructuredMatrix):
     """Packed triangular matrices: the free entries row by row, ``packed`` ``[G, d (d+1) / 2]``."""
 
     lower: bool
@@ -414,6 +477,10 @@ class _TriangularMatrix(StructuredMatrix):
         dense = self.to_dense()
         full = dense.mT @ symmetric @ dense
         return self.from_dense(full), trace(full)
+
+    def frobenius_sq(self) -> Tensor:
+        r""":math:`\|S\|_F^2` ``[G]``."""
+        return self.packed.square().sum(-1)
 
     def gram(self) -> tuple[_TriangularMatrix, Tensor]:
         r""":math:`\Pi(S^\top S)` and its trace ``[G]``."""
@@ -510,7 +577,7 @@ class HierarchicalMatrix(StructuredMatrix):
         return out + torch.cat([pad, right], dim=1)
 
 
-class TriuToeplitzMatrix(StructuredMatrix):
+class TriuToeplitzMatrix(_DenseBacked, StructuredMatrix):
     r"""Upper-triangular Toeplitz, :math:`S_{ij} = t_{j-i}` for :math:`j \ge i`: ``row`` ``[G, d]``.
 
     These are the polynomials in the shift matrix, so products are truncated convolutions of
