@@ -115,6 +115,33 @@ def test_finished_run_can_be_extended_by_more_steps_and_optimizers(tmp_path):
     assert last["train_loss"] == pytest.approx(_evals(tmp_path / "reference")[-1]["train_loss"])
 
 
+def test_an_added_optimizer_may_bring_its_own_rate_a_recorded_one_may_not_change(tmp_path):
+    def config(optimizers, **rates):
+        return make_config(
+            "fullbatch",
+            "bundled",
+            **dict(TINY, steps=1, optimizers=optimizers),
+            lr={"fullbatch": rates},
+        )
+
+    Runner(config(("gn-pinv",)), tmp_path, progress=False).run()  # gn-pinv takes gn's rate
+    Runner(config(("gn-pinv", "adam"), adam=3e-4), tmp_path, progress=False).run()
+    store = ResultsStore(tmp_path)
+    assert {r["optimizer"] for r in store.evaluations()} == {"gn-pinv", "adam"}
+    assert store.config()["lr"]["fullbatch"]["adam"] == 3e-4
+    with pytest.raises(ConfigMismatchError, match="lr"):
+        Runner(config(("gn-pinv", "adam"), adam=1e-3), tmp_path, progress=False).run()
+    with pytest.raises(ConfigMismatchError, match="lr"):  # gn-pinv was trained at gn's rate
+        Runner(config(("gn-pinv", "adam"), adam=3e-4, gn=7.0), tmp_path, progress=False).run()
+    # a GN variant not recorded yet may take a rate of its own
+    Runner(
+        config(("gn-pinv", "adam", "gn-paper"), adam=3e-4, **{"gn-paper": 0.5}),
+        tmp_path,
+        progress=False,
+    ).run()
+    assert ResultsStore(tmp_path).config()["lr"]["fullbatch"]["gn-paper"] == 0.5
+
+
 def test_run_recorded_before_a_new_setting_existed_resumes(tmp_path):
     config = make_config("fullbatch", "bundled", **dict(TINY, steps=1, optimizers=("gn",)))
     old = config.to_dict()

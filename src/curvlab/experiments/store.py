@@ -94,8 +94,10 @@ class ResultsStore:
         """Create the store with a header, or check an existing run can go on with ``config``.
 
         A run may be resumed with other values of :data:`EXTENDABLE` (more steps or epochs, more
-        optimizers or seeds): every (phase, optimizer, seed) is trained independently, so what
-        is already recorded stays valid. The new config is appended as a ``"config"`` record.
+        optimizers or seeds), and with learning rates that differ only for optimizers it has not
+        recorded yet (an optimizer added later, with its own rate): every (phase, optimizer, seed)
+        is trained independently, so what is already recorded stays valid. The new config is
+        appended as a ``"config"`` record.
         A folder that holds nothing to resume from (no checkpoint yet: only a header and the
         first evaluations, say after a config error at the first update) is started afresh with
         ``config``, so a corrected command can reuse it.
@@ -121,6 +123,8 @@ class ResultsStore:
         current = {**json.loads(json.dumps(defaults or {})), **self._latest_config(records)}
         changed = sorted(k for k in set(config) | set(current) if current.get(k) != config.get(k))
         fixed = [k for k in changed if k not in EXTENDABLE]
+        if "lr" in fixed and self._rates_of_new_optimizers_only(current, config, records):
+            fixed.remove("lr")
         if fixed:
             raise ConfigMismatchError(
                 f"{self.path} holds a run with another config (differs in {fixed}); resume with "
@@ -128,6 +132,33 @@ class ResultsStore:
             )
         if changed:
             self.append({"type": "config", "config": config, "versions": versions()})
+
+    @staticmethod
+    def _rates_of_new_optimizers_only(current: dict, config: dict, records: list[dict]) -> bool:
+        """Whether the learning rates differ only for (phase, optimizer) with no record yet.
+
+        A GN variant without a rate of its own takes ``gn``'s, so a change of ``gn``'s rate
+        counts for every GN variant recorded without its own rate.
+        """
+        old, new = current.get("lr") or {}, config.get("lr") or {}
+        recorded = {(r["phase"], r["optimizer"]) for r in records if "optimizer" in r}
+        for phase in set(old) | set(new):
+            before, after = old.get(phase, {}), new.get(phase, {})
+            for name in set(before) | set(after):
+                if before.get(name) == after.get(name):
+                    continue
+                users = {name} | (
+                    {
+                        o
+                        for p, o in recorded
+                        if p == phase and o.startswith("gn-") and o not in after
+                    }
+                    if name == "gn"
+                    else set()
+                )
+                if any((phase, user) in recorded for user in users):
+                    return False
+        return True
 
     def append(self, record: dict) -> None:
         """Append one record as one line, flushed and fsync'ed before returning.
