@@ -212,11 +212,16 @@ class ModelOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ products
     def _split(self, matrix: Tensor) -> dict[str, Tensor]:
-        """Flat columns ``[P, K]`` as parameter-shaped columns ``[K, *p]``."""
+        """Flat columns ``[P, K]`` as parameter-shaped columns ``[K, *p]``, contiguous.
+
+        Contiguous: batched products (``vmap``, ``is_grads_batched``) on the strided view copy
+        inside every operation (MLP, 16 Hessian columns: 57x a gradient instead of 26x).
+        """
         out, start = {}, 0
         for name, p in self.params.items():
             size = p.numel()
-            out[name] = matrix[start : start + size].T.reshape(matrix.shape[1], *p.shape)
+            block = matrix[start : start + size].T.contiguous()
+            out[name] = block.reshape(matrix.shape[1], *p.shape)
             start += size
         return out
 
