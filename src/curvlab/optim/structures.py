@@ -13,7 +13,9 @@ matrix group (closed under products, with the identity), so SINGD's multiplicati
   orthogonal (Frobenius) projection, i.e. the free entries kept (the means of the
   super-diagonals for triu-Toeplitz);
 * :meth:`congruence` :math:`\Pi(S^\top A S)` with :math:`\mathrm{tr}(S^\top A S)` and
-  :meth:`gram` :math:`\Pi(S^\top S)` with :math:`\mathrm{tr}(S^\top S)`;
+  :meth:`gram` :math:`\Pi(S^\top S)` with :math:`\mathrm{tr}(S^\top S)`, and both at once,
+  :math:`\Pi(S^\top (\alpha A + \beta I) S)`, in two phases (:meth:`congruence_parts`, then
+  :meth:`damped_congruence`);
 * :meth:`product` :math:`S S'` within the structure, sums, scalings by a number or one per
   group (``[G]``), :meth:`eye_like` and :meth:`to_dense` ``[G, d, d]``.
 
@@ -77,9 +79,10 @@ def _own(tensor: Tensor) -> Tensor:
 class StructuredMatrix:
     r"""A batch of structured matrices ``[G, d, d]`` held by its parameters ``tensors``.
 
-    Subclasses implement :meth:`to_dense`, :meth:`from_dense`, :meth:`eye`, :meth:`matmul`
-    and :meth:`tmatmul`; :meth:`product`, :meth:`congruence` and :meth:`gram` fall back to
-    dense products projected by :meth:`from_dense` where a subclass has nothing cheaper.
+    Subclasses implement :attr:`dim`, :meth:`to_dense`, :meth:`from_dense`, :meth:`matmul` and
+    :meth:`tmatmul`; :meth:`product`, :meth:`congruence`, :meth:`gram` and the two-phase
+    :meth:`damped_congruence` fall back to dense products projected by :meth:`from_dense` where
+    a subclass has nothing cheaper.
     Operations return new matrices (the parameters are never changed in place).
 
     Args:
