@@ -14,6 +14,7 @@ from curvlab.backprop import (
     DiagGGN,
     DiagHessian,
     GenericPathWarning,
+    blocks,
     compute,
     general,
 )
@@ -136,3 +137,14 @@ def test_hessian_products_keep_the_whole_model_path(monkeypatch):
         warnings.simplefilter("ignore", GenericPathWarning)
         compute(model, loss_func, x, y, [HMP()])
     assert "other than DiagHessian" in reasons[0]
+
+
+@pytest.mark.parametrize("quantity", [DiagHessian(), BatchDiagHessian()], ids=lambda q: q.name)
+def test_residuals_in_chunks_of_samples(quantity, monkeypatch):
+    """One sample per chunk gives the same values as the whole batch at once."""
+    model, loss_func, x, y = _case(EncoderNet(), "ce-mean", seed=2)
+    whole = _compute(model, loss_func, x, y, [quantity])[quantity.name]
+    monkeypatch.setattr(blocks, "CHUNK_ELEMENTS", 1)
+    chunked = _compute(model, loss_func, x, y, [quantity])[quantity.name]
+    for name, value in whole.items():
+        torch.testing.assert_close(chunked[name], value, rtol=1e-12, atol=1e-14)

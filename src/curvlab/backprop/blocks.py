@@ -49,6 +49,10 @@ from curvlab.backprop.rules.attention import softmax_hessian_forms
 from curvlab.backprop.rules.base import Call
 from curvlab.backprop.rules.norm import layer_norm_input_hessian, layer_norm_statistics
 
+CHUNK_ELEMENTS = 2**20
+"""Budget (elements) of the position-local ``[n, T, D, D]`` blocks of one chunk of samples: chunks
+that stay in cache are faster on the CPU than the whole batch at once."""
+
 
 def encoder_obstacle(module: nn.Module, call: Call) -> str | None:
     """Why :class:`EncoderResiduals` does not cover this encoder-layer call, or ``None``."""
@@ -93,9 +97,9 @@ def _layer_norm(module: nn.LayerNorm, u: Tensor) -> Tensor:
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
-    """``[N, T, D]`` as ``[N, H, T, D / H]``."""
+    """``[N, T, D]`` as ``[N, H, T, D / H]`` (contiguous: products with it keep that layout)."""
     n, length, d = t.shape
-    return t.reshape(n, length, heads, d // heads).transpose(1, 2)
+    return t.reshape(n, length, heads, d // heads).transpose(1, 2).contiguous()
 
 
 class EncoderResiduals:
@@ -162,7 +166,22 @@ class EncoderResiduals:
         return self._values[per_sample]
 
     def _compute(self, per_sample: bool) -> dict[str, Tensor]:
-        mod, s = self.module, self._state
+        """:meth:`_chunk` over chunks of samples (temporaries of about ``CHUNK_ELEMENTS``)."""
+        n, length, d = self._state["x"].shape
+        step = max(1, CHUNK_ELEMENTS // (length * d * d))
+        parts = []
+        for start in range(0, n, step):
+            chunk = {k: v[start : start + step] for k, v in self._state.items()}
+            parts.append(self._chunk(chunk, per_sample))
+        if len(parts) == 1:
+            return parts[0]
+        if per_sample:
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: sum(p[k] for p in parts[1:]).add_(parts[0][k]) for k in parts[0]}
+
+    def _chunk(self, s: dict[str, Tensor], per_sample: bool) -> dict[str, Tensor]:
+        """The residual diagonals of one chunk of samples (see the module docstring)."""
+        mod = self.module
         att = mod.self_attn
         x, probs, a = s["x"], s["probs"], s["a"]
         n, length, d = x.shape
@@ -232,13 +251,8 @@ class EncoderResiduals:
         # the in-projection: head blocks of B_a = W_o^T B_u1 W_o  [N, H, T, dh, dh]
         right = (block.view(nt * d, d) @ w_o).view(nt, d, d)
         del block
-        blocks = torch.stack(
-            [
-                w_o[:, h * dh : (h + 1) * dh].T @ right[:, :, h * dh : (h + 1) * dh]
-                for h in range(heads)
-            ],
-            dim=1,
-        )
+        per_head = w_o.view(d, heads, dh)
+        blocks = torch.einsum("iha,nihb->nhab", per_head, right.view(nt, d, heads, dh))
         blocks = blocks.view(n, length, heads, dh, dh).transpose(1, 2).contiguous()
         diag_a = blocks.diagonal(dim1=-2, dim2=-1)  # [N, H, T, dh]
         xs = x[:, None]  # [N, 1, S, D]
