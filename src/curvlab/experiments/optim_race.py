@@ -329,6 +329,18 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 2048) -> tuple
 
 
 # ---------------------------------------------------------------------- the runner
+def _update(optimizer: torch.optim.Optimizer, closure, step: int) -> tuple[float, str | None]:
+    """One step from the closure: the batch loss before it, and why it was refused (or ``None``).
+
+    The engine refuses non-finite outputs (``NonFiniteError``) and ExactGN-like optimizers
+    refuse a step with a ``FloatingPointError``; both end the run as diverged.
+    """
+    try:
+        return float(optimizer.step(closure).detach()), None
+    except (FloatingPointError, NonFiniteError) as error:
+        return math.nan, f"update {step + 1} refused: {error}"
+
+
 class OptimRace:
     """Runs (or resumes) every (model, seed, optimizer) of a config into one results folder.
 
@@ -371,15 +383,8 @@ class OptimRace:
         lr = c.lr[model_name][name]
         optimizer = build_optimizer(name, model, lr, loss_func, c.batch_size, seed)
         checkpoint = self.store.checkpoint_path(model_name, name, seed)
-        step, train_time, initial = 0, 0.0, None
-        if checkpoint.exists():
-            state = torch.load(checkpoint, map_location=self.device, weights_only=True)
-            if state["diverged"]:
-                return
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step, train_time, initial = state["step"], state["train_time"], state["initial_loss"]
-        if step >= total:
+        step, train_time, initial, finished = self._restore(checkpoint, model, optimizer)
+        if finished or step >= total:
             return
         base = {"experiment": NAME, "phase": model_name, "optimizer": name, "seed": seed, "lr": lr}
         if step == 0:
@@ -407,12 +412,7 @@ class OptimRace:
                 return value
 
             started = time.perf_counter()
-            try:
-                before = float(optimizer.step(closure).detach())
-            except (FloatingPointError, NonFiniteError) as error:  # the engine refuses NaN
-                before, refused = math.nan, f"update {step + 1} refused: {error}"
-            else:
-                refused = None
+            before, refused = _update(optimizer, closure, step)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - started
@@ -438,20 +438,46 @@ class OptimRace:
                 )
                 tqdm.write(f"{model_name} {name} seed {seed} diverged after {step}: {reason}")
             if reason is not None or step % eval_every == 0 or step == total:
-                self.store.save_checkpoint(
-                    checkpoint,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "step": step,
-                        "train_time": train_time,
-                        "initial_loss": initial,
-                        "diverged": reason is not None,
-                    },
-                )
+                state = {"step": step, "train_time": train_time, "initial_loss": initial}
+                self._save(checkpoint, model, optimizer, state, diverged=reason is not None)
             if reason is not None:
                 break
         bar.close()
+
+    def _restore(
+        self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[int, float, float | None, bool]:
+        """Load a run's checkpoint into ``model`` and ``optimizer``, if there is one.
+
+        Returns:
+            ``(step, train_time, initial_loss, diverged)``; ``(0, 0.0, None, False)`` for a new
+            run, and a diverged run's is not loaded.
+        """
+        if not checkpoint.exists():
+            return 0, 0.0, None, False
+        state = torch.load(checkpoint, map_location=self.device, weights_only=True)
+        if state["diverged"]:
+            return state["step"], state["train_time"], state["initial_loss"], True
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return state["step"], state["train_time"], state["initial_loss"], False
+
+    def _save(
+        self,
+        checkpoint: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict,
+        diverged: bool,
+    ) -> None:
+        """Checkpoint the model, the optimizer and ``state`` (after the records it follows)."""
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            **state,
+            "diverged": diverged,
+        }
+        self.store.save_checkpoint(checkpoint, state)
 
     def _evaluate(self, model, base, step, steps_per_epoch, train_time, data) -> float:
         """Append an ``eval`` record; returns its train loss."""
@@ -641,14 +667,20 @@ def race_figures(folder: str | Path | Sequence[str | Path]) -> dict[str, plt.Fig
     for model in [m for m in MODELS if any(k[0] == m for k in runs)]:
         fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
         seeds = sorted({k[2] for k in runs if k[0] == model})
+        initial = max(
+            r["train_loss"] for k, rs in runs.items() if k[0] == model for r in rs if r["step"] == 0
+        )
         for ax, (key, x_key, xlabel, ylabel) in zip(axes.flat, PANELS, strict=True):
             for name in OPTIMIZERS:
                 mine = [v for k, v in runs.items() if k[:2] == (model, name)]
                 if mine:
                     x, y = _mean_curve(mine, key, x_key)
                     ax.plot(x, y, label=name, color=colors[name], lw=1.4)
-            if key == "train_loss":
+            if key == "train_loss":  # from the lowest to the initial loss; blow-ups leave the axis
                 ax.set_yscale("log")
+                ax.set_ylim(top=2.0 * initial)
+            else:  # the race is decided above 60 %
+                ax.set_ylim(0.6, 0.95)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
