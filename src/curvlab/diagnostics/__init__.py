@@ -12,6 +12,8 @@ r"""Training diagnostics: the empirical NTK and its change, CKA of representatio
   reparametrization-invariant spectrum of :math:`(G + \delta I)^{-1} H` (C11).
 * :mod:`curvlab.diagnostics.instruments` -- the instruments' definitions (:data:`PRESETS`,
   :data:`INSTRUMENTS`), the gradient tests and the mean GSNR as functions, schedules.
+* :mod:`curvlab.diagnostics.per_sample` -- every per-sample statistic of a monitored step from
+  one read of each layer's factors, and the histogram estimates.
 
 Guides: ``docs/ntk.md``, ``docs/diagnostics.md``.
 """
