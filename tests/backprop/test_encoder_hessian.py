@@ -1,4 +1,4 @@
-"""Exact Hessian diagonals through a whole TransformerEncoderLayer (blocks.py), no HVPs."""
+"""Exact Hessian diagonals through a TransformerEncoderLayer or attention (blocks.py), no HVPs."""
 
 from __future__ import annotations
 
@@ -47,6 +47,22 @@ class ProjectedEncoderNet(EncoderNet):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(self.inp(x))
+
+
+class AttentionOnlyNet(nn.Module):
+    """Self-attention on the input, then linear operations only."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.causal = causal
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = None
+        if self.causal:
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0].mean(1))
 
 
 def _case(model: nn.Module, loss: str, seed: int = 0):
@@ -148,3 +164,32 @@ def test_residuals_in_chunks_of_samples(quantity, monkeypatch):
     chunked = _compute(model, loss_func, x, y, [quantity])[quantity.name]
     for name, value in whole.items():
         torch.testing.assert_close(chunked[name], value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+def test_diag_hessian_through_attention_only(loss):
+    model, loss_func, x, y = _case(AttentionOnlyNet(), loss, seed=3)
+    ours = _compute(model, loss_func, x, y, [DiagHessian(), BatchDiagHessian()])
+    expected = reference.hessian_diagonal(model, loss_func, x, y)
+    actual = torch.cat(
+        [ours["DiagHessian"][name].flatten() for name, _ in model.named_parameters()]
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+    per_sample = reference.per_sample_hessian_diagonals(model, loss_func, x, y)
+    actual = torch.cat(
+        [ours["BatchDiagHessian"][name].flatten(1) for name, _ in model.named_parameters()], 1
+    )
+    torch.testing.assert_close(actual, per_sample, rtol=1e-9, atol=1e-12)
+
+
+def test_masked_attention_falls_back_exactly(monkeypatch):
+    """Attention is not linear in its parameters: without the block route, the exact fallback."""
+    model, loss_func, x, y = _case(AttentionOnlyNet(causal=True), "ce-mean", seed=4)
+    reasons = _spy_route(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GenericPathWarning)
+        ours = compute(model, loss_func, x, y, [DiagHessian()])["DiagHessian"]
+    assert "a mask or is_causal" in reasons[0]
+    expected = reference.hessian_diagonal(model, loss_func, x, y)
+    actual = torch.cat([ours[name].flatten() for name, _ in model.named_parameters()])
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)

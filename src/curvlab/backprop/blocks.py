@@ -45,7 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlab.backprop.rules.attention import softmax_hessian_forms
+from curvlab.backprop.rules.attention import (
+    AttentionRule,
+    _mask,
+    _query,
+    softmax_hessian_forms,
+)
 from curvlab.backprop.rules.base import Call
 from curvlab.backprop.rules.norm import layer_norm_input_hessian, layer_norm_statistics
 
@@ -293,8 +298,71 @@ class EncoderResiduals:
         return out
 
 
+def attention_obstacle(module: nn.Module, call: Call) -> str | None:
+    """Why :class:`AttentionResiduals` does not cover this attention call, or ``None``."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return "not a MultiheadAttention"
+    if not AttentionRule().applies(module, [call]):
+        return "a variant the attention rule does not cover"
+    if _mask(module, call, _query(call)) is not None:
+        return "a mask or is_causal"
+    if any(t.requires_grad for t in call.graph_inputs):
+        return "an input that depends on parameters"
+    return None
+
+
+class AttentionResiduals:
+    r"""Residual Hessian diagonals of one self-attention call followed by linear operations.
+
+    With nothing nonlinear after the layer, only the softmax's residual remains: it enters the
+    query and key weights (and the query bias) through its quadratic forms
+    (:func:`~curvlab.backprop.rules.attention.softmax_hessian_forms`); the value and output
+    projections get none.
+
+    Args:
+        module: The ``nn.MultiheadAttention`` (checked with :func:`attention_obstacle`).
+        call: Its recorded call; the query ``[N, T, D]`` is its input.
+        grad_out: Per-sample :math:`\partial \ell_n / \partial y` at its output ``[N, T, D]``.
+    """
+
+    def __init__(self, module: nn.MultiheadAttention, call: Call, grad_out: Tensor) -> None:
+        self.module = module
+        x = _query(call).detach()
+        d, heads = x.shape[-1], module.num_heads
+        qkv = F.linear(x, module.in_proj_weight.detach(), module.in_proj_bias.detach())
+        q, k, v = (_heads(t, heads) for t in qkv.split(d, -1))
+        probs = (q @ k.mT / math.sqrt(d // heads)).softmax(-1)
+        grad_a = _heads(grad_out.detach() @ module.out_proj.weight.detach(), heads)
+        self._state = {"x": x, "qh": q, "kh": k, "probs": probs, "grad_probs": grad_a @ v.mT}
+        self._values: dict[bool, dict[str, Tensor]] = {}
+
+    def values(self, per_sample: bool) -> dict[str, Tensor]:
+        """Residual diagonals by local parameter name: ``[N, *p]`` per sample, else ``[*p]``."""
+        if per_sample not in self._values:
+            s = self._state
+            x, qh, kh, probs = s["x"], s["qh"], s["kh"], s["probs"]
+            n, d = x.shape[0], x.shape[-1]
+            lead = "n" if per_sample else ""
+            scale2 = qh.shape[-1] ** -1.0
+            form_q = scale2 * softmax_hessian_forms(probs, s["grad_probs"], kh)
+            form_k = softmax_hessian_forms(probs, s["grad_probs"], x[:, None])
+            w_q = torch.einsum(f"nhtc,ntj->{lead}hcj", form_q, x.square())
+            w_k = torch.einsum(f"nhtc,nhtj->{lead}hcj", scale2 * qh.square(), form_k)
+            shape = (n, d, d) if per_sample else (d, d)
+            b_q = form_q.sum(2) if per_sample else form_q.sum((0, 2))
+            b_q = b_q.reshape(*shape[:-1])
+            zeros = torch.zeros_like(b_q)
+            self._values[per_sample] = {
+                "in_proj_weight": torch.cat(
+                    [w_q.reshape(shape), w_k.reshape(shape), x.new_zeros(shape)], dim=-2
+                ),
+                "in_proj_bias": torch.cat([b_q, zeros, zeros], dim=-1),
+            }
+        return self._values[per_sample]
+
+
 def block_residual(
-    residuals: dict[str, EncoderResiduals], name: str, per_sample: bool
+    residuals: dict[str, EncoderResiduals | AttentionResiduals], name: str, per_sample: bool
 ) -> Tensor | None:
     """The residual diagonal of parameter ``name`` from the block that holds it, or ``None``."""
     for block, values in residuals.items():
@@ -304,4 +372,17 @@ def block_residual(
     return None
 
 
-__all__ = ["EncoderResiduals", "block_residual", "encoder_obstacle"]
+BLOCKS = {
+    nn.TransformerEncoderLayer: (encoder_obstacle, EncoderResiduals),
+    nn.MultiheadAttention: (attention_obstacle, AttentionResiduals),
+}
+"""Module classes with closed-form Hessian residuals: ``(obstacle check, residuals class)``."""
+
+__all__ = [
+    "BLOCKS",
+    "AttentionResiduals",
+    "EncoderResiduals",
+    "attention_obstacle",
+    "block_residual",
+    "encoder_obstacle",
+]

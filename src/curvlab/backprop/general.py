@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.backprop import assembly
-from curvlab.backprop.blocks import EncoderResiduals, encoder_obstacle
+from curvlab.backprop.blocks import BLOCKS, AttentionResiduals, EncoderResiduals
 from curvlab.backprop.derivatives import Owner, ParamDerivatives
 from curvlab.backprop.errors import GenericPathWarning
 from curvlab.backprop.functional import (
@@ -131,11 +131,12 @@ class _Slots:
             ]
         self.blocks: list[tuple[str, nn.Module, Call]] = []  # whole blocks (blocks.py)
         if plan.needs_hessian:
+            named = [
+                name for name in plan.records if isinstance(modules[name], tuple(BLOCKS))
+            ]  # the outermost ones: an encoder layer's attention is part of the layer
+            outer = [n for n in named if not any(n.startswith(f"{m}.") for m in named)]
             self.blocks = [
-                (name, modules[name], call)
-                for name, calls in plan.records.items()
-                if isinstance(modules[name], nn.TransformerEncoderLayer)
-                for call in calls
+                (name, modules[name], call) for name in outer for call in plan.records[name]
             ]
         extra = [c for calls in plan.records.values() for c in calls] if plan.needs_model else []
         extra += [call for _, _, call in self.activations]
@@ -230,6 +231,10 @@ def _hessian_obstacle(plan: Plan, activations: list[tuple[str, nn.Module, Call]]
                 f"{type(own.module).__name__} (module '{own.name}') has no per-layer rule, so "
                 "its second derivative w.r.t. its parameters is unknown"
             )
+        if not own.rule.linear_in_params:
+            return (
+                f"{type(own.module).__name__} (module '{own.name}') is not linear in its parameters"
+            )
     calls = [
         (own.name, own.module, call, own.rule.linear_in_input)
         for own in plan.owners
@@ -240,11 +245,11 @@ def _hessian_obstacle(plan: Plan, activations: list[tuple[str, nn.Module, Call]]
 
 def _block_route(
     plan: Plan, slots: _Slots, output_grads: dict
-) -> tuple[dict[str, EncoderResiduals], str | None]:
+) -> tuple[dict[str, EncoderResiduals | AttentionResiduals], str | None]:
     """Residuals of a whole encoder layer that make the fast Hessian path exact, or why not.
 
-    Applies to one ``nn.TransformerEncoderLayer`` call (:func:`~curvlab.backprop.blocks.
-    encoder_obstacle`), no subsampling, only Hessian diagonals, and a graph after the layer that
+    Applies to one ``nn.TransformerEncoderLayer`` or self-attention call (:data:`~curvlab.
+    backprop.blocks.BLOCKS`), no subsampling, only Hessian diagonals, and a graph after the layer that
     :func:`~curvlab.backprop.hessian.graph_obstacle` finds linear without activation residuals.
     """
     if plan.method != "auto" or plan.index is not None:
@@ -253,11 +258,12 @@ def _block_route(
     if not all(type(q) in (DiagHessian, BatchDiagHessian) for q in hessian):
         return {}, "a Hessian quantity other than DiagHessian / BatchDiagHessian"
     if len(slots.blocks) != 1:
-        return {}, "not exactly one TransformerEncoderLayer call"
+        return {}, "not exactly one TransformerEncoderLayer / MultiheadAttention call"
     name, module, call = slots.blocks[0]
-    reason = encoder_obstacle(module, call)
+    obstacle, residuals_class = next(v for k, v in BLOCKS.items() if isinstance(module, k))
+    reason = obstacle(module, call)
     if reason is not None:
-        return {}, f"TransformerEncoderLayer (module '{name}') with {reason}"
+        return {}, f"{type(module).__name__} (module '{name}') with {reason}"
     outside = [own for own in plan.owners if not own.name.startswith(f"{name}.")]
     for own in outside:
         if len(own.calls) > 1 or isinstance(own.rule, FuncRule):
@@ -270,7 +276,7 @@ def _block_route(
     if reason is not None or grad_out is None:
         return {}, f"after module '{name}': {reason}"
     try:
-        return {name: EncoderResiduals(module, call, grad_out)}, None
+        return {name: residuals_class(module, call, grad_out)}, None
     except RuntimeError as err:
         return {}, str(err)
 
@@ -290,11 +296,11 @@ def _warn_hessian_fallback(obstacle: str, method: str) -> None:
 
 def _hessian_factors(
     plan: Plan, slots: _Slots, output_grads: dict, exact: Sequence | None, select: _Selection
-) -> tuple[Factors, WholeModelFunc | None, dict[str, EncoderResiduals]]:
+) -> tuple[Factors, WholeModelFunc | None, dict[str, EncoderResiduals | AttentionResiduals]]:
     """The signed Hessian factors (and whole blocks' residuals), or the whole-model fallback."""
     obstacle = _hessian_obstacle(plan, slots.activations)
     n = plan.num_samples
-    residuals: dict[str, EncoderResiduals] = {}
+    residuals: dict[str, EncoderResiduals | AttentionResiduals] = {}
     if obstacle is not None and slots.blocks:
         residuals, _ = _block_route(plan, slots, output_grads)
         if residuals:  # the GGN's factors, and the block's residuals in closed form
@@ -334,7 +340,7 @@ def _hessian_factors(
 
 def _factors(
     plan: Plan, slots: _Slots, output_grads: dict, select: _Selection
-) -> tuple[Factors, WholeModelFunc | None, dict[str, EncoderResiduals]]:
+) -> tuple[Factors, WholeModelFunc | None, dict[str, EncoderResiduals | AttentionResiduals]]:
     """Every source's factors at the owner calls' outputs."""
     n = plan.num_samples
     factors: Factors = {}

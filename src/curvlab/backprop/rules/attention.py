@@ -124,6 +124,7 @@ class AttentionRule(Rule):
     kron_kind = "rows"
     channels_last = True
     claims = tuple(OUT_PROJ)
+    linear_in_params = False  # the softmax of q k^T: queries and keys enter nonlinearly
 
     def applies(self, module: nn.Module, calls: list[Call]) -> bool:
         """Whether every call is a case this rule covers (else the generic path runs)."""

@@ -79,7 +79,7 @@ class KronSums:
 
 
 class Rule:
-    """Parameter derivatives of one module type (see the module docstring).
+    r"""Parameter derivatives of one module type (see the module docstring).
 
     Every method takes the module, one :class:`Call`, the factors ``[M, N, *out]`` (one per
     output tensor of the call) and the parameter names to return.
@@ -87,6 +87,9 @@ class Rule:
     Attributes:
         linear_in_input: The module's output is linear (affine) in its tensor inputs, so it adds
             no second-order term to the Hessian w.r.t. earlier activations.
+        linear_in_params: The module's output is linear (affine) in its parameters, so their
+            Hessian block is :math:`J_\theta^\top (\nabla_z^2 L) J_\theta` (the signed-factor
+            Hessian path needs it).
         kronecker: The rule provides :meth:`kron_sums`.
         kron_kind: How :meth:`kron_sums` maps to the weight (:class:`~curvlab.backprop.kron.
             Layout` kinds): ``"rows"``, ``"transposed"``, ``"columns"``, or ``"whole"`` (the
@@ -94,6 +97,7 @@ class Rule:
     """
 
     linear_in_input: bool = False
+    linear_in_params: bool = True
     kronecker: bool = False
     kron_kind: str = "rows"
     channels_last: bool = False
