@@ -10,7 +10,9 @@ layer with a ReLU feed-forward block,
     u_2 = x_1 + W_2\, \mathrm{relu}(W_1 x_1 + b_1) + b_2, \quad y = \mathrm{LN}_2(u_2),
 
 the nonlinear operations are the two layer norms, the softmax and the bilinear products
-:math:`q k^\top` and :math:`P v` (ReLU's second derivative vanishes). The bilinear products add
+:math:`q k^\top` and :math:`P v` (ReLU's second derivative vanishes; GELU's adds
+:math:`\mathrm{diag}(\phi'' \odot \partial\ell/\partial h)` at the hidden layer, pulled back as
+:math:`W_1^\top \mathrm{diag}(\cdot) W_1` by a second ``[N T, ff] @ [ff, D D]`` product). The bilinear products add
 nothing to the diagonal: no single parameter enters both factors. Everything after the attention
 core acts on each position separately, so the layer norms' residuals pulled back to any point
 there are *position-local* blocks :math:`B_t` (``[D, D]`` per sample and position):
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvlab.backprop.rules.activation import activation_derivatives
 from curvlab.backprop.rules.attention import (
     AttentionRule,
     _mask,
@@ -67,7 +70,7 @@ def encoder_obstacle(module: nn.Module, call: Call) -> str | None:
     checks = {
         "norm_first=True": module.norm_first,
         "batch_first=False": not att.batch_first,
-        "an activation other than ReLU": module.activation_relu_or_gelu != 1,
+        "an activation other than ReLU or GELU": module.activation_relu_or_gelu not in (1, 2),
         "dropout in training mode": module.training
         and any(m.p > 0 for m in module.modules() if isinstance(m, nn.Dropout)),
         "a separate key/value projection or add_bias_kv / add_zero_attn": (
@@ -101,6 +104,19 @@ def _layer_norm(module: nn.LayerNorm, u: Tensor) -> Tensor:
     return F.layer_norm(u, module.normalized_shape, weight, bias, module.eps)
 
 
+def _activation_module(module: nn.TransformerEncoderLayer) -> nn.Module:
+    """The feed-forward activation as a module (``nn.ReLU`` or ``nn.GELU``)."""
+    act = module.activation
+    if isinstance(act, (nn.ReLU, nn.GELU)):
+        return act
+    return nn.ReLU() if act is F.relu else nn.GELU()
+
+
+def _activate(act: nn.Module, z: Tensor) -> Tensor:
+    """``act(z)`` by its functional form (no module hooks run)."""
+    return F.relu(z) if isinstance(act, nn.ReLU) else F.gelu(z, approximate=act.approximate)
+
+
 def _heads(t: Tensor, heads: int) -> Tensor:
     """``[N, T, D]`` as ``[N, H, T, D / H]`` (contiguous: products with it keep that layout)."""
     n, length, d = t.shape
@@ -121,6 +137,7 @@ class EncoderResiduals:
 
     def __init__(self, module: nn.TransformerEncoderLayer, call: Call, grad_out: Tensor) -> None:
         self.module = module
+        self.activation = _activation_module(module)
         self._state = self._forward(call, grad_out.detach())
         self._values: dict[bool, dict[str, Tensor]] = {}
 
@@ -139,9 +156,10 @@ class EncoderResiduals:
             u1 = x + F.linear(a, att.out_proj.weight.detach(), att.out_proj.bias.detach())
             x1 = _layer_norm(mod.norm1, u1)
             z1 = F.linear(x1, mod.linear1.weight.detach(), mod.linear1.bias.detach())
-            u2 = x1 + F.linear(z1.relu(), mod.linear2.weight.detach(), mod.linear2.bias.detach())
+            hidden = _activate(self.activation, z1)
+            u2 = x1 + F.linear(hidden, mod.linear2.weight.detach(), mod.linear2.bias.detach())
             y = _layer_norm(mod.norm2, u2)
-            grad_probs, grad_x1 = torch.autograd.grad(y, [probs, x1], grad_out)
+            grad_probs, grad_x1, grad_hidden = torch.autograd.grad(y, [probs, x1, hidden], grad_out)
         recorded = call.outputs[0].detach()
         if not torch.allclose(y.detach(), recorded, rtol=1e-4, atol=1e-5 * recorded.abs().max()):
             raise RuntimeError(
@@ -162,6 +180,8 @@ class EncoderResiduals:
             "grad_out": grad_out,
             "grad_probs": grad_probs,
             "grad_x1": grad_x1,
+            "hidden": hidden.detach(),
+            "grad_hidden": grad_hidden,
         }
 
     def values(self, per_sample: bool) -> dict[str, Tensor]:
@@ -209,18 +229,20 @@ class EncoderResiduals:
         xhat2, sigma2 = layer_norm_statistics(mod.norm2, s["u2"])
         r2 = layer_norm_input_hessian(xhat2, sigma2, ln2, s["grad_out"])
         diag_u2 = r2.diagonal()  # [N, T, D]
-        mask = (s["z1"] > 0).to(x.dtype)  # relu'
-        out["linear2.weight"] = outer(diag_u2, s["z1"].relu().square())
+        slope, curvature = activation_derivatives(self.activation, s["z1"])  # phi', phi''
+        rho = None if isinstance(self.activation, nn.ReLU) else curvature * s["grad_hidden"]
+        out["linear2.weight"] = outer(diag_u2, s["hidden"].square())
         out["linear2.bias"] = total(diag_u2, (1,))
         projected_norms = ((w2 - w2.mean(0)) * w2).sum(0)  # w2_k^T P w2_k  [ff]
         low = r2.vectors.mT @ w2  # V^T W2  [N, T, 2, ff]
         diag_z1 = r2.alpha[..., 0] * projected_norms + ((r2.core @ low) * low).sum(-2)
-        diag_z1 = diag_z1 * mask  # diag of relu' W2^T R2 W2 relu'
+        diag_z1 = diag_z1 * slope.square()  # diag of phi' W2^T R2 W2 phi' (+ the residual)
+        diag_z1 = diag_z1 if rho is None else diag_z1 + rho
         out["linear1.weight"] = outer(diag_z1, s["x1"].square())
         out["linear1.bias"] = total(diag_z1, (1,))
         # B_x1 = K^T R2 K = alpha (K^T K - k k^T / D) + (K^T V) S (K^T V)^T,  k = K^T 1
         paths = (w2.T[:, :, None] * w1[:, None, :]).reshape(ff, d * d)  # W2[i,k] W1[k,j]
-        jac_ff = (mask.reshape(nt, ff) @ paths).view(nt, d, d)
+        jac_ff = (slope.reshape(nt, ff) @ paths).view(nt, d, d)
         jac_ff.diagonal(dim1=-2, dim2=-1).add_(1.0)  # K = I + W2 diag(relu') W1
         ones = x.new_ones(nt, d, 1)
         pulled = torch.bmm(jac_ff.mT, torch.cat([r2.vectors.reshape(nt, d, 2), ones], -1))
@@ -232,6 +254,9 @@ class EncoderResiduals:
         core[:, :2, :2] = r2.core.reshape(nt, 2, 2)
         core[:, 2:, 2:] = -alpha / d
         block.baddbmm_(pulled @ core, pulled.mT)  # [N T, D, D]: B_x1
+        if rho is not None:  # + W1^T diag(phi'' g_h) W1
+            pairs = (w1[:, :, None] * w1[:, None, :]).reshape(ff, d * d)
+            block.add_((rho.reshape(nt, ff) @ pairs).view(nt, d, d))
         diag_x1 = block.diagonal(dim1=-2, dim2=-1).reshape(n, length, d)
         xhat1, sigma1 = layer_norm_statistics(mod.norm1, s["u1"])
         out["norm1.weight"] = total(diag_x1 * xhat1.square(), (1,))
