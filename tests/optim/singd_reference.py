@@ -1,9 +1,21 @@
-"""The dense-masked SINGD of before structured storage: the reference of the structured one.
+r"""A dense SINGD: the reference of the structured one.
 
-Every factor is a dense ``[G, d, d]`` tensor and each structure a projection (a mask, or the
-super-diagonal means for triu-Toeplitz), applied after every dense product. Kept verbatim from
-``curvlab.optim.singd`` as it was, so that the structured classes are tested against an
-independent implementation.
+Every factor is a dense ``[G, d, d]`` tensor. Each structure has two maps:
+
+* :meth:`Structure.project`, the orthogonal projection (a mask, or the super-diagonal means for
+  triu-Toeplitz), for matrices already in the structure (products);
+* :meth:`Structure.paper_map`, SINGD's map :math:`\hat\Pi` of a symmetric matrix (Lin et al.,
+  ICML 2024), computed from its definition rather than from a closed form: the natural
+  gradient of :math:`u \mapsto \langle M, u\rangle` over the structure's matrices :math:`u`
+  (the Lie algebra of the factor's group, with a basis :math:`\{B_p\}`) under the Fisher
+  metric of the local coordinates at the identity, :math:`g(u, v) = \tfrac12 \langle u +
+  u^\top, v + v^\top\rangle`, the minimum-norm solution where the metric is degenerate, times
+  2 (so that the dense map is the identity): :math:`\hat\Pi(M) = 2 \sum_p c_p B_p` with
+  :math:`c = g^{+} r`, :math:`g_{pq} = g(B_p, B_q)`, :math:`r_p = \langle M, B_p\rangle`.
+
+The update applies :math:`\hat\Pi` to the symmetric curvature terms and the orthogonal
+projection after the product :math:`K (I - \beta_1 m_K)` (a no-op up to round-off, the
+structures being groups). Independent of ``curvlab.optim.structures``' closed forms.
 """
 
 from __future__ import annotations
@@ -30,6 +42,19 @@ class Structure:
         """The nearest structured matrices ``[G, d, d]`` to ``matrix`` ``[G, d, d]``."""
         raise NotImplementedError
 
+    def basis(self, dim: int) -> Tensor:
+        """A basis ``[P, d, d]`` (float64) of the structure's matrices."""
+        raise NotImplementedError
+
+    def paper_map(self, matrix: Tensor) -> Tensor:
+        r""":math:`\hat\Pi(M)` ``[G, d, d]`` of symmetric ``matrix`` ``[G, d, d]`` (module docstring)."""
+        basis = self.basis(matrix.shape[-1]).to(matrix)
+        sym = (basis + basis.mT) / 2
+        metric = 2 * torch.einsum("pij,qij->pq", sym, sym)
+        rhs = torch.einsum("gij,pij->gp", matrix, basis)
+        coefficients = rhs @ torch.linalg.pinv(metric, hermitian=True)
+        return 2 * torch.einsum("gp,pij->gij", coefficients, basis)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -48,6 +73,13 @@ class _MaskStructure(Structure):
         """``matrix`` with the entries outside :meth:`mask` set to zero ``[G, d, d]``."""
         mask = self.mask(matrix.shape[-1], matrix.device)
         return matrix * mask.to(matrix.dtype)
+
+    def basis(self, dim: int) -> Tensor:
+        """One unit matrix per free entry ``[P, d, d]``."""
+        rows, cols = self.mask(dim, torch.device("cpu")).nonzero(as_tuple=True)
+        basis = torch.zeros(len(rows), dim, dim, dtype=torch.float64)
+        basis[torch.arange(len(rows)), rows, cols] = 1.0
+        return basis
 
 
 class Dense(_MaskStructure):
@@ -161,6 +193,11 @@ class TriuToeplitz(Structure):
         out = means[..., index].reshape(matrix.shape)
         return out * upper.to(matrix.dtype)
 
+    def basis(self, dim: int) -> Tensor:
+        """The powers of the shift, :math:`S^k` with ones on the k-th super-diagonal ``[d, d, d]``."""
+        ones = torch.ones(dim, dtype=torch.float64)
+        return torch.stack([torch.diag_embed(ones[k:], offset=k) for k in range(dim)])
+
 
 STRUCTURES: dict[str, type[Structure]] = {
     cls.name: cls
@@ -195,7 +232,7 @@ def riemannian_step(
 
     .. math::
 
-        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\Pi_K\big(T_K + \lambda\,\mathrm{tr}(C^\top C)
+        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\hat\Pi_K\big(T_K + \lambda\,\mathrm{tr}(C^\top C)
         K^\top K - b I_a\big), \quad K \leftarrow \Pi_K\big(K (I_a - \beta_1 m_K)\big)
 
     and likewise for :math:`C` (with :math:`a` and :math:`b` swapped). SINGD's terms are
@@ -225,8 +262,8 @@ def riemannian_step(
     eye_b = torch.eye(dim_b, dtype=c.dtype, device=c.device)
     step_k = (t_k + damping * _trace(ctc) * ktk - dim_b * eye_a) / (2 * dim_b)
     step_c = (t_c + damping * _trace(ktk) * ctc - dim_a * eye_b) / (2 * dim_a)
-    m_k = alpha1 * m_k + pi_k.project(step_k)
-    m_c = alpha1 * m_c + pi_c.project(step_c)
+    m_k = alpha1 * m_k + pi_k.paper_map(step_k)
+    m_c = alpha1 * m_c + pi_c.paper_map(step_c)
     k = pi_k.project(k @ (eye_a - beta1 * m_k))
     c = pi_c.project(c @ (eye_b - beta1 * m_c))
     return (k, c), (m_k, m_c)

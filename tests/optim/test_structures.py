@@ -12,6 +12,15 @@ from tests.optim import singd_reference as reference
 NAMES = sorted(structures.STRUCTURES)
 DIM, GROUPS = 11, 2  # 11: block size 4 leaves a remainder of 3; hierarchical (3, 2)
 CONFIG = {"block_size": 4, "hierarchical_sizes": (3, 2)}
+FREE_DENSE = {  # nonzero entries of a structured matrix
+    "dense": DIM * DIM,
+    "diagonal": DIM,
+    "block_diagonal": 2 * 16 + 9,
+    "lower_triangular": DIM * (DIM + 1) // 2,
+    "upper_triangular": DIM * (DIM + 1) // 2,
+    "hierarchical": 3 * DIM + (DIM - 5) + 2 * (DIM - 3),
+    "triu_toeplitz": DIM * (DIM + 1) // 2,
+}
 FREE = {  # stored entries per matrix: the memory saving
     "dense": DIM * DIM,
     "diagonal": DIM,
@@ -45,6 +54,42 @@ def test_projection_equals_the_mask_reference(name):
     ours, ref, _ = pair(name)
     m = random(GROUPS, DIM, DIM, seed=5)
     torch.testing.assert_close(ours.from_dense(m).to_dense(), ref.project(m), rtol=0, atol=1e-14)
+
+
+def symmetric(seed):
+    m = random(GROUPS, DIM, DIM, seed=seed)
+    return m + m.mT
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_symmetric_map_is_the_papers_natural_gradient(name):
+    """from_symmetric equals the map derived from its definition (singd_reference.paper_map)."""
+    ours, ref, _ = pair(name)
+    m = symmetric(6)
+    got = ours.from_symmetric(m).to_dense()
+    torch.testing.assert_close(got, ref.paper_map(m), rtol=0, atol=1e-12)
+
+
+# (i, j) of a free entry whose mirror (j, i) is not free -> factor 2 against the orthogonal map
+DOUBLED = {
+    "dense": 0,
+    "diagonal": 0,
+    "block_diagonal": 0,
+    "lower_triangular": DIM * (DIM - 1) // 2,
+    "upper_triangular": DIM * (DIM - 1) // 2,
+    "hierarchical": 3 * (DIM - 3) + 2 * (DIM - 5),
+    "triu_toeplitz": DIM * (DIM - 1) // 2,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_symmetric_map_doubles_the_entries_without_a_free_mirror(name):
+    """Of a symmetric all-ones matrix, the map keeps 1 where the mirror is free, else 2."""
+    ours, _, _ = pair(name)
+    ones = torch.ones(GROUPS, DIM, DIM, dtype=torch.float64)
+    dense = ours.from_symmetric(ones).to_dense()
+    assert int((dense == 2).sum()) == GROUPS * DOUBLED[name]
+    assert int((dense == 1).sum()) == GROUPS * (FREE_DENSE[name] - DOUBLED[name])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -83,11 +128,11 @@ def test_congruence_and_gram_equal_the_projected_dense_products(name):
     a, dense = spd(DIM, 3), s.to_dense()
     projected, trace = s.congruence(a)
     full = dense.mT @ a @ dense
-    torch.testing.assert_close(projected.to_dense(), ref.project(full))
+    torch.testing.assert_close(projected.to_dense(), ref.paper_map(full))
     torch.testing.assert_close(trace, full.diagonal(dim1=-2, dim2=-1).sum(-1))
     projected, trace = s.gram()
     full = dense.mT @ dense
-    torch.testing.assert_close(projected.to_dense(), ref.project(full))
+    torch.testing.assert_close(projected.to_dense(), ref.paper_map(full))
     torch.testing.assert_close(trace, full.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
@@ -124,7 +169,7 @@ def _dense_reference_run(name, steps, statistics, damping=0.01, alpha1=0.5, beta
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_update_equals_the_dense_masked_implementation_over_steps(name):
+def test_update_equals_the_dense_implementation_over_steps(name):
     ours = structures.make_structure(name, **CONFIG)
     statistics = (spd(DIM, 11), spd(DIM, 12))
     k = ours.eye(GROUPS, DIM, torch.float64, "cpu")
@@ -142,7 +187,7 @@ def test_update_equals_the_dense_masked_implementation_over_steps(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ifshampoo_step_equals_the_dense_masked_implementation(name):
+def test_ifshampoo_step_equals_the_dense_implementation(name):
     ours = structures.make_structure(name, **CONFIG)
     ref = reference.make_structure(name, **CONFIG)
     g = random(1, DIM, DIM, seed=21)
@@ -188,7 +233,7 @@ def test_damped_congruence_in_two_phases(name):
     eye = torch.eye(DIM, dtype=torch.float64)
     full = dense.mT @ (alpha[:, None, None] * a + beta[:, None, None] * eye) @ dense
     torch.testing.assert_close(
-        s.damped_congruence(parts, alpha, beta).to_dense(), ref.project(full)
+        s.damped_congruence(parts, alpha, beta).to_dense(), ref.paper_map(full)
     )
     torch.testing.assert_close(trace, (dense.mT @ a @ dense).diagonal(dim1=-2, dim2=-1).sum(-1))
     torch.testing.assert_close(s.frobenius_sq(), dense.square().sum((-2, -1)))

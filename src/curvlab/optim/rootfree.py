@@ -189,9 +189,11 @@ def _as_matrix(tensor: Tensor) -> Tensor:
 def shampoo_curvature(
     k: StructuredMatrix, c: StructuredMatrix, grad_matrix: Tensor, batch_size: int
 ) -> Factors:
-    r"""IF-Shampoo's projected curvature terms :math:`\Pi_K(B Z^\top Z)`, :math:`\Pi_C(B Z Z^\top)`.
+    r"""IF-Shampoo's projected curvature terms :math:`\hat\Pi_K(B Z^\top Z)`, :math:`\hat\Pi_C(B Z Z^\top)`.
 
-    With :math:`Z = C^\top G K`, by the factors' structured products.
+    With :math:`Z = C^\top G K`, by the factors' structured products; :math:`\hat\Pi` is
+    SINGD's map of a symmetric matrix onto the structure
+    (:meth:`~curvlab.optim.structures.StructuredMatrix.from_symmetric`).
 
     Args:
         k: :math:`K` ``[1, a, a]``, structured.
@@ -203,7 +205,7 @@ def shampoo_curvature(
         ``[1, a, a]`` and ``[1, b, b]`` in the structures of ``k`` and ``c``.
     """
     z = c.tmatmul(k.rmatmul(grad_matrix.to(k.dtype)))
-    return k.from_dense(batch_size * (z.mT @ z)), c.from_dense(batch_size * (z @ z.mT))
+    return k.from_symmetric(batch_size * (z.mT @ z)), c.from_symmetric(batch_size * (z @ z.mT))
 
 
 class IFShampoo(torch.optim.Optimizer):

@@ -12,16 +12,20 @@ Riemannian update with momentum (no inverse, no decomposition):
 
     H_K = K^\top A K, \quad H_C = C^\top B C,
 
-    m_K \leftarrow \alpha_1 m_K + \frac{1}{2 b}\,\Pi_K\big(\mathrm{tr}(H_C) H_K
+    m_K \leftarrow \alpha_1 m_K + \frac{1}{2 b}\,\hat\Pi_K\big(\mathrm{tr}(H_C) H_K
         + \lambda\,\mathrm{tr}(C^\top C)\,K^\top K - b I_a\big), \quad
-    K \leftarrow \Pi_K\big(K (I_a - \beta_1 m_K)\big),
+    K \leftarrow K (I_a - \beta_1 m_K),
 
-    m_C \leftarrow \alpha_1 m_C + \frac{1}{2 a}\,\Pi_C\big(\mathrm{tr}(H_K) H_C
+    m_C \leftarrow \alpha_1 m_C + \frac{1}{2 a}\,\hat\Pi_C\big(\mathrm{tr}(H_K) H_C
         + \lambda\,\mathrm{tr}(K^\top K)\,C^\top C - a I_b\big), \quad
-    C \leftarrow \Pi_C\big(C (I_b - \beta_1 m_C)\big),
+    C \leftarrow C (I_b - \beta_1 m_C),
 
-with :math:`\Pi` the projection onto the factor's structure (:data:`STRUCTURES`). Each
-structure is a matrix group (closed under products), so the update keeps it. The factors are
+with :math:`\hat\Pi` the paper's structure-preserving map of a symmetric matrix onto the
+factor's structure (:data:`STRUCTURES`,
+:meth:`~curvlab.optim.structures.StructuredMatrix.from_symmetric`: the natural gradient in the
+structure's local coordinates, which doubles the off-diagonal entries whose mirror image is
+not free; the orthogonal projection for dense, diagonal and block-diagonal). Each structure is
+a matrix group (closed under products), so the update keeps it. The factors are
 stored by their free entries only and multiplied in their structure
 (:mod:`curvlab.optim.structures`: a diagonal is a vector, block-diagonal its blocks,
 triu-Toeplitz its first row, ...), so a structure saves memory and time. At the fixed point (:math:`m_K = m_C = 0`),
@@ -102,8 +106,9 @@ def riemannian_step(
 
     .. math::
 
-        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\big(\Pi_K(T_K) + \lambda\,\mathrm{tr}(C^\top C)
-        \,\Pi_K(K^\top K) - b I_a\big), \quad K \leftarrow K (I_a - \beta_1 m_K)
+        m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b}\big(\hat\Pi_K(T_K) + \lambda\,
+        \mathrm{tr}(C^\top C)\,\hat\Pi_K(K^\top K) - b I_a\big), \quad
+        K \leftarrow K (I_a - \beta_1 m_K)
 
     and likewise for :math:`C` (with :math:`a` and :math:`b` swapped), all in the factors'
     structures (:mod:`curvlab.optim.structures`: the product stays in the structure, a group).
@@ -114,7 +119,7 @@ def riemannian_step(
     Args:
         factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``, structured.
         momenta: :math:`m_K`, :math:`m_C`, in the factors' structures.
-        curvature: :math:`\Pi_K(T_K)`, :math:`\Pi_C(T_C)`, in the factors' structures.
+        curvature: :math:`\hat\Pi_K(T_K)`, :math:`\hat\Pi_C(T_C)`, in the factors' structures.
         damping: :math:`\lambda \ge 0`.
         alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
         beta1: Factor learning rate :math:`\beta_1 > 0`.
@@ -140,7 +145,7 @@ def multiplicative_update(
         m_K \leftarrow \alpha_1 m_K + \tfrac{1}{2b} \big(D_K - b I_a\big), \quad
         K \leftarrow K (I_a - \beta_1 m_K)
 
-    with :math:`D_K = \Pi_K(T_K) + \lambda\,\mathrm{tr}(C^\top C)\,\Pi_K(K^\top K)`, and
+    with :math:`D_K = \hat\Pi_K(T_K) + \lambda\,\mathrm{tr}(C^\top C)\,\hat\Pi_K(K^\top K)`, and
     likewise for :math:`C`.
 
     Args:
@@ -176,7 +181,7 @@ def inverse_free_update(
 
     :func:`riemannian_step` with :math:`T_K = \mathrm{tr}(H_C) H_K`, :math:`T_C = \mathrm{tr}(H_K)
     H_C`, :math:`H_K = K^\top A K`, :math:`H_C = C^\top B C`, its damping term folded in:
-    :math:`D_K = \Pi_K\big(K^\top (\mathrm{tr}(H_C) A + \lambda\,\mathrm{tr}(C^\top C) I)
+    :math:`D_K = \hat\Pi_K\big(K^\top (\mathrm{tr}(H_C) A + \lambda\,\mathrm{tr}(C^\top C) I)
     K\big)` (:meth:`~curvlab.optim.structures.StructuredMatrix.damped_congruence`: two products
     for the dense-backed structures, only the structure's part of :math:`A` for the others, e.g.
     its diagonal blocks).

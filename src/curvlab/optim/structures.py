@@ -9,13 +9,26 @@ matrix group (closed under products, with the identity), so SINGD's multiplicati
 * :meth:`~StructuredMatrix.matmul` :math:`S M` and :meth:`~StructuredMatrix.tmatmul`
   :math:`S^\top M` for dense ``M`` ``[G, d, n]`` (and from the right, :meth:`rmatmul`
   :math:`M S`, :meth:`rtmatmul` :math:`M S^\top`);
-* the projection :math:`\Pi` of a dense matrix onto the structure (:meth:`from_dense`): the
-  orthogonal (Frobenius) projection, i.e. the free entries kept (the means of the
-  super-diagonals for triu-Toeplitz);
-* :meth:`congruence` :math:`\Pi(S^\top A S)` with :math:`\mathrm{tr}(S^\top A S)` and
-  :meth:`gram` :math:`\Pi(S^\top S)` with :math:`\mathrm{tr}(S^\top S)`, and both at once,
-  :math:`\Pi(S^\top (\alpha A + \beta I) S)`, in two phases (:meth:`congruence_parts`, then
-  :meth:`damped_congruence`);
+* :meth:`from_dense`, the free entries of a dense matrix (the orthogonal, Frobenius,
+  projection; the means of the super-diagonals for triu-Toeplitz), for matrices already in
+  the structure (products, the identity);
+* :meth:`from_symmetric`, SINGD's structure-preserving map :math:`\hat\Pi` of a *symmetric*
+  matrix (Lin et al., ICML 2024): the natural gradient in the structure's local coordinates,
+  which counts an off-diagonal entry from both triangles where its mirror image is not free,
+
+  .. math::
+
+      \hat\Pi(M)_{ij} = \begin{cases} M_{ij} & \text{(i, j) and (j, i) free (or } i = j),\\
+      2 M_{ij} & \text{(i, j) free, (j, i) not} \end{cases}
+
+  (for triu-Toeplitz the row :math:`t_k = 2\,\mathrm{mean}_{j - i = k} M_{ij}`, :math:`k \ge
+  1`): the orthogonal projection for dense, diagonal and block-diagonal, twice its
+  off-diagonal part for triangular, hierarchical (the blocks right of the first :math:`k_1`
+  columns and below the diagonal part) and triu-Toeplitz, as the authors' package ``singd``;
+* :meth:`congruence` :math:`\hat\Pi(S^\top A S)` with :math:`\mathrm{tr}(S^\top A S)` and
+  :meth:`gram` :math:`\hat\Pi(S^\top S)` with :math:`\mathrm{tr}(S^\top S)`, and both at
+  once, :math:`\hat\Pi(S^\top (\alpha A + \beta I) S)`, in two phases
+  (:meth:`congruence_parts`, then :meth:`damped_congruence`);
 * :meth:`product` :math:`S S'` within the structure, sums, scalings by a number or one per
   group (``[G]``), :meth:`eye_like` and :meth:`to_dense` ``[G, d, d]``.
 
@@ -53,6 +66,9 @@ class _DenseBacked:
     def from_dense(self, matrix: Tensor) -> StructuredMatrix:  # noqa: D102 - idem
         raise NotImplementedError
 
+    def from_symmetric(self, matrix: Tensor) -> StructuredMatrix:  # noqa: D102 - idem
+        return self.from_dense(matrix)
+
     def congruence_parts(self, symmetric: Tensor) -> tuple[object, Tensor]:
         r""":math:`A S` ``[G, d, d]`` and :math:`\mathrm{tr}(S^\top A S) = \sum A S \odot S`."""
         dense = self.to_dense()
@@ -62,12 +78,12 @@ class _DenseBacked:
     def damped_congruence(
         self, parts: object, alpha: float | Tensor, beta: float | Tensor
     ) -> StructuredMatrix:
-        r""":math:`\Pi\big(S^\top (\alpha A S + \beta S)\big)` with ``parts`` :math:`= A S`."""
+        r""":math:`\hat\Pi\big(S^\top (\alpha A S + \beta S)\big)` with ``parts`` :math:`= A S`."""
         if not isinstance(parts, Tensor):
             raise TypeError(f"{type(self).__name__}.damped_congruence: parts of another kind")
         dense = self.to_dense()
         inner = parts * _per_group(alpha, parts) + dense * _per_group(beta, dense)
-        return self.from_dense(dense.mT @ inner)
+        return self.from_symmetric(dense.mT @ inner)
 
 
 def _own(tensor: Tensor) -> Tensor:
@@ -105,8 +121,16 @@ class StructuredMatrix:
         raise NotImplementedError
 
     def from_dense(self, matrix: Tensor) -> StructuredMatrix:
-        r""":math:`\Pi(M)`: the projection of ``matrix`` ``[G, d, d]`` onto this structure."""
+        r""":math:`\Pi(M)`: the orthogonal projection of ``matrix`` ``[G, d, d]`` (free entries)."""
         raise NotImplementedError
+
+    def from_symmetric(self, matrix: Tensor) -> StructuredMatrix:
+        r""":math:`\hat\Pi(M)`, SINGD's map of a symmetric ``matrix`` ``[G, d, d]`` (module docstring).
+
+        By default :meth:`from_dense`, which it equals where every free entry's mirror image is
+        free too (dense, diagonal, block-diagonal, a projection of one's own).
+        """
+        return self.from_dense(matrix)
 
     def matmul(self, matrix: Tensor) -> Tensor:
         """:math:`S M` for ``matrix`` ``[G, d, n]``, shape ``[G, d, n]``."""
@@ -158,18 +182,18 @@ class StructuredMatrix:
         return self.from_dense(self.matmul(other.to_dense()))
 
     def congruence(self, symmetric: Tensor) -> tuple[StructuredMatrix, Tensor]:
-        r""":math:`\Pi(S^\top A S)` and :math:`\mathrm{tr}(S^\top A S)` ``[G]``.
+        r""":math:`\hat\Pi(S^\top A S)` and :math:`\mathrm{tr}(S^\top A S)` ``[G]``.
 
         Args:
             symmetric: :math:`A` ``[G, d, d]``, symmetric.
         """
         full = self.tmatmul(self.tmatmul(symmetric.mT).mT)  # S^T (A S)
-        return self.from_dense(full), trace(full)
+        return self.from_symmetric(full), trace(full)
 
     def gram(self) -> tuple[StructuredMatrix, Tensor]:
-        r""":math:`\Pi(S^\top S)` and :math:`\mathrm{tr}(S^\top S) = \|S\|_F^2` ``[G]``."""
+        r""":math:`\hat\Pi(S^\top S)` and :math:`\mathrm{tr}(S^\top S) = \|S\|_F^2` ``[G]``."""
         full = self.tmatmul(self.to_dense())
-        return self.from_dense(full), trace(full)
+        return self.from_symmetric(full), trace(full)
 
     def frobenius_sq(self) -> Tensor:
         r""":math:`\|S\|_F^2 = \mathrm{tr}(S^\top S)` ``[G]``."""
@@ -189,7 +213,7 @@ class StructuredMatrix:
     def damped_congruence(
         self, parts: object, alpha: float | Tensor, beta: float | Tensor
     ) -> StructuredMatrix:
-        r""":math:`\Pi\big(S^\top (\alpha A + \beta I) S\big)` from :meth:`congruence_parts`.
+        r""":math:`\hat\Pi\big(S^\top (\alpha A + \beta I) S\big)` from :meth:`congruence_parts`.
 
         Args:
             parts: :meth:`congruence_parts`' first result for :math:`A`.
@@ -463,6 +487,16 @@ class _TriangularMatrix(_DenseBacked, StructuredMatrix):
         r""":math:`\Pi(M)` for ``matrix`` ``[G, d, d]``."""
         return self.build(matrix)
 
+    @classmethod
+    def build_symmetric(cls, matrix: Tensor) -> _TriangularMatrix:
+        r""":math:`\hat\Pi(M)` of a symmetric ``matrix``: the triangle, off-diagonal doubled."""
+        rows, cols = cls.indices(matrix.shape[-1], matrix.device)
+        return cls(matrix[:, rows, cols] * (1.0 + (rows != cols).to(matrix.dtype)))
+
+    def from_symmetric(self, matrix: Tensor) -> _TriangularMatrix:
+        r""":math:`\hat\Pi(M)` for a symmetric ``matrix`` ``[G, d, d]``."""
+        return self.build_symmetric(matrix)
+
     def matmul(self, matrix: Tensor) -> Tensor:
         """:math:`S M`, ``[G, d, n]``."""
         return self.to_dense() @ matrix
@@ -476,19 +510,19 @@ class _TriangularMatrix(_DenseBacked, StructuredMatrix):
         return self.from_dense(self.to_dense() @ other.to_dense())
 
     def congruence(self, symmetric: Tensor) -> tuple[_TriangularMatrix, Tensor]:
-        r""":math:`\Pi(S^\top A S)` and its trace ``[G]``."""
+        r""":math:`\hat\Pi(S^\top A S)` and its trace ``[G]``."""
         dense = self.to_dense()
         full = dense.mT @ symmetric @ dense
-        return self.from_dense(full), trace(full)
+        return self.from_symmetric(full), trace(full)
 
     def frobenius_sq(self) -> Tensor:
         r""":math:`\|S\|_F^2` ``[G]``."""
         return self.packed.square().sum(-1)
 
     def gram(self) -> tuple[_TriangularMatrix, Tensor]:
-        r""":math:`\Pi(S^\top S)` and its trace ``[G]``."""
+        r""":math:`\hat\Pi(S^\top S)` and its trace ``[G]``."""
         dense = self.to_dense()
-        return self.from_dense(dense.mT @ dense), self.packed.square().sum(-1)
+        return self.from_symmetric(dense.mT @ dense), self.packed.square().sum(-1)
 
 
 class LowerTriangularMatrix(_TriangularMatrix):
@@ -562,6 +596,24 @@ class HierarchicalMatrix(StructuredMatrix):
         r""":math:`\Pi(M)` for ``matrix`` ``[G, d, d]``."""
         return self.build(matrix, *self.sizes)
 
+    @classmethod
+    def build_symmetric(cls, matrix: Tensor, k1: int, k2: int) -> HierarchicalMatrix:
+        r""":math:`\hat\Pi(M)` of a symmetric ``matrix``: the parts whose mirror is not free doubled.
+
+        Doubled: the top rows right of column :math:`k_1` and the bottom rows' middle columns;
+        the two dense diagonal blocks and :math:`D` are kept.
+        """
+        top, middle, bottom = cls.split(matrix, k1, k2)
+        k1, k2 = top.shape[1], bottom.shape[1]
+        top = torch.cat([top[..., :k1], 2 * top[..., k1:]], dim=-1)
+        inner = bottom.shape[-1] - k2
+        bottom = torch.cat([2 * bottom[..., :inner], bottom[..., inner:]], dim=-1)
+        return cls(top, _own(middle), bottom)
+
+    def from_symmetric(self, matrix: Tensor) -> HierarchicalMatrix:
+        r""":math:`\hat\Pi(M)` for a symmetric ``matrix`` ``[G, d, d]``."""
+        return self.build_symmetric(matrix, *self.sizes)
+
     def matmul(self, matrix: Tensor) -> Tensor:
         """:math:`S M`, ``[G, d, n]``."""
         (k1, k2), dim = self.sizes, self.dim
@@ -623,6 +675,19 @@ class TriuToeplitzMatrix(_DenseBacked, StructuredMatrix):
     def from_dense(self, matrix: Tensor) -> TriuToeplitzMatrix:
         r""":math:`\Pi(M)` for ``matrix`` ``[G, d, d]``."""
         return self.build(matrix)
+
+    @classmethod
+    def build_symmetric(cls, matrix: Tensor) -> TriuToeplitzMatrix:
+        r""":math:`\hat\Pi(M)` of a symmetric ``matrix``: the row of :math:`\Pi(M + M^\top)`, t_0 halved.
+
+        :math:`t_0` is the diagonal's mean and :math:`t_k` twice the k-th super-diagonal's.
+        """
+        row = cls.build(matrix + matrix.mT).row
+        return cls(torch.cat([row[:, :1] / 2, row[:, 1:]], dim=-1))
+
+    def from_symmetric(self, matrix: Tensor) -> TriuToeplitzMatrix:
+        r""":math:`\hat\Pi(M)` for a symmetric ``matrix`` ``[G, d, d]``."""
+        return self.build_symmetric(matrix)
 
     def eye_like(self) -> TriuToeplitzMatrix:
         """The identity in this structure."""
@@ -698,6 +763,14 @@ class Structure:
     def from_dense(self, matrix: Tensor) -> StructuredMatrix:
         r""":math:`\Pi(M)` as a structured matrix, for ``matrix`` ``[G, d, d]``."""
         return ProjectedDenseMatrix(self.project(matrix), self.project)
+
+    def from_symmetric(self, matrix: Tensor) -> StructuredMatrix:
+        r""":math:`\hat\Pi(M)`, SINGD's map of a symmetric ``matrix`` ``[G, d, d]``.
+
+        :meth:`StructuredMatrix.from_symmetric` of this structure's matrices (not on SINGD's
+        path, which calls the matrices' own).
+        """
+        return self.from_dense(matrix).from_symmetric(matrix)
 
     def eye(
         self, groups: int, dim: int, dtype: torch.dtype, device: torch.device
