@@ -175,3 +175,20 @@ def test_positions_count_the_outputs_a_weight_is_shared_over():
         results = compute(model, loss_func, x, y, [Probe(lambda view: view.positions(GRAD))])
         got[name] = results["Probe"]["0.weight"]
     assert got == want
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_cross_gram_between_two_passes(name):
+    model, loss_func, x, y, params, per_sample = setup(name)
+    x_other = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(6))
+    y_other = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(7))
+    other = reference.per_sample_gradients(model, loss_func, x_other, y_other)
+    keep = Probe(lambda view: view)
+    mine = compute(model, loss_func, x, y, [keep])["Probe"]
+    theirs = compute(model, loss_func, x_other, y_other, [keep])["Probe"]
+    start = 0
+    for key, p in params.items():
+        want = per_sample[key] @ other[:, start : start + p.numel()].T
+        start += p.numel()
+        got = mine[key].cross_gram(GRAD, theirs[key])[0, :, 0]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

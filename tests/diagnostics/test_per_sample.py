@@ -179,3 +179,39 @@ def test_block_sample_draws_each_element_equally_often():
 def test_unknown_statistics_are_named():
     with pytest.raises(ValueError, match="unknown per-sample statistics"):
         PerSampleStatistics(["sq_norm"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_alpha_on_a_wide_mlp_equals_its_definition(optimizer):
+    """Wide layers (N (in + out) < in out): under plain SGD the end point's projections come from
+    cross Gram matrices with the kept start; with momentum from one product per layer."""
+
+    def wide_mlp() -> nn.Module:
+        layers = [nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 25), nn.Tanh(), nn.Linear(25, 3)]
+        return nn.Sequential(*layers).double()
+
+    torch.manual_seed(0)
+    model, twin = wide_mlp(), wide_mlp()  # the twin computes the references (no hooks)
+    loss_func, plain = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    batches = [
+        (torch.randn(N, 20, dtype=torch.float64), torch.randint(0, 3, (N,))) for _ in range(3)
+    ]
+    momentum = 0.9 if optimizer == "momentum" else 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=momentum)
+    points, records = [], []
+    with Monitor(model, loss_func, ["alpha"]) as monitor:
+        for number, (xb, yb) in enumerate(batches):
+            twin.load_state_dict(model.state_dict())
+            points.append(
+                {
+                    "theta": flat(model),
+                    "G": reference.per_sample_gradients(twin, plain, xb, yb),
+                    "losses": per_sample_losses(twin, plain, xb, yb),
+                }
+            )
+            records.append(step(model, loss_func, xb, yb, monitor, number, opt))
+            opt.step()
+    for k in (1, 2):
+        assert records[k]["alpha"] == pytest.approx(
+            alpha_by_definition(*points[k - 1 : k + 1]), rel=1e-7
+        )

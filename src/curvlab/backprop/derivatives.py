@@ -261,6 +261,35 @@ class ParamDerivatives:
         vjp = self.jac_t(source).flatten(start_dim=2)
         return torch.einsum("mnp,kqp->mnkq", vjp, vjp)
 
+    def cross_gram(self, source: Source, other: ParamDerivatives) -> Tensor:
+        r"""Dot products with another pass's VJPs of the parameter, :math:`\langle J_n^\top F_{mn}, J'^\top_{q} F'_{kq} \rangle`.
+
+        ``other`` is a view of the same parameter from another forward and backward (another
+        batch, e.g. the previous step's, kept by a quantity). When both are :meth:`factored`
+        (outer products :math:`F_{mn} x_n^\top` of the factor and the call's input, a ``Linear``
+        layer without positions), :math:`(F_{mn}^\top F'_{kq})(x_n^\top x'_q)`:
+        :math:`N N' (\text{in} + \text{out})` multiply-adds, no per-sample gradients;
+        otherwise from both VJPs.
+
+        Returns:
+            ``[M, N, M', N']``.
+        """
+        source = as_source(source)
+        if self.factored() and other.factored():
+            mine, theirs = self.uses[0][0].calls[0], other.uses[0][0].calls[0]
+            f = self.factors[source][mine][0].flatten(start_dim=2)  # [M, N, out]
+            h = other.factors[source][theirs][0].flatten(start_dim=2)
+            with torch.no_grad():
+                out = torch.einsum("mno,kqo->mnkq", f, h)
+                if len(self.shape) > 1:
+                    x = mine.args[0].reshape(f.shape[1], -1)
+                    y = theirs.args[0].reshape(h.shape[1], -1)
+                    out = out * (x @ y.T)[None, :, None, :]
+            return out * (self.scale * other.scale)
+        a = self.jac_t(source).flatten(start_dim=2)
+        b = other.jac_t(source).flatten(start_dim=2)
+        return torch.einsum("mnp,kqp->mnkq", a, b)
+
     def dot(self, source: Source, vectors: Tensor) -> Tensor:
         r"""Per-sample dot products :math:`\langle J_n^\top F_{mn}, v_k \rangle = \langle F_{mn}, J_n v_k \rangle`.
 

@@ -61,6 +61,7 @@ from curvlab.backprop import (
 )
 from curvlab.diagnostics.per_sample import (
     HISTOGRAM_BUDGET,
+    PARALLEL_TOLERANCE,
     HistogramRequest,
     KeptGradients,
     bin_index,
@@ -720,6 +721,10 @@ class Instrument:
         """
         return tuple(sorted(self.per_sample)) if due else ()
 
+    def per_sample_hints(self, due: bool, due_next: bool) -> dict[str, Any]:
+        """Extra inputs of the step's per-sample statistics (how, not what, they compute)."""
+        return {}
+
     def remember(self, data: StepData) -> None:
         """Keep what the next step needs (called when due at the next step, if it remembers)."""
 
@@ -948,12 +953,6 @@ class HessianTrace(Instrument):
         )
 
 
-PARALLEL_TOLERANCE = 1e-3
-r"""Alpha's start projections come from :math:`g_n^\top \bar g` when the update :math:`d`
-leaves a residual below this fraction of :math:`\lVert d \rVert` after its projection on the
-start's mean gradient (plain SGD leaves only the rounding of the parameter update)."""
-
-
 class Alpha(Instrument):
     r"""Cockpit's :math:`\alpha`: where the last step landed on a noise-aware parabola.
 
@@ -996,6 +995,10 @@ class Alpha(Instrument):
         if due_next:
             requests += ["keep", "dots_with_mean"]
         return tuple(requests)
+
+    def per_sample_hints(self, due: bool, due_next: bool) -> dict[str, Any]:  # noqa: D102
+        # plain SGD: this step's projections by cross Gram matrices with the kept start
+        return {"update_start": self._start} if due and self._start is not None else {}
 
     def remember(self, data: StepData) -> None:  # noqa: D102
         self._start = None

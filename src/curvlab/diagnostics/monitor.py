@@ -328,12 +328,14 @@ class Monitor:
         """
         out: dict[str, Quantity] = {}
         requests: list = []
+        hints: dict[str, Any] = {}
         for instrument in self.instruments:
             schedule = self.schedules[instrument.name]
             due, due_next = schedule(step), instrument.remembers and schedule(step + 1)
             for name, quantity in instrument.engine_quantities(due, due_next).items():
                 out.setdefault(name, quantity)
             requests += instrument.per_sample_requests(due, due_next)
+            hints.update(instrument.per_sample_hints(due, due_next))
         # projections are onto the last update: from the parameters kept at the step before
         reference = None
         if self._previous is not None and self._previous[0] == step - 1:
@@ -342,7 +344,11 @@ class Monitor:
             requests = [r for r in requests if r != "projections"]
         if requests:
             stats = PerSampleStatistics(
-                requests, reference, self._total_params, seed=self.seed + step
+                requests,
+                reference,
+                self._total_params,
+                seed=self.seed + step,
+                update_start=hints.get("update_start"),
             )
             out[stats.name] = stats
         return out

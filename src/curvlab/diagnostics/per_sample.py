@@ -77,6 +77,12 @@ Binning costs some 10 ns per element on one CPU thread; :math:`2^{16}` elements 
 tenth of a plain training step of mlp-mnist at batch 128 (and a bin holding 1 % of the
 elements then has a relative standard deviation of about 4 % for independent draws)."""
 
+PARALLEL_TOLERANCE = 1e-3
+r"""An update :math:`d` counts as the previous mean gradient times a step (plain SGD) when its
+residual after the projection on that gradient is below this fraction of :math:`\lVert d
+\rVert` (plain SGD leaves only the rounding of the parameter update); then projections onto
+:math:`d` come from :math:`g_n^\top \bar g`-type products."""
+
 KEEP_ELEMENTS = 2**24
 """Largest ``N p`` whose per-sample gradients ``keep`` holds (else the factors)."""
 
@@ -142,6 +148,9 @@ class PerSampleStatistics(Quantity):
             direction is formed when the backward runs.
         total_params: :math:`P`, the number of trainable parameter entries (for the budgets).
         seed: Seeds the histogram samples (with each parameter's position).
+        update_start: Alpha's kept start point (``"kept"``, ``"mean_grad"``,
+            ``"mean_sq_norm"``), for projections by cross Gram matrices under plain SGD
+            (:meth:`_along_start_mean`); changes how, not what, is computed.
     """
 
     def __init__(
@@ -150,6 +159,7 @@ class PerSampleStatistics(Quantity):
         reference: Mapping[str, Tensor] | None = None,
         total_params: int = 1,
         seed: int = 0,
+        update_start: Mapping[str, Any] | None = None,
     ) -> None:
         requests = list(requests)
         self.histograms = tuple(
@@ -167,6 +177,8 @@ class PerSampleStatistics(Quantity):
         self.total_params, self.seed = max(1, total_params), seed
         self._positions: dict[str, int] = {}
         self._routes: dict[int, bool] = {}
+        self.update_start = update_start
+        self._step_along: float | None | bool = False  # not yet checked
 
     @property
     def name(self) -> str:  # noqa: D102
@@ -208,6 +220,11 @@ class PerSampleStatistics(Quantity):
                 direction = view.param.detach() - start.to(view.param.dtype)
                 if rows is not None:
                     out["projections"] = rows @ direction.flatten()
+                else:
+                    along = self._along_start_mean(view, ctx)
+                    if along is not None:
+                        out["projections"] = along
+                        direction = None
         if "dots_with_mean" in wanted:
             if rows is not None:
                 mean = torch.mv(rows.T, rows.new_full((n,), 1.0 / n))
@@ -247,6 +264,46 @@ class PerSampleStatistics(Quantity):
         if deferred.direction is not None:
             partial["projections"] = dots[:, -1]
         return partial
+
+    def _along_start_mean(self, view, ctx) -> Tensor | None:
+        r""":math:`g_n^\top d` as :math:`\lambda\, g_n^\top \bar g_{t-1}` when that is cheaper, else ``None``.
+
+        When the update :math:`d = \theta - \theta_{\text{ref}}` is the previous step's mean
+        gradient times :math:`\lambda` (plain SGD; checked once per pass, to
+        :data:`PARALLEL_TOLERANCE`) and ``update_start`` holds
+        that step's kept factors, a factored weight's projections are
+        :math:`\frac{\lambda}{N'} \sum_q g_n^\top g'_q` by the cross Gram matrix
+        (:meth:`~curvlab.backprop.derivatives.ParamDerivatives.cross_gram`,
+        :math:`N N' (\text{in} + \text{out})` multiply-adds instead of
+        :math:`N \cdot \text{in} \cdot \text{out}`).
+        """
+        start = self.update_start
+        if start is None or not _gram_is_cheaper(view):
+            return None
+        kept = start["kept"].get(view.name)
+        if kept is None or kept.view is None or not (view.factored() and kept.view.factored()):
+            return None
+        if self._step_along is False:
+            self._step_along = self._step_along_mean(ctx)
+        if self._step_along is None:
+            return None
+        gram = view.cross_gram(GRAD, kept.view)[0, :, 0]  # [N, N']
+        return gram.mean(-1) * self._step_along
+
+    def _step_along_mean(self, ctx) -> float | None:
+        r""":math:`\lambda` with :math:`d = \lambda \bar g_{t-1}` to the tolerance, or ``None``."""
+        mean, mean_sq = self.update_start["mean_grad"], self.update_start["mean_sq_norm"]
+        if not mean_sq > 0:
+            return None
+        params = dict(ctx.model.named_parameters())
+        along = d_sq = 0.0
+        for name, start in self.reference.items():
+            d = params[name].detach() - start.to(params[name].dtype)
+            along += float(torch.dot(d.flatten(), mean[name].flatten().to(d.dtype)))
+            d_sq += float(torch.linalg.vector_norm(d)) ** 2
+        if d_sq == 0 or d_sq - along * along / mean_sq > (PARALLEL_TOLERANCE**2) * d_sq:
+            return None
+        return along / mean_sq
 
     def _route(self, view, wanted: frozenset[str]) -> bool:
         """:func:`_rows_are_cheaper`, decided once per module (by its first parameter, the weight)."""
