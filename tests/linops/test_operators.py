@@ -240,3 +240,18 @@ def test_kept_graph_mc_ggn_uses_the_same_samples():
     fresh = GGN(model, loss_func, None, data, mc_samples=2, seed=3, keep_graph=False)
     m = torch.randn(kept.shape[1], 2, dtype=torch.float64)
     torch.testing.assert_close(torch.stack([kept @ m, kept @ m]), torch.stack([fresh @ m] * 2))
+
+
+def test_ggn_falls_back_when_the_model_cannot_be_linearised(monkeypatch):
+    import curvlab.linops.ggn as ggn_module
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(ggn_module, "linearize", untraceable)
+    model, loss_func, data, inputs, targets = make_case("cnn")
+    op = GGN(model, loss_func, None, data, keep_graph=True)
+    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    ref = dense_reference("ggn", model, loss_func, inputs, targets)
+    torch.testing.assert_close(op @ m, ref @ m, **TOL)
+    assert not op.keep_graph and not op._kept_passes

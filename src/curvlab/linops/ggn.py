@@ -61,13 +61,15 @@ class _OutputSpaceCurvature(ModelOperator):
                 warnings.simplefilter("ignore", UserWarning)
                 _, tangent = linearize(lambda p: self.model_output(p, inputs), self.params)
         except (RuntimeError, NotImplementedError, TypeError):
+            self.keep_graph = False  # not traceable: the unkept products from now on
+            self._kept_passes.clear()
             return None
         record = (tuple(leaves.values()), output, tangent)
         self._keep(index, inputs, targets, record)
         return record
 
     def _kept_matmat(self, index, targets, record, columns):
-        r""":math:`J^\top M J` by the linearisation and the kept graph, column by column."""
+        r""":math:`J^\top M J` by the linearisation and the kept graph (see ``column_by_column``)."""
         leaves, output, tangent = record
         names = list(self.params)
         count = next(iter(columns.values())).shape[0]
@@ -76,7 +78,12 @@ class _OutputSpaceCurvature(ModelOperator):
             middle = self._middle(index, output.detach(), targets, tangents) * self.batch_factor
             with torch.enable_grad():
                 product = torch.autograd.grad(
-                    output, leaves, middle, True, allow_unused=True, is_grads_batched=True
+                    output,
+                    leaves,
+                    middle,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
                 )
             return {
                 k: torch.zeros_like(columns[k]) if v is None else v
