@@ -32,7 +32,8 @@ from backprop import build  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 STREAMED = ("BatchL2", "SumGradSquared", "Variance", "DiagGGNMC", "KFAC", "DiagGGN", "KFLR")
 """The rows of benchmarks/backprop.py that run on the streamed path (the default here)."""
-QUANTITIES = ("BatchGrad", *STREAMED)
+QUANTITIES = ("BatchGrad", *STREAMED, "DiagHessian", "BatchDiagHessian")
+"""Also the general path's Hessian diagonals (their baseline may take the whole-model fallback)."""
 
 
 def load_baseline(commit: str):
