@@ -11,13 +11,7 @@ from torch import nn
 from curvlab.backprop import BL89, HesScale, compute
 from curvlab.data import load_dataset, to_float
 from curvlab.optim import AdaHesScale
-
-LOSS = nn.CrossEntropyLoss()
-
-
-def mlp(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+from tests.optim.moment_reference import LOSS, batches, mlp, moment_loop, run
 
 
 class Residual(nn.Module):
@@ -35,46 +29,18 @@ class Residual(nn.Module):
         return self.out(h + self.branch(h))
 
 
-def batches(steps, seed=0, n=16):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(n, 5, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=g),
-        )
-        for _ in range(steps)
-    ]
-
-
-def run(model, opt, data):
-    for x, y in data:
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = LOSS(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
-
 def reference_run(model, data, lr, betas, eps, decay, quantity):
     """The paper's equations, written out densely (the diagonal from the engine)."""
     beta1, beta2 = betas
-    params = dict(model.named_parameters())
-    m = {n: torch.zeros_like(p) for n, p in params.items()}
-    v = {n: torch.zeros_like(p) for n, p in params.items()}
-    for t, (x, y) in enumerate(data, start=1):
-        results = compute(model, LOSS, x, y, [quantity])
-        grads = torch.autograd.grad(LOSS(model(x), y), list(params.values()))
-        with torch.no_grad():
-            for (n, p), g in zip(params.items(), grads, strict=True):
-                g = g + decay * p
-                h = results[quantity.name][n]
-                m[n] = beta1 * m[n] + (1 - beta1) * g
-                v[n] = beta2 * v[n] + (1 - beta2) * h * h
-                m_hat, v_hat = m[n] / (1 - beta1**t), v[n] / (1 - beta2**t)
-                p -= lr * m_hat / (v_hat.sqrt() + eps)
+
+    def rule(t, state, g, p, h):
+        g = g + decay * p
+        state["m"] = beta1 * state.get("m", torch.zeros_like(p)) + (1 - beta1) * g
+        state["v"] = beta2 * state.get("v", torch.zeros_like(p)) + (1 - beta2) * h * h
+        m_hat, v_hat = state["m"] / (1 - beta1**t), state["v"] / (1 - beta2**t)
+        return lr * m_hat / (v_hat.sqrt() + eps)
+
+    moment_loop(model, data, rule, diagonal=quantity)
 
 
 @pytest.mark.parametrize("steps", [1, 4])

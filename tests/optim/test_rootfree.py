@@ -10,36 +10,7 @@ from torch import nn
 
 from curvlab.data import load_dataset, to_float
 from curvlab.optim import IFShampoo, RootFreeAdam, singd
-
-LOSS = nn.CrossEntropyLoss()
-
-
-def mlp(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
-
-
-def batches(steps, seed=0, n=16):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(n, 5, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=g),
-        )
-        for _ in range(steps)
-    ]
-
-
-def run(model, opt, data):
-    for x, y in data:
-
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            loss = LOSS(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+from tests.optim.moment_reference import LOSS, batches, mlp, moment_loop, run
 
 
 def grads_of(model, x, y):
@@ -59,17 +30,15 @@ def test_rootfree_adam_equals_its_equations():
         batch_size=size,
     )
     run(model, opt, data)
-    params = list(reference.parameters())
-    s = [torch.ones_like(p) for p in params]
-    m = [torch.zeros_like(p) for p in params]
-    for x, y in data:
-        grads = grads_of(reference, x, y)
-        with torch.no_grad():
-            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                s[i] = beta2 * s[i] + (1 - beta2) * size * g * g
-                m[i] = beta1 * m[i] + g / (s[i] + damping) + decay * p
-                p -= lr * m[i]
-    for p, q in zip(model.parameters(), params, strict=True):
+
+    def rule(t, state, g, p, h):
+        state["s"] = beta2 * state.get("s", torch.ones_like(p)) + (1 - beta2) * size * g * g
+        state["m"] = beta1 * state.get("m", torch.zeros_like(p)) + g / (state["s"] + damping)
+        state["m"] = state["m"] + decay * p
+        return lr * state["m"]
+
+    moment_loop(reference, data, rule)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
 
 
