@@ -124,6 +124,7 @@ def _cases(
 
     ggn = GGN(model, loss_func, None, data, check_deterministic=False)
     hessian = Hessian(model, loss_func, None, data, check_deterministic=False)
+    ggn @ v  # the GGN records its kept passes at the second product (the rows' warm-up)
     kfac = KFACOperator(model, loss_func, None, data, check_deterministic=False)
 
     def kfac_inverse() -> None:

@@ -212,10 +212,11 @@ def test_kept_graph_equals_recomputed_and_dense(kind, case):
     kept = OPERATORS[kind](model, loss_func, None, data, keep_graph=True)
     fresh = OPERATORS[kind](model, loss_func, None, data, keep_graph=False)
     m = torch.randn(ref.shape[1], 3, dtype=torch.float64)
-    first, second = kept @ m, kept @ m  # the second product reuses the kept graphs
+    first, second = kept @ m, kept @ m  # the GGN family records its passes at the second
+    third = kept @ m  # and reuses them
     assert len(kept._kept_passes) == len(data) and not fresh._kept_passes
     torch.testing.assert_close(
-        torch.stack([first, second, fresh @ m]), torch.stack([ref @ m] * 3), **TOL
+        torch.stack([first, second, third, fresh @ m]), torch.stack([ref @ m] * 4), **TOL
     )
 
 
@@ -225,7 +226,7 @@ def test_kept_graph_follows_in_place_changes(kind):
     op = OPERATORS[kind](model, loss_func, None, [(inputs, targets)])
     assert op.keep_graph  # one batch in a list: kept by default
     v = torch.randn(op.shape[1], dtype=torch.float64)
-    op @ v
+    op @ v, op @ v  # passes recorded
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # an optimizer step, in place
@@ -239,7 +240,9 @@ def test_kept_graph_mc_ggn_uses_the_same_samples():
     kept = GGN(model, loss_func, None, data, mc_samples=2, seed=3, keep_graph=True)
     fresh = GGN(model, loss_func, None, data, mc_samples=2, seed=3, keep_graph=False)
     m = torch.randn(kept.shape[1], 2, dtype=torch.float64)
-    torch.testing.assert_close(torch.stack([kept @ m, kept @ m]), torch.stack([fresh @ m] * 2))
+    torch.testing.assert_close(
+        torch.stack([kept @ m, kept @ m, kept @ m]), torch.stack([fresh @ m] * 3)
+    )
 
 
 def test_ggn_falls_back_when_the_model_cannot_be_linearised(monkeypatch):
@@ -253,5 +256,5 @@ def test_ggn_falls_back_when_the_model_cannot_be_linearised(monkeypatch):
     op = GGN(model, loss_func, None, data, keep_graph=True)
     m = torch.randn(op.shape[1], 2, dtype=torch.float64)
     ref = dense_reference("ggn", model, loss_func, inputs, targets)
-    torch.testing.assert_close(op @ m, ref @ m, **TOL)
+    torch.testing.assert_close(torch.stack([op @ m, op @ m]), torch.stack([ref @ m] * 2), **TOL)
     assert not op.keep_graph and not op._kept_passes

@@ -16,7 +16,7 @@ r"""Operators of the form :math:`r \sum_n J_n^\top M_n J_n`: GGN, MC Fisher, emp
 
 A product with ``K`` columns costs per batch one forward pass, one batched Jacobian-vector
 product (``vmap`` over the columns of ``jvp``), the output-space product and one batched
-vector-Jacobian product. With ``keep_graph`` (the default for a list of one batch) the first
+vector-Jacobian product. With ``keep_graph`` (the default for a list of one batch) the second
 product records, per batch, the output with its graph and the linearised model
 (:func:`torch.func.linearize`: the tangent map without the primal pass); later products run
 only :math:`J v` on the linearisation and :math:`J^\top u` backward through the kept graph,
@@ -35,6 +35,9 @@ from torch.func import jvp, linearize, vjp, vmap
 
 from curvlab.linops.empirical_risk import Data, ModelOperator, Params, generator_for
 
+_SEEN = "seen"
+"""What a batch keeps after its first product (its passes are recorded at the second)."""
+
 
 class _OutputSpaceCurvature(ModelOperator):
     r""":math:`r \sum_n J_n^\top M_n J_n` with :meth:`_middle` giving :math:`M_n z`."""
@@ -48,11 +51,16 @@ class _OutputSpaceCurvature(ModelOperator):
     ) -> tuple[tuple[Tensor, ...], Tensor, Callable] | None:
         """``(leaves, output, tangent_map)`` of the batch, kept or recorded.
 
-        ``None`` if the model cannot be linearised (:func:`torch.func.linearize` traces it).
+        ``None`` at the batch's first product (recorded at the second, so that one product
+        costs no tracing) and if the model cannot be linearised (:func:`torch.func.linearize`
+        traces it).
         """
         kept = self._kept(index, inputs, targets)
-        if kept is not None:
+        if kept is not _SEEN and kept is not None:
             return kept
+        if kept is None:  # the first product: unkept (a single product pays no tracing)
+            self._keep(index, inputs, targets, _SEEN)
+            return None
         leaves = {k: p.detach().requires_grad_() for k, p in self.params.items()}
         with torch.enable_grad():
             output = self.model_output(leaves, inputs)
