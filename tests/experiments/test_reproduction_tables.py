@@ -1,8 +1,9 @@
-"""Every table of docs/reproduction.md that names its records is rebuilt from them exactly.
+"""Every table of docs/reproduction.md and docs/optim_race.md that names its records is
+rebuilt from them exactly.
 
 A table is tied to its source by an HTML comment on the line before it,
-``<!-- curvlab summary docs/records/NAME.jsonl.gz [--at-train-loss X] -->``; this test runs the
-same summary on the committed archive and compares the Markdown, row for row.
+``<!-- curvlab summary docs/records/NAME.jsonl.gz [--at-train-loss X | --at-test-acc A] -->``;
+this test runs the same summary on the committed archive and compares the Markdown, row for row.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from pathlib import Path
 import pytest
 
 from curvlab.cli import summary_table
+from curvlab.experiments.optim_race import time_to_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE = ROOT / "docs" / "reproduction.md"
+PAGES = (ROOT / "docs" / "reproduction.md", ROOT / "docs" / "optim_race.md")
+OPTIONS = ("--at-train-loss", "--at-test-acc")
 SOURCE = re.compile(r"^<!-- curvlab summary (.+?) -->$")
 
 
-def _tables() -> list[tuple[list[str], str]]:
+def _tables(page: Path) -> list[tuple[list[str], str]]:
     """``(command arguments, table text)`` of every sourced table of the page."""
-    lines = PAGE.read_text().splitlines()
+    lines = page.read_text().splitlines()
     found = []
     for i, line in enumerate(lines):
         match = SOURCE.match(line.strip())
@@ -37,26 +40,30 @@ def _tables() -> list[tuple[list[str], str]]:
 
 
 def _paths(arguments: list[str]) -> list[str]:
-    return (
-        arguments[: arguments.index("--at-train-loss")]
-        if "--at-train-loss" in arguments
-        else arguments
-    )
+    for option in OPTIONS:
+        if option in arguments:
+            return arguments[: arguments.index(option)]
+    return arguments
 
 
 def _summary(arguments: list[str]) -> str:
+    paths = [ROOT / p for p in _paths(arguments)]
+    if "--at-test-acc" in arguments:
+        return time_to_accuracy_table(paths, float(arguments[arguments.index("--at-test-acc") + 1]))
     at = None
     if "--at-train-loss" in arguments:
         at = float(arguments[arguments.index("--at-train-loss") + 1])
-    return summary_table([ROOT / p for p in _paths(arguments)], at)
+    return summary_table(paths, at)
 
 
-TABLES = _tables()
+TABLES = [table for page in PAGES for table in _tables(page)]
 
 
-def test_the_page_ties_its_result_tables_to_committed_records():
-    assert TABLES, f"{PAGE} has no table sourced from docs/records"
-    for arguments, _ in TABLES:
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_the_page_ties_its_result_tables_to_committed_records(page):
+    tables = _tables(page)
+    assert tables, f"{page} has no table sourced from docs/records"
+    for arguments, _ in tables:
         for path in _paths(arguments):
             assert (ROOT / path).is_file(), f"{path} is not committed"
             assert (ROOT / path).stat().st_size < 2_000_000

@@ -640,13 +640,16 @@ PANELS = (
 
 
 def _mean_curve(runs: list[list[dict]], key: str, x_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Means over seeds of ``x_key`` and ``key`` at every step all seeds recorded (finite)."""
+    """Means over seeds of ``x_key`` and ``key`` at every recorded step (finite values).
+
+    A seed that stopped (diverged) drops out of the mean after its last evaluation.
+    """
     by_step: dict[int, list[dict]] = {}
     for evaluations in runs:
         for r in evaluations:
             if r.get(key) is not None and math.isfinite(r[key]):
                 by_step.setdefault(r["step"], []).append(r)
-    steps = sorted(s for s, rs in by_step.items() if len(rs) == len(runs))
+    steps = sorted(by_step)
     x = np.array([np.mean([r[x_key] for r in by_step[s]]) for s in steps])
     y = np.array([np.mean([r[key] for r in by_step[s]]) for s in steps])
     return x, y
@@ -686,8 +689,8 @@ def race_figures(folder: str | Path | Sequence[str | Path]) -> dict[str, plt.Fig
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8, ncol=2)
         fig.suptitle(
-            f"optim-race, {model}: mean over {len(seeds)} seed{'s' * (len(seeds) > 1)} "
-            f"({', '.join(map(str, seeds))}); wall time on the machine of the run",
+            f"optim-race, {model}: mean over seeds {', '.join(map(str, seeds))} (a diverged"
+            " seed drops out after its last evaluation)\ntraining wall time on the machine of the run",
             fontsize=11,
         )
         fig.tight_layout()
