@@ -700,6 +700,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError("--rank-by val_loss needs --validation N")
     if args.experiment == OPTIM_RACE and len(args.models or RACE_MODELS) != 1:
         raise ValueError("sweep optim-race: give one model with --models (rates are per model)")
+    if args.experiment != OPTIM_RACE and args.models is not None:
+        raise ValueError(f"{args.experiment}: --models belongs to optim-race")
     rows = []
     for point in _sweep_points(args):
         rate, damping = point["lr"], point["damping"]

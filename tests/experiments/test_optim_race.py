@@ -233,6 +233,10 @@ def test_cli_sweep_picks_a_rate_per_model_on_the_validation_split(tmp_path):
         (["run", "optim-race", "--subset", "64"], "--subset belong to the other experiments"),
         (["run", "fullbatch", "--models", "cnn"], "--models belongs to optim-race"),
         (["sweep", "optim-race", "--optimizer", "sgd", "--lrs", "0.1"], "give one model"),
+        (
+            ["sweep", "fullbatch", "--optimizer", "sgd", "--lrs", "0.1", "--models", "cnn"],
+            "--models",
+        ),
     ],
 )
 def test_cli_refuses_options_of_other_experiments(tmp_path, capsys, args, message):
