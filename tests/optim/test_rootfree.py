@@ -54,8 +54,11 @@ def test_ifshampoo_first_step_equals_its_equations():
         gm = g.reshape(g.shape[0], -1)  # a bias is one column
         b, a = gm.shape
         eye_a, eye_b = torch.eye(a, dtype=g.dtype), torch.eye(b, dtype=g.dtype)
-        k = eye_a - lr_cov * (size * gm.T @ gm + damping * b * eye_a - b * eye_a) / (2 * b)
-        c = eye_b - lr_cov * (size * gm @ gm.T + damping * a * eye_b - a * eye_b) / (2 * a)
+        m_k = (size * gm.T @ gm + damping * b * eye_a - b * eye_a) / (2 * b)
+        m_c = (size * gm @ gm.T + damping * a * eye_b - a * eye_b) / (2 * a)
+        # the factor rate is divided by max(1, ||m||_F), as in the authors' SIRFShampoo
+        k = eye_a - lr_cov * m_k / max(1.0, float(torch.linalg.matrix_norm(m_k)))
+        c = eye_b - lr_cov * m_c / max(1.0, float(torch.linalg.matrix_norm(m_c)))
         step = -lr * (c @ c.T @ gm @ k @ k.T)
         assert torch.allclose(p - q, step.reshape(p.shape), atol=1e-13)
 

@@ -30,7 +30,12 @@ bfloat16.
 
 whose fixed point is :math:`b\,(K K^\top)^{-1} = B\, G^\top C C^\top G + \dots` (Shampoo's
 :math:`G^\top G` and :math:`G G^\top` statistics, each weighted by the other factor, as the
-KL fixed point of a Kronecker-factored :math:`B\, g g^\top`), and the parameters move by
+KL fixed point of a Kronecker-factored :math:`B\, g g^\top`). The factors' step is
+:math:`K \leftarrow K (I - \beta_1 m_K / \max(1, \|m_K\|_F))` (likewise :math:`C`): the
+rate is divided by the momentum's Frobenius norm once that exceeds one, as the authors'
+``sirfshampoo.SIRFShampoo`` does, so a large gradient (the RevMLP's first batches, loss about
+10) cannot flip an eigenvalue of :math:`I - \beta_1 m_K` and blow :math:`K K^\top` up. The
+parameters move by
 :math:`m \leftarrow \alpha_2 m + C C^\top G K K^\top + \gamma\theta`,
 :math:`\theta \leftarrow \theta - \alpha m`.
 """
@@ -312,7 +317,13 @@ class IFShampoo(torch.optim.Optimizer):
                     momenta = pi_k.wrap(tuple(state["m_K"])), pi_c.wrap(tuple(state["m_C"]))
                     curvature = shampoo_curvature(*factors, g, self.batch_size)
                     factors, momenta = riemannian_step(
-                        factors, momenta, curvature, self.damping, self.alpha1, self.lr_cov
+                        factors,
+                        momenta,
+                        curvature,
+                        self.damping,
+                        self.alpha1,
+                        self.lr_cov,
+                        normalise=True,
                     )
                     state["K"], state["C"] = (f.tensors for f in factors)
                     state["m_K"], state["m_C"] = (m.tensors for m in momenta)

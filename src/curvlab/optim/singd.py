@@ -101,6 +101,8 @@ def riemannian_step(
     damping: float,
     alpha1: float,
     beta1: float,
+    *,
+    normalise: bool = False,
 ) -> tuple[Factors, Factors]:
     r"""The multiplicative update of :math:`(K, C)` from the projected curvature terms.
 
@@ -123,6 +125,8 @@ def riemannian_step(
         damping: :math:`\lambda \ge 0`.
         alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
         beta1: Factor learning rate :math:`\beta_1 > 0`.
+        normalise: Divide :math:`\beta_1` by :math:`\max(1, \|m_K\|_F)` (and likewise for
+            :math:`C`), as :func:`multiplicative_update` does with it (IF-Shampoo).
 
     Returns:
         ``(K, C), (m_K, m_C)``, new structured matrices of the factors' dtype.
@@ -132,11 +136,17 @@ def riemannian_step(
     ktk, ktk_trace = k.gram()
     ctc, ctc_trace = c.gram()
     damped = (t_k + ktk.scale(damping * ctc_trace), t_c + ctc.scale(damping * ktk_trace))
-    return multiplicative_update(factors, momenta, damped, alpha1, beta1)
+    return multiplicative_update(factors, momenta, damped, alpha1, beta1, normalise=normalise)
 
 
 def multiplicative_update(
-    factors: Factors, momenta: Factors, damped: Factors, alpha1: float, beta1: float
+    factors: Factors,
+    momenta: Factors,
+    damped: Factors,
+    alpha1: float,
+    beta1: float,
+    *,
+    normalise: bool = False,
 ) -> tuple[Factors, Factors]:
     r"""The step shared by SINGD and IF-Shampoo from the damped, projected curvature terms.
 
@@ -146,7 +156,13 @@ def multiplicative_update(
         K \leftarrow K (I_a - \beta_1 m_K)
 
     with :math:`D_K = \hat\Pi_K(T_K) + \lambda\,\mathrm{tr}(C^\top C)\,\hat\Pi_K(K^\top K)`, and
-    likewise for :math:`C`.
+    likewise for :math:`C`. With ``normalise`` the factor step is
+    :math:`K \leftarrow K (I_a - \beta_1 m_K / \max(1, \|m_K\|_F))`, per group: the first-order
+    truncation of :math:`K \exp(-\beta_1 m_K)` is only a descent step while
+    :math:`\beta_1 \|m_K\| < 1`; a large curvature term (a large first gradient) would
+    otherwise flip the sign of an eigenvalue of :math:`I_a - \beta_1 m_K` and blow
+    :math:`K K^\top` up instead of shrinking it (the authors' IF-Shampoo,
+    ``sirfshampoo.SIRFShampoo``, clamps the norm so).
 
     Args:
         factors: :math:`K` ``[G, a, a]``, :math:`C` ``[G, b, b]``, structured.
@@ -154,6 +170,7 @@ def multiplicative_update(
         damped: :math:`D_K`, :math:`D_C`, in the factors' structures.
         alpha1: Riemannian momentum :math:`\alpha_1 \in [0, 1)`.
         beta1: Factor learning rate :math:`\beta_1 > 0`.
+        normalise: Divide :math:`\beta_1` by :math:`\max(1, \|m\|_F)` per factor and group.
 
     Returns:
         ``(K, C), (m_K, m_C)``.
@@ -164,8 +181,10 @@ def multiplicative_update(
     dim_a, dim_b = k.dim, c.dim
     m_k = m_k.scale(alpha1) + d_k.scale(1 / (2 * dim_b)) - k.eye_like().scale(0.5)
     m_c = m_c.scale(alpha1) + d_c.scale(1 / (2 * dim_a)) - c.eye_like().scale(0.5)
-    k = k - k.product(m_k).scale(beta1)
-    c = c - c.product(m_c).scale(beta1)
+    rate_k = beta1 / m_k.frobenius_sq().sqrt().clamp(min=1.0) if normalise else beta1
+    rate_c = beta1 / m_c.frobenius_sq().sqrt().clamp(min=1.0) if normalise else beta1
+    k = k - k.product(m_k).scale(rate_k)
+    c = c - c.product(m_c).scale(rate_c)
     return (k, c), (m_k, m_c)
 
 
