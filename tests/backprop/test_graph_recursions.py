@@ -178,12 +178,13 @@ class TwoHeads(nn.Module):
         return self.a(x) + self.b(x)
 
 
-def test_hesscale_needs_one_last_layer():
+def test_hesscale_with_parallel_last_layers():
+    """Two last layers in parallel: each is exact at its output, where BL89 is exact too."""
     model = TwoHeads().double()
     x, y = torch.randn(3, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
-    with pytest.raises(UnsupportedModuleError, match=r"depends on \['a', 'b'\] in parallel"):
-        compute(model, nn.CrossEntropyLoss(), x, y, [HesScale()])
-    compute(model, nn.CrossEntropyLoss(), x, y, [BL89()])  # BL89 is defined
+    ours = compute(model, nn.CrossEntropyLoss(), x, y, [HesScale(), BL89()])
+    for name, value in ours["BL89"].items():
+        torch.testing.assert_close(ours["HesScale"][name], value)
 
 
 # ------------------------------------------------------------------------------- KFRA

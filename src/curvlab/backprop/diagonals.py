@@ -14,7 +14,7 @@ module's own backward and adds :math:`d_x` at the module's input tensor. Between
 functional glue of ``forward`` (additions, concatenation, views, slicing) has Jacobians with 0/1
 entries, so :math:`(J \odot J)^\top d = J^\top d` is autograd's own step; a few ops with other
 constant entries get a node hook that squares them (``x - y``, ``-x``, ``mean``, products and
-quotients with a constant). Any other op between modules raises, naming it.
+quotients with a constant, matrix products ``x @ W`` with a constant ``W``). Any other op between modules raises, naming it.
 
 HesScale makes the last parametric layer exact: the exact loss-Hessian square root is
 back-propagated to that layer's output and input (one batched backward), and BL89 continues
@@ -155,13 +155,35 @@ def _glue_hook(node: Any, name: str):
             return "obstacle"
         c = c if name.startswith("Mul") else 1.0 / c
         return lambda grads_in, grads_out: tuple(None if g is None else g * c for g in grads_in)
+    if name.startswith("Mm"):
+        return _matmul_hook(node)
     return "obstacle"
 
 
-def _install_glue_hooks(output: Tensor, stops: dict[Any, Atom], quantity: str) -> list[Any]:
-    """Node hooks on the glue between atoms; raises for an op with no BL89 step."""
+def _matmul_hook(node: Any):
+    r"""The step through :math:`y = x W` with a constant matrix :math:`W` (``[in, out]``).
+
+    As for a linear layer, :math:`d_x = d_y\, (W \odot W)^\top` per sample (``[N, out] ->
+    [N, in]``), e.g. the fixed expansions and projection of :class:`curvlab.nn.RevMLP`. A varying
+    right factor mixes the samples and has no diagonal step (``"obstacle"``).
+    """
+    weight = getattr(node, "_saved_mat2", None)
+    if not isinstance(weight, Tensor) or weight.requires_grad:
+        return "obstacle"
+    squared = weight.square().T
+
+    def matmul(grads_in, grads_out):
+        if grads_in[0] is None:
+            return grads_in
+        return (grads_out[0] @ squared, *grads_in[1:])
+
+    return matmul
+
+
+def _install_glue_hooks(roots: list[Tensor], stops: dict[Any, Atom], quantity: str) -> list[Any]:
+    """Node hooks on the glue between atoms below ``roots``; raises for an op with no BL89 step."""
     handles, seen = [], set()
-    stack = [output.grad_fn] if output.grad_fn is not None else []
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -283,7 +305,8 @@ class _Propagation:
             handle.remove()
 
 
-def _run(root: Tensor, d_root: Tensor, steps: list[Atom], propagation: _Propagation) -> None:
+def _run(roots: list[tuple[Tensor, Tensor]], steps: list[Atom], propagation: _Propagation) -> None:
+    """One backward pass from the ``(tensor, diagonal)`` roots carrying the diagonals."""
     targets = [a.output for a in steps] + [
         a.input for a in steps if a.input is not None and a.input.requires_grad
     ]
@@ -291,7 +314,13 @@ def _run(root: Tensor, d_root: Tensor, steps: list[Atom], propagation: _Propagat
     propagation.install()
     try:
         with torch.enable_grad():
-            torch.autograd.grad(root, targets, d_root, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(
+                [r for r, _ in roots],
+                targets,
+                [d for _, d in roots],
+                retain_graph=True,
+                allow_unused=True,
+            )
     finally:
         propagation.remove()
 
@@ -305,8 +334,11 @@ def _masked(ctx: Context, t: Tensor, dim: int) -> Tensor:
     return t * mask.reshape(*[1] * dim, -1, *[1] * (t.dim() - dim - 1))
 
 
-def _last_layer(quantity: str, steps: list[Atom], output: Tensor) -> Atom:
-    """The parametric atom that every other parametric atom feeds, with only linear ops above."""
+def _last_layers(quantity: str, steps: list[Atom], output: Tensor) -> list[Atom]:
+    """The last parametric layers: the first parametric atom on each path from the output.
+
+    Only (piecewise) linear modules may lie above them (the linear head).
+    """
     parametric = [a for a in steps if a.parametric]
     stops = {a.output.grad_fn: a for a in steps}
     # walk from the output to the first parametric atoms on each path
@@ -318,7 +350,8 @@ def _last_layer(quantity: str, steps: list[Atom], output: Tensor) -> Atom:
         seen.add(node)
         atom = stops.get(node)
         if atom is not None and atom.parametric:
-            first.append(atom)
+            if atom not in first:
+                first.append(atom)
             continue
         if (
             atom is not None
@@ -329,20 +362,44 @@ def _last_layer(quantity: str, steps: list[Atom], output: Tensor) -> Atom:
                 quantity,
                 atom.name,
                 atom.module,
-                "HesScale needs the last parametric layer to be followed by (piecewise) "
+                "HesScale needs the last parametric layers to be followed by (piecewise) "
                 "linear modules only",
             )
         frontier.extend(f for f, _ in node.next_functions if f is not None)
-    if len({id(a) for a in first}) != 1:
-        names = sorted({a.name for a in first})
-        raise UnsupportedModuleError(
-            f"{quantity} needs one last parametric layer that the output depends on; the output "
-            f"depends on {names} in parallel (BL89 remains available)"
-        )
-    last = first[0]
-    if len(parametric) > 1 and last.input is None:
-        raise UnsupportedModuleError(f"{quantity}: the last parametric layer has no input")
-    return last
+    if len(parametric) > 1 and any(a.input is None for a in first):
+        raise UnsupportedModuleError(f"{quantity}: a last parametric layer has no input")
+    return first
+
+
+def _head_columns(output: Tensor, sqrt: Tensor, last: list[Atom]) -> list[Tensor]:
+    r"""Exact columns :math:`J^\top S` at each last layer's output, along the head only.
+
+    One batched backward of the loss-Hessian square root ``[M, N, *out]`` from the model output,
+    with the flow into each last layer's own backward cut, so that the columns at a layer's
+    output follow only the paths that avoid every other last layer (the linear head).
+    """
+    cuts = [
+        a.output.grad_fn.register_prehook(lambda go: tuple(torch.zeros_like(g) for g in go))
+        for a in last
+        if a.output.grad_fn is not None
+    ]
+    try:
+        with torch.enable_grad():
+            cols = torch.autograd.grad(
+                output,
+                [a.output for a in last],
+                sqrt,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+    finally:
+        for handle in cuts:
+            handle.remove()
+    return [
+        sqrt.new_zeros(sqrt.shape[0], *a.output.shape) if c is None else c
+        for a, c in zip(last, cols, strict=True)
+    ]
 
 
 def diagonals(ctx: Context, exact_last_layer: bool) -> dict[str, Tensor]:
@@ -361,27 +418,29 @@ def diagonals(ctx: Context, exact_last_layer: bool) -> dict[str, Tensor]:
     stops = {a.output.grad_fn: a for a in steps if a.output.grad_fn is not None}
     sqrt = _masked(ctx, ctx.spec.sqrt_hessian(ctx.output, ctx.targets), 1)  # [M, N, *out]
     propagation = _Propagation(ctx, quantity, steps)
+    roots: list[tuple[Tensor, Tensor]] = []
     if not exact_last_layer:
-        root, d_root = output, sqrt.square().sum(0)
+        roots.append((output, sqrt.square().sum(0)))
     else:
-        last = _last_layer(quantity, steps, output)
-        with torch.enable_grad():  # exact columns above the last layer (true Jacobians)
-            (cols,) = torch.autograd.grad(
-                output, last.output, sqrt, retain_graph=True, is_grads_batched=True
-            )
-        propagation.add_params(last, cols.square().sum(0))
-        propagation.steps = [a for a in steps if a is not last and _upstream(a, last)]
-        root = None
-        if last.input is not None and last.input.requires_grad and propagation.steps:
-            with torch.enable_grad():
+        last = _last_layers(quantity, steps, output)
+        for atom, cols in zip(last, _head_columns(output, sqrt, last), strict=True):
+            propagation.add_params(atom, cols.square().sum(0))
+            if atom.input is None or not atom.input.requires_grad:
+                continue
+            with torch.enable_grad():  # exact through the layer itself (its true Jacobian)
                 (cols_in,) = torch.autograd.grad(
-                    last.output, last.input, cols, retain_graph=True, is_grads_batched=True
+                    atom.output, atom.input, cols, retain_graph=True, is_grads_batched=True
                 )
-            root, d_root = last.input, cols_in.square().sum(0)
-    if root is not None:
-        handles = _install_glue_hooks(root, stops, quantity)
+            roots.append((atom.input, cols_in.square().sum(0)))
+        # BL89 below: every atom that feeds a last layer (a last layer among them when it feeds
+        # another one, e.g. through a residual stream)
+        propagation.steps = [a for a in steps if any(_upstream(a, b) for b in last)]
+        if not propagation.steps:
+            roots = []
+    if roots:
+        handles = _install_glue_hooks([r for r, _ in roots], stops, quantity)
         try:
-            _run(root, d_root, propagation.steps, propagation)
+            _run(roots, propagation.steps, propagation)
         finally:
             for handle in handles:
                 handle.remove()
