@@ -16,6 +16,7 @@ from curvlab.experiments.optim_race import (
     OPTIMIZERS,
     UNSUPPORTED,
     OptimRace,
+    blow_up,
     make_race_config,
     plot_race,
     time_to_accuracy,
@@ -272,3 +273,53 @@ def test_the_models_take_fashion_mnist_images():
     for name in MODELS:
         model = optim_race.build_model(name, config)
         assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def _losses(*losses, seed=1, name="rootfree-adam"):
+    return [
+        _eval("cnn", name, seed, 10 * i, 0.5, float(i)) | {"train_loss": loss}
+        for i, loss in enumerate(losses)
+    ]
+
+
+def test_blow_up_is_a_rise_over_the_lowest_earlier_loss():
+    assert blow_up(_losses(2.3, 0.5, 0.4, 0.9, 3.0)) is None  # noise, and 7.5x the lowest
+    assert blow_up(_losses(2.3, 0.5, 0.38, 327.0, 200.0)) == 30  # the CNN seed 44's shape
+    assert blow_up(_losses(2.3, 0.5, 0.38, 327.0)[::-1]) == 30  # in any order
+    assert blow_up(_losses(2.3, 0.5, 0.38, 3.0), factor=5) == 30
+    assert blow_up(_losses(2.3, float("nan"), 0.4)) is None  # non-finite: divergence's job
+
+
+def test_the_summary_flags_a_blow_up_under_the_divergence_bound(tmp_path):
+    store = ResultsStore(tmp_path / "blown")
+    store.open({"experiment": "optim-race"})
+    for record in (
+        _losses(2.3, 0.5, 0.38, 327.0, 200.0, seed=44)
+        + _losses(2.3, 0.5, 0.4, seed=42)
+        + _losses(2.3, 0.1, 9.0, seed=43)  # blew up, but diverged: reported as diverged
+        + [{"type": "diverged", "phase": "cnn", "optimizer": "rootfree-adam", "seed": 43}]
+    ):
+        store.append(record)
+    (row,) = time_to_accuracy(tmp_path / "blown", 0.8)
+    assert (row["diverged"], row["blew_up"]) == ([43], {44: 30})
+    assert (
+        time_to_accuracy_table(tmp_path / "blown", 0.8)
+        .splitlines()[2]
+        .endswith("| seed 43, seed 44 blew up at 30 |")
+    )
+
+
+def test_the_runner_records_a_blow_up_and_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_evaluate(model, x, y, chunk=2048):  # train, test, validation per evaluation
+        calls.append(None)
+        return [2.3, 0.5, 30.0, 20.0][(len(calls) - 1) // 3], 0.5
+
+    monkeypatch.setattr(optim_race, "evaluate", fake_evaluate)
+    config = make_race_config(SAFE_LR, **TINY, models=("cnn",), optimizers=("sgd",))
+    OptimRace(config, tmp_path, progress=False).run()
+    records = sorted(ResultsStore(tmp_path).evaluations(), key=lambda r: r["step"])
+    assert [r["step"] for r in records] == [0, 2, 4, 6]  # not stopped, not diverged
+    assert [r["blew_up"] for r in records] == [False, False, True, True]
+    assert ResultsStore(tmp_path).diverged() == []

@@ -66,6 +66,9 @@ OPTIMIZERS = RACE_OPTIMIZERS
 UNSUPPORTED: dict[tuple[str, str], str] = {}
 #: SGD's heavy-ball momentum in the race.
 SGD_MOMENTUM = 0.9
+#: An evaluation whose train loss exceeds this many times the run's lowest earlier one marks a
+#: blow-up (:func:`blow_up`): the run goes on (it is not diverged) but its records say so.
+BLOWUP_FACTOR = 10.0
 
 
 def default_lr() -> dict[str, dict[str, float]]:
@@ -398,6 +401,10 @@ class OptimRace:
         if finished or step >= total:
             return
         base = {"experiment": NAME, "phase": model_name, "optimizer": name, "seed": seed, "lr": lr}
+        run = (model_name, name, seed)
+        self._history = [
+            r for r in self.store.evaluations() if (r["phase"], r["optimizer"], r["seed"]) == run
+        ]
         if step == 0:
             self._evaluate(model, base, 0, steps_per_epoch, 0.0, data)
         bar = tqdm(
@@ -491,7 +498,11 @@ class OptimRace:
         self.store.save_checkpoint(checkpoint, state)
 
     def _evaluate(self, model, base, step, steps_per_epoch, train_time, data) -> float:
-        """Append an ``eval`` record; returns its train loss."""
+        """Append an ``eval`` record; returns its train loss.
+
+        The record's ``blew_up`` is true from the run's first :func:`blow_up` on (records from
+        before this field have none; :func:`time_to_accuracy` finds their blow-ups the same way).
+        """
         n = self.config.eval_train_size
         train_loss, train_acc = evaluate(model, data.train_x[:n], data.train_y[:n])
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
@@ -499,24 +510,49 @@ class OptimRace:
         if data.val_x is not None:
             val_loss, val_acc = evaluate(model, data.val_x, data.val_y)
             extra = {"val_loss": val_loss, "val_acc": val_acc}
-        self.store.append(
-            {
-                "type": "eval",
-                **base,
-                "step": step,
-                "epoch": step / steps_per_epoch,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                **extra,
-                "time_s": train_time,
-            }
-        )
+        record = {
+            "type": "eval",
+            **base,
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            **extra,
+            "time_s": train_time,
+        }
+        self._history.append(record)
+        record["blew_up"] = blow_up(self._history) is not None
+        self.store.append(record)
         return train_loss
 
 
 # ---------------------------------------------------------------------- time to accuracy
+def blow_up(evaluations: list[dict], factor: float = BLOWUP_FACTOR) -> int | None:
+    """The step where a run's loss blew up, or ``None``.
+
+    That is its first evaluation whose train loss exceeds ``factor`` times the lowest before it.
+    A loss that rises by that factor and stays under the divergence bound (the first batch loss
+    times ``diverge_factor``) is a blow-up the bound misses: the CNN's RootFreeAdam seed 44 went
+    from 0.38 to 327 at update 963 (docs/optim_race.md). Non-finite losses are left to the
+    divergence check.
+
+    Args:
+        evaluations: One run's ``eval`` records (any order).
+        factor: The rise that counts, ``> 1``.
+    """
+    lowest = math.inf
+    for r in sorted(evaluations, key=lambda r: r["step"]):
+        loss = r.get("train_loss")
+        if loss is None or not math.isfinite(loss):
+            continue
+        if loss > factor * lowest:
+            return int(r["step"])
+        lowest = min(lowest, loss)
+    return None
+
+
 def _reach(evaluations: list[dict], threshold: float) -> tuple[float, float] | None:
     r"""``(step, time_s)`` where the test accuracy first reaches ``threshold``, or ``None``.
 
@@ -548,7 +584,9 @@ def time_to_accuracy(folder: str | Path | Sequence[str | Path], threshold: float
         ``model``, ``optimizer``, ``lr`` (of the runs; ``None`` if they differ), ``seeds``,
         ``reached`` (the seeds that reach the threshold), ``steps`` and ``time_s`` (mean and
         ``*_std``, sample standard deviation, over ``reached``; ``None`` if none), ``final_acc``
-        and ``final_acc_std`` (the last evaluation, over every seed) and ``diverged`` (seeds).
+        and ``final_acc_std`` (the last evaluation, over every seed), ``diverged`` (seeds) and
+        ``blew_up`` (``{seed: step}`` of the seeds not diverged whose loss blew up:
+        :func:`blow_up`, from the evaluations, so older records are flagged too).
 
     Raises:
         ValueError: ``threshold`` outside ``[0, 1]``.
@@ -591,6 +629,8 @@ def time_to_accuracy(folder: str | Path | Sequence[str | Path], threshold: float
             "reached": reached,
             "diverged": [s for s in seeds if (model, name, s) in diverged],
         }
+        blown = {s: blow_up(runs[(model, name, s)]) for s in seeds if s not in row["diverged"]}
+        row["blew_up"] = {s: step for s, step in blown.items() if step is not None}
         for key, values in (
             ("steps", [reach[s][0] for s in reached]),
             ("time_s", [reach[s][1] for s in reached]),
@@ -610,6 +650,13 @@ def _mean_std(row: dict, key: str, digits: int) -> str:
     if count > 1:
         return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
     return f"{row[key]:.{digits}f}"
+
+
+def _flags(row: dict) -> str:
+    """The ``diverged`` cell: diverged seeds, then those whose loss blew up, or ``-``."""
+    flags = [f"seed {s}" for s in row["diverged"]]
+    flags += [f"seed {s} blew up at {step}" for s, step in row.get("blew_up", {}).items()]
+    return ", ".join(flags) or "-"
 
 
 def time_to_accuracy_table(folder: str | Path | Sequence[str | Path], threshold: float) -> str:
@@ -634,7 +681,7 @@ def time_to_accuracy_table(folder: str | Path | Sequence[str | Path], threshold:
             _mean_std(r, "steps", 0),
             _mean_std(r, "time_s", 1),
             _mean_std(r, "final_acc", 4),
-            ", ".join(f"seed {s}" for s in r["diverged"]) or "-",
+            _flags(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
