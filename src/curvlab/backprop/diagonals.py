@@ -18,7 +18,11 @@ quotients with a constant, matrix products ``x @ W`` with a constant ``W``). Any
 
 HesScale makes the last parametric layer exact: the exact loss-Hessian square root is
 back-propagated to that layer's output and input (one batched backward), and BL89 continues
-below it. The samples outside a subsample carry zeros.
+below it. With several last layers in parallel (the first parametric layer on each path from the
+output, e.g. every projection of :class:`curvlab.nn.RevMLP` through its residual streams), the
+columns reach each one along the linear head only (the others cut), go through it to its input,
+and one BL89 pass from all those inputs carries the rest, summing uses as above. The samples
+outside a subsample carry zeros.
 """
 
 from __future__ import annotations
