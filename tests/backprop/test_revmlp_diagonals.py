@@ -129,3 +129,14 @@ def test_adahesscale_trains_revmlp_on_bundled_fashion_mnist(method):
         final = float(loss_func(model(x), labels))
     assert torch.isfinite(torch.tensor(losses)).all()
     assert final < 0.5 * losses[0], (losses[0], final)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_revmlp_diagonals_with_subsampling(exact):
+    model, loss_func, x, y = _case("ce-mean")
+    q = HesScale() if exact else BL89()
+    ours = compute(model, loss_func, x, y, [q], subsampling=[1, 3])[q.name]
+    expected = _dense(model, loss_func, x[[1, 3]], y[[1, 3]], exact)
+    for key, value in expected.items():
+        actual = torch.cat([ours[f"{key}.weight"].flatten(), ours[f"{key}.bias"].flatten()])
+        torch.testing.assert_close(actual, value / 5, rtol=1e-9, atol=1e-12)
