@@ -32,8 +32,9 @@ whose fixed point is :math:`b\,(K K^\top)^{-1} = B\, G^\top C C^\top G + \dots` 
 :math:`G^\top G` and :math:`G G^\top` statistics, each weighted by the other factor, as the
 KL fixed point of a Kronecker-factored :math:`B\, g g^\top`). The factors' step is
 :math:`K \leftarrow K (I - \beta_1 m_K / \max(1, \|m_K\|_F))` (likewise :math:`C`): the
-rate is divided by the momentum's Frobenius norm once that exceeds one, as the authors'
-``sirfshampoo.SIRFShampoo`` does, so a large gradient (the RevMLP's first batches, loss about
+rate is divided by the momentum's Frobenius norm once that exceeds one, as both of the authors'
+implementations do (``sirfshampoo.SIRFShampoo``; ``myoptim/ifshampoo.py`` of GitHub
+``yorkerlin/remove-the-square-root``, the paper's experiments), so a large gradient (the RevMLP's first batches, loss about
 10) cannot flip an eigenvalue of :math:`I - \beta_1 m_K` and blow :math:`K K^\top` up. The
 parameters move by
 :math:`m \leftarrow \alpha_2 m + C C^\top G K K^\top + \gamma\theta`,
