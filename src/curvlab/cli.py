@@ -664,7 +664,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from curvlab.experiments.store import export_records
 
     try:
-        path = export_records(args.folder, args.out)
+        path = export_records(args.folder, args.out, args.exclude or ())
     except (ValueError, FileNotFoundError) as error:
         print(f"curvlab export: {error}", file=sys.stderr)
         return 2
@@ -849,6 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("folder", help="a run folder holding results.jsonl")
     export.add_argument("out", help="the archive to write, NAME.jsonl.gz")
+    export.add_argument(
+        "--exclude",
+        type=_csv(str, "comma-separated optimizer names"),
+        metavar="LIST",
+        help="leave these optimizers' runs out (superseded by runs archived elsewhere, so "
+        "that archives summarized together stay disjoint) (default: none)",
+    )
     export.set_defaults(func=_cmd_export)
 
     sweep = sub.add_parser(

@@ -97,6 +97,19 @@ def test_an_exported_archive_rebuilds_the_same_tables_and_is_reproducible(tmp_pa
         export_records(folder, tmp_path / "run.json")
 
 
+def test_an_archive_may_leave_out_superseded_optimizers(tmp_path, capsys):
+    folder = _two_seed_run(tmp_path / "run")
+    archive = export_records(folder, tmp_path / "no-sgd.jsonl.gz", exclude=["sgd"])
+    rows = summary(archive)
+    assert [r["optimizer"] for r in rows] == ["adam"]
+    assert rows == [r for r in summary(folder) if r["optimizer"] == "adam"]
+    with pytest.raises(ValueError, match=r"\['rmsprop'\].*records \['adam', 'sgd'\]"):
+        export_records(folder, tmp_path / "x.jsonl.gz", exclude=["rmsprop"])
+    out = tmp_path / "cli.jsonl.gz"
+    assert main(["export", str(folder), str(out), "--exclude", "sgd"]) == 0
+    assert out.read_bytes() == archive.read_bytes()
+
+
 def _write_evals(folder, losses_by_seed):
     store = ResultsStore(folder)
     store.open({"experiment": "fullbatch"})

@@ -2,7 +2,7 @@
 rebuilt from them exactly.
 
 A table is tied to its source by an HTML comment on the line before it,
-``<!-- curvlab summary docs/records/NAME.jsonl.gz [--at-train-loss X | --at-test-acc A] -->``;
+``<!-- curvlab summary [--per-source] docs/records/NAME.jsonl.gz [--at-train-loss X | --at-test-acc A] -->``;
 this test runs the same summary on the committed archive and compares the Markdown, row for row.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from curvlab.cli import summary_table
+from curvlab.cli import per_source_table, summary_table
 from curvlab.experiments.optim_race import time_to_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +40,7 @@ def _tables(page: Path) -> list[tuple[list[str], str]]:
 
 
 def _paths(arguments: list[str]) -> list[str]:
+    arguments = [a for a in arguments if a != "--per-source"]
     for option in OPTIONS:
         if option in arguments:
             return arguments[: arguments.index(option)]
@@ -48,6 +49,8 @@ def _paths(arguments: list[str]) -> list[str]:
 
 def _summary(arguments: list[str]) -> str:
     paths = [ROOT / p for p in _paths(arguments)]
+    if "--per-source" in arguments:
+        return per_source_table(paths)
     if "--at-test-acc" in arguments:
         return time_to_accuracy_table(paths, float(arguments[arguments.index("--at-test-acc") + 1]))
     at = None

@@ -323,7 +323,7 @@ def _last_per_key(records: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
     return [keyed[k] for k in sorted(keyed)]
 
 
-def export_records(folder: str | Path, out: str | Path) -> Path:
+def export_records(folder: str | Path, out: str | Path, exclude: Iterable[str] = ()) -> Path:
     """Write a run folder's records, compressed, to ``out`` (``NAME.jsonl.gz``).
 
     Only the records that a summary or a figure reads are kept, each once (the last of its key,
@@ -335,6 +335,9 @@ def export_records(folder: str | Path, out: str | Path) -> Path:
     Args:
         folder: A run folder (or a records file).
         out: The compressed records file to write; its name must end in ``.jsonl.gz``.
+        exclude: Optimizers whose ``eval``, ``update`` and ``diverged`` records are left out
+            (runs superseded by others archived elsewhere, so that the archives stay disjoint);
+            the header and ``config`` records are kept as they are.
 
     Returns:
         ``out`` as a path.
@@ -343,13 +346,20 @@ def export_records(folder: str | Path, out: str | Path) -> Path:
         ValueError: ``out`` does not end in ``.jsonl.gz``.
         FileNotFoundError: ``folder`` holds no records.
     """
-    out = Path(out)
+    out, exclude = Path(out), set(exclude)
     if not out.name.endswith(".jsonl.gz"):
         raise ValueError(f"out must name a .jsonl.gz file, got {str(out)!r}")
     store = ResultsStore(folder)
     if not store.path.is_file():
         raise FileNotFoundError(f"no records to export: {store.path} does not exist")
     records = store.records()  # one read; the same last-per-key choice as the readers
+    recorded = {r["optimizer"] for r in records if "optimizer" in r}
+    if exclude - recorded:
+        raise ValueError(
+            f"exclude names optimizers {sorted(exclude - recorded)} that {store.path} does not "
+            f"record; it records {sorted(recorded)}"
+        )
+    records = [r for r in records if r.get("optimizer") not in exclude]
     kept = [r for r in records if r.get("type") in ("header", "config")]
     for kind, key in (("eval", _RUN_STEP), ("update", _RUN_STEP), ("diverged", _RUN)):
         kept += _last_per_key((r for r in records if r.get("type") == kind), key)
