@@ -425,24 +425,43 @@ def _setting(config: dict, phase: str, optimizer: str) -> tuple[str, str]:
     return ("-" if lr is None else f"{lr:g}"), damping
 
 
-def per_source_table(sources: Sequence[Path]) -> str:
+def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None) -> str:
     """One row per source and (phase, optimizer), labelled with its rate and damping.
 
     The table of a sweep: every point's records summarized on their own (means over its
     seeds), so points of the same optimizer, which record the same seeds, sit side by side.
+    With ``at_train_loss`` every row is taken where its runs' training loss first reaches that
+    value, as in :func:`summary_table`.
     """
-    from curvlab.experiments.plots import summary
+    from curvlab.experiments.plots import summary, summary_at_train_loss
     from curvlab.experiments.store import ResultsStore
 
-    rows = [(row, ResultsStore(source).config()) for source in sources for row in summary(source)]
-    columns = [c for c in _metric_columns([r for r, _ in rows]) if c[0] != "train_acc"]
-    head = ["phase", "optimizer", "lr", "damping", "seeds"] + [c[1] for c in columns] + ["status"]
+    def rows_of(source: Path) -> list[dict]:
+        return (
+            summary(source)
+            if at_train_loss is None
+            else summary_at_train_loss(source, at_train_loss)
+        )
+
+    rows = [(row, ResultsStore(source).config()) for source in sources for row in rows_of(source)]
+    drop = ("train_acc",) if at_train_loss is None else ("train_acc", "train_loss")
+    columns = [c for c in _metric_columns([r for r, _ in rows]) if c[0] not in drop]
+    head = ["phase", "optimizer", "lr", "damping", "seeds"]
+    if at_train_loss is not None:
+        head += ["train loss", "step"]
+    head += [c[1] for c in columns] + ["status" if at_train_loss is None else "not reached"]
     lines = [head]
     for row, config in rows:
         lr, damping = _setting(config, row["phase"], row["optimizer"])
         cells = [row["phase"], row["optimizer"], lr, damping, str(row["seeds"])]
+        if at_train_loss is not None:
+            cells += [f"{at_train_loss:g}", _cell(row, "step", 1)]
         cells += [_cell(row, key, digits) for key, _, digits in columns]
-        lines.append(cells + [_status(row)])
+        if at_train_loss is None:
+            cells.append(_status(row))
+        else:
+            cells.append(", ".join(f"seed {s}" for s in row["missed"]) or "-")
+        lines.append(cells)
     table = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
     table += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
     return "\n".join(table)
@@ -648,9 +667,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
             print(time_to_accuracy_table([Path(f) for f in args.folder], args.at_test_acc))
             return 0
         if args.per_source:
-            if args.at_train_loss is not None:
-                raise ValueError("give --per-source or --at-train-loss, not both")
-            print(per_source_table([Path(f) for f in args.folder]))
+            print(per_source_table([Path(f) for f in args.folder], args.at_train_loss))
             return 0
         _print_summary([Path(f) for f in args.folder], args.at_train_loss)
     except NoResultsError as error:

@@ -7,9 +7,21 @@ from pathlib import Path
 import pytest
 
 from curvlab.cli import main, per_source_table
-from curvlab.experiments.plots import summary
+from curvlab.experiments.plots import summary, summary_at_train_loss
 
-TINY = ["--subset", "32", "--steps", "3", "--hidden", "64", "--depth", "2", "--no-progress", "--validation", "50"]
+TINY = [
+    "--subset",
+    "32",
+    "--steps",
+    "3",
+    "--hidden",
+    "64",
+    "--depth",
+    "2",
+    "--no-progress",
+    "--validation",
+    "50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +54,25 @@ def test_every_point_is_a_row_with_its_rate_damping_and_own_means(sweep):
     assert len({r["val loss"] for r in rows}) == 4  # the points differ
 
 
-def test_the_command_prints_it_and_refuses_a_second_mode(sweep, capsys):
+def test_at_equal_training_loss_every_point_is_its_own_crossing(sweep):
+    points = sorted(sweep.glob("lr=*"))
+    target = 1.0
+    rows = _rows(per_source_table(points, target))
+    assert len(rows) == 4 and all(r["train loss"] == "1" for r in rows)
+    for row, point in zip(rows, points):
+        (expected,) = summary_at_train_loss(point, target)
+        if expected["seeds"] == 0:
+            assert row["test loss"] == "-"
+            continue
+        assert float(row["test loss"].split(" ± ")[0]) == pytest.approx(
+            expected["test_loss"], abs=5e-5
+        )
+        assert row["not reached"] == (", ".join(f"seed {s}" for s in expected["missed"]) or "-")
+
+
+def test_the_command_prints_it(sweep, capsys):
     points = [str(p) for p in sorted(sweep.glob("lr=*"))]
     assert main(["summary", "--per-source", *points]) == 0
     assert capsys.readouterr().out.strip() == per_source_table([Path(p) for p in points])
-    assert main(["summary", "--per-source", "--at-train-loss", "1", *points]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert main(["summary", "--per-source", "--at-train-loss", "1", *points]) == 0
+    assert capsys.readouterr().out.strip() == per_source_table([Path(p) for p in points], 1.0)

@@ -49,13 +49,13 @@ def _paths(arguments: list[str]) -> list[str]:
 
 def _summary(arguments: list[str]) -> str:
     paths = [ROOT / p for p in _paths(arguments)]
-    if "--per-source" in arguments:
-        return per_source_table(paths)
     if "--at-test-acc" in arguments:
         return time_to_accuracy_table(paths, float(arguments[arguments.index("--at-test-acc") + 1]))
     at = None
     if "--at-train-loss" in arguments:
         at = float(arguments[arguments.index("--at-train-loss") + 1])
+    if "--per-source" in arguments:
+        return per_source_table(paths, at)
     return summary_table(paths, at)
 
 
