@@ -160,6 +160,11 @@ class LinearRule(Rule):
         x, g = _flat(module, call, factors)  # [N, T, in], [M, N, T, out]
         m, t = g.shape[0], g.shape[2]
         s, r = rows.shape
+        if t == 1:  # one outer product per sample, no positions to sum
+            picked = g[:, samples, 0].gather(2, rows[None].expand(m, s, r))  # [M, S, R]
+            if name == "bias":
+                return picked.unsqueeze(-1)
+            return picked[..., None] * x[samples, 0].gather(1, columns)[None, :, None, :]
         picked_g = g[:, samples].gather(3, rows[None, :, None, :].expand(m, s, t, r))
         if name == "bias":
             return picked_g.sum(2).unsqueeze(-1)  # [M, S, R, 1]
