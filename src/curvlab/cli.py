@@ -243,6 +243,14 @@ def _add_config_arguments(p: argparse.ArgumentParser, extra: tuple[str, ...] = (
         help=f"full-batch evaluation (and checkpoint) period in updates {_default('eval_every')}",
     )
     p.add_argument(
+        "--eval-first",
+        dest="eval_first",
+        type=_int_type("an integer >= 0", lambda v: v >= 0),
+        metavar="N",
+        help="full batch: also evaluate after each of the first N updates, for comparisons at "
+        "equal training loss of fast optimizers (default: 0)",
+    )
+    p.add_argument(
         "--evals-per-epoch",
         dest="evals_per_epoch",
         type=_positive_int,
@@ -325,6 +333,7 @@ _CONFIG_OPTIONS = (
     "gn_damping",
     "gn_output_damping",
     "eval_every",
+    "eval_first",
     "evals_per_epoch",
     "eval_train_size",
     "device",

@@ -142,6 +142,22 @@ def test_an_added_optimizer_may_bring_its_own_rate_a_recorded_one_may_not_change
     assert ResultsStore(tmp_path).config()["lr"]["fullbatch"]["gn-paper"] == 0.5
 
 
+def test_eval_first_adds_early_evaluations_and_changes_no_update(tmp_path):
+    def run(folder, **extra):
+        config = make_config(
+            "fullbatch", "bundled", **dict(TINY, steps=6, eval_every=5, optimizers=("gn",), **extra)
+        )
+        Runner(config, folder, progress=False).run()
+        return {r["step"]: r["train_loss"] for r in ResultsStore(folder).evaluations()}
+
+    plain, early = run(tmp_path / "plain"), run(tmp_path / "early", eval_first=3)
+    assert sorted(plain) == [0, 5, 6]
+    assert sorted(early) == [0, 1, 2, 3, 5, 6]
+    assert all(early[step] == plain[step] for step in plain)
+    with pytest.raises(ValueError, match="eval_first"):
+        make_config("fullbatch", "bundled", eval_first=-1)
+
+
 def test_run_recorded_before_a_new_setting_existed_resumes(tmp_path):
     config = make_config("fullbatch", "bundled", **dict(TINY, steps=1, optimizers=("gn",)))
     old = config.to_dict()

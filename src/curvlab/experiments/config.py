@@ -62,6 +62,9 @@ class ExperimentConfig:
         gn_output_damping: Levenberg-Marquardt damping of the exact CE function-space step.
         lr: Learning rate per optimizer, for the full-batch and mini-batch phases.
         eval_every: Evaluate every this many full-batch updates.
+        eval_first: Full batch: also evaluate after each of the first this many updates (a fast
+            optimizer passes a training loss between two periodic evaluations, and comparisons
+            at equal training loss interpolate between them).
         evals_per_epoch: Evaluations per mini-batch epoch.
         eval_train_size: Training samples used to report the mini-batch train loss.
         record_updates: Record the per-update % change of the mini-batch loss (Figure 3).
@@ -104,6 +107,7 @@ class ExperimentConfig:
     gn_output_damping: float = 0.0
     lr: dict[str, dict[str, float]] = field(default_factory=lambda: default_lr(4))
     eval_every: int = 5
+    eval_first: int = 0
     evals_per_epoch: int = 1
     eval_train_size: int = 10000
     record_updates: bool = False
@@ -152,6 +156,10 @@ class ExperimentConfig:
         for name in ("gn_damping", "gn_output_damping", "gn_atol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if isinstance(self.eval_first, bool) or not isinstance(self.eval_first, int):
+            raise ValueError(f"eval_first must be an integer >= 0, got {self.eval_first!r}")
+        if self.eval_first < 0:
+            raise ValueError(f"eval_first must be an integer >= 0, got {self.eval_first!r}")
         if isinstance(self.validation, bool) or not isinstance(self.validation, int):
             raise ValueError(f"validation must be an integer >= 0, got {self.validation!r}")
         if self.validation < 0:

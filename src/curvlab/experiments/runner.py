@@ -397,7 +397,8 @@ class Runner:
                         "loss_change_pct": change,
                     }
                 )
-            if step % eval_every == 0 or step == total:
+            early = phase == "fullbatch" and step <= c.eval_first
+            if step % eval_every == 0 or step == total or early:
                 loss = self._evaluate(
                     model, base, step, steps_per_epoch, train_time, eval_x, eval_y, data, tracker
                 )
