@@ -393,7 +393,7 @@ def summary_table(folder: Path | Sequence[Path], at_train_loss: float | None = N
     With ``at_train_loss`` every row is taken where the run's training loss first reaches
     that value (interpolated between evaluations) instead of at its last evaluation.
     """
-    from curvlab.experiments.plots import summary, summary_at_train_loss
+    from curvlab.experiments.plots import markdown_table, summary, summary_at_train_loss
 
     if at_train_loss is None:
         rows = summary(folder)
@@ -419,19 +419,26 @@ def summary_table(folder: Path | Sequence[Path], at_train_loss: float | None = N
             cells = [r["phase"], r["optimizer"], f"{at_train_loss:g}", str(r["seeds"])]
             cells += [_cell(r, "step", 1), _cell(r, "epoch", 2)]
             cells += [_cell(r, key, digits) for key, _, digits in columns]
-            missed = ", ".join(f"seed {s}" for s in r["missed"]) or "-"
-            lines.append(cells + [missed])
-    table = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
-    table += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
-    return "\n".join(table)
+            lines.append(cells + [_missed(r)])
+    return markdown_table(lines[0], lines[1:])
+
+
+def _missed(row: dict) -> str:
+    """The ``not reached`` cell of an equal-training-loss row: its missing seeds, or ``-``."""
+    return ", ".join(f"seed {s}" for s in row["missed"]) or "-"
 
 
 def _setting(config: dict, phase: str, optimizer: str) -> tuple[str, str]:
     """A source's learning rate and (GN only) Gram damping, as ``curvlab sweep`` names them."""
+    from curvlab.experiments.config import rate_of
+
     rates = config["lr"][phase]
-    lr = rates.get(optimizer, rates.get("gn") if optimizer.startswith("gn") else None)
+    try:
+        lr = f"{rate_of(rates, optimizer):g}"
+    except KeyError:
+        lr = "-"
     damping = f"{config.get('gn_damping', 0.0):g}" if optimizer.startswith("gn") else ""
-    return ("-" if lr is None else f"{lr:g}"), damping
+    return lr, damping
 
 
 def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None) -> str:
@@ -442,7 +449,7 @@ def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None
     With ``at_train_loss`` every row is taken where its runs' training loss first reaches that
     value, as in :func:`summary_table`.
     """
-    from curvlab.experiments.plots import summary, summary_at_train_loss
+    from curvlab.experiments.plots import markdown_table, summary, summary_at_train_loss
     from curvlab.experiments.store import ResultsStore
 
     def rows_of(source: Path) -> list[dict]:
@@ -466,14 +473,9 @@ def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None
         if at_train_loss is not None:
             cells += [f"{at_train_loss:g}", _cell(row, "step", 1)]
         cells += [_cell(row, key, digits) for key, _, digits in columns]
-        if at_train_loss is None:
-            cells.append(_status(row))
-        else:
-            cells.append(", ".join(f"seed {s}" for s in row["missed"]) or "-")
+        cells.append(_status(row) if at_train_loss is None else _missed(row))
         lines.append(cells)
-    table = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
-    table += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
-    return "\n".join(table)
+    return markdown_table(lines[0], lines[1:])
 
 
 def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> None:

@@ -156,14 +156,10 @@ class ExperimentConfig:
         for name in ("gn_damping", "gn_output_damping", "gn_atol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if isinstance(self.eval_first, bool) or not isinstance(self.eval_first, int):
-            raise ValueError(f"eval_first must be an integer >= 0, got {self.eval_first!r}")
-        if self.eval_first < 0:
-            raise ValueError(f"eval_first must be an integer >= 0, got {self.eval_first!r}")
-        if isinstance(self.validation, bool) or not isinstance(self.validation, int):
-            raise ValueError(f"validation must be an integer >= 0, got {self.validation!r}")
-        if self.validation < 0:
-            raise ValueError(f"validation must be an integer >= 0, got {self.validation!r}")
+        for name in ("eval_first", "validation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.ntk_mode not in NTK_MODES:
             raise ValueError(f"ntk_mode must be one of {NTK_MODES}, got {self.ntk_mode!r}")
         if not self.diverge_factor > 1:
@@ -175,10 +171,7 @@ class ExperimentConfig:
 
     def learning_rate(self, phase: str, optimizer: str) -> float:
         """The optimizer's rate in the phase; a GN variant without its own takes ``gn``'s."""
-        rates = self.lr[phase]
-        if optimizer not in rates and optimizer in GN_VARIANTS:
-            return rates["gn"]
-        return rates[optimizer]
+        return rate_of(self.lr[phase], optimizer)
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
@@ -244,6 +237,17 @@ NTK_CKA_BUNDLED_DEFAULTS = {
 }
 #: At that width SGD diverges at the default 0.03 (loss 4e9 after 4 updates); 0.01 trains.
 NTK_CKA_BUNDLED_LR = {"sgd": 0.01}
+
+
+def rate_of(rates: dict[str, float], optimizer: str) -> float:
+    """``optimizer``'s rate in one phase's ``rates``; a GN variant without its own takes ``gn``'s.
+
+    Raises:
+        KeyError: neither the optimizer nor (for a GN variant) ``gn`` has a rate.
+    """
+    if optimizer not in rates and optimizer in GN_VARIANTS:
+        return rates["gn"]
+    return rates[optimizer]
 
 
 def make_config(experiment: str, dataset: str = "bundled", **overrides) -> ExperimentConfig:

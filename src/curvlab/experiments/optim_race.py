@@ -54,6 +54,7 @@ from tqdm import tqdm
 from curvlab.backprop.errors import NonFiniteError
 from curvlab.data import load_dataset, to_float
 from curvlab.experiments.config import RACE_MODELS, RACE_OPTIMIZERS
+from curvlab.experiments.plots import markdown_table
 from curvlab.experiments.runner import divergence, resolve_device, validation_split
 from curvlab.experiments.store import ResultsStore
 from curvlab.nn import RevMLP
@@ -671,7 +672,7 @@ def time_to_accuracy_table(folder: str | Path | Sequence[str | Path], threshold:
         "final test acc",
         "diverged",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in time_to_accuracy(folder, threshold):
         cells = [
             r["model"],
@@ -683,8 +684,8 @@ def time_to_accuracy_table(folder: str | Path | Sequence[str | Path], threshold:
             _mean_std(r, "final_acc", 4),
             _flags(r),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 # ---------------------------------------------------------------------- figures

@@ -515,6 +515,13 @@ def plot_run(folder: str | Path) -> list[Path]:
     return paths
 
 
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of string cells: the head, the rule, one line per row."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 #: Metrics of a summary row: the mean over seeds, and ``NAME_std`` their standard deviation.
 SUMMARY_METRICS = (
     "epoch",
