@@ -9,11 +9,12 @@ summing over the calls of shared modules, through the calls' rules (``rules/``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvlab.backprop.rules.base import Call, KronSums, Rule
 from curvlab.backprop.sources import Source, as_source
@@ -366,6 +367,100 @@ class ParamDerivatives:
                         owner.module, call, factors, local, samples, rows, columns
                     )
         return self._scaled(out, 1)
+
+    def selectable(self) -> bool:
+        """Whether :meth:`select` applies: every call's outputs carry the batch first."""
+        from curvlab.backprop.functional import output_batch_dims
+
+        return all(
+            all(d == 0 for d in output_batch_dims(owner.module, len(call.outputs)))
+            for owner, _ in self.uses
+            for call in owner.calls
+        )
+
+    def select(self, index: Tensor) -> ParamDerivatives:
+        r"""The same derivatives on the samples ``index`` only, a view of ``S`` samples.
+
+        The factors ``[M, N, *out]`` and the calls' batched inputs and outputs (along their
+        batch dimensions, :func:`~curvlab.backprop.functional.input_batch_dims`) are
+        index-selected, so that every primitive of the returned view sees a batch of ``S``
+        samples and costs that many. The views of one module's parameters that share a
+        ``cache`` share the selection (and one rule call still serves them all). Inputs are
+        copied (``S`` rows each), the original view is unchanged.
+
+        Args:
+            index: Sample indices ``[S]`` into the batch of ``N``.
+
+        Raises:
+            ValueError: For a call whose outputs carry the batch elsewhere
+                (:meth:`selectable`, e.g. a recurrent layer's ``[T, N, H]``).
+        """
+        from curvlab.backprop.functional import input_batch_dims
+
+        if not self.selectable():
+            raise ValueError(
+                f"parameter {self.name!r}: select() needs module outputs with the batch first"
+            )
+        key = ("select", index.data_ptr(), index.numel())
+        memo = self.cache.get(key)
+        if memo is None:
+            memo = self.cache[key] = {"cache": {}, "owners": {}, "calls": {}}
+        n = self.num_samples
+
+        def pick(t: Any, dim: Any) -> Any:
+            if dim is None or not isinstance(t, Tensor) or t.dim() <= dim or t.shape[dim] != n:
+                return t
+            return t.index_select(dim, index.to(t.device))
+
+        def tree(values: Any, dims: Any) -> Any:
+            leaves, spec = tree_flatten(values)
+            flat_dims, _ = tree_flatten(dims)
+            return tree_unflatten([pick(a, d) for a, d in zip(leaves, flat_dims)], spec)
+
+        uses = []
+        for owner, local in self.uses:
+            new = memo["owners"].get(owner)
+            if new is None:
+                calls = []
+                for call in owner.calls:
+                    args_dims, kwargs_dims = input_batch_dims(
+                        owner.module, call.args, call.kwargs, n
+                    )
+                    calls.append(
+                        replace(
+                            call,
+                            args=tree(call.args, args_dims),
+                            kwargs=tree(call.kwargs, kwargs_dims),
+                            values=tuple(pick(v, 0) for v in call.values),
+                        )
+                    )
+                    memo["calls"][call] = calls[-1]
+                new = Owner(owner.name, owner.module, calls)
+                new.local_names, new.rule, new.kron_rule = (
+                    owner.local_names,
+                    owner.rule,
+                    owner.kron_rule,
+                )
+                new.generic_names = owner.generic_names
+                memo["owners"][owner] = new
+            uses.append((new, local))
+        factors = {
+            source: {
+                memo["calls"][call]: tuple(f.index_select(1, index.to(f.device)) for f in fs)
+                for call, fs in by_call.items()
+                if call in memo["calls"]
+            }
+            for source, by_call in self.factors.items()
+        }
+        return ParamDerivatives(
+            self.name,
+            uses,
+            factors,
+            self.param,
+            index.numel(),
+            memo["cache"],
+            self.scale,
+        )
 
     def kron_kind(self) -> str:
         """The Kronecker layout of the parameter's rule, or ``"whole"`` (no Kronecker rule)."""
