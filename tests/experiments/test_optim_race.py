@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from curvlab.cli import main
-from curvlab.experiments import optim_race
+from curvlab.experiments import optim_race, runner
 from curvlab.experiments.optim_race import (
     MODELS,
     OPTIMIZERS,
@@ -312,11 +312,11 @@ def test_the_summary_flags_a_blow_up_under_the_divergence_bound(tmp_path):
 def test_the_runner_records_a_blow_up_and_goes_on(tmp_path, monkeypatch):
     calls = []
 
-    def fake_evaluate(model, x, y, chunk=2048):  # train, test, validation per evaluation
+    def fake_evaluate(model, x, y, loss="ce", chunk=4096):  # train, test, val per evaluation
         calls.append(None)
         return [2.3, 0.5, 30.0, 20.0][(len(calls) - 1) // 3], 0.5
 
-    monkeypatch.setattr(optim_race, "evaluate", fake_evaluate)
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
     config = make_race_config(SAFE_LR, **TINY, models=("cnn",), optimizers=("sgd",))
     OptimRace(config, tmp_path, progress=False).run()
     records = sorted(ResultsStore(tmp_path).evaluations(), key=lambda r: r["step"])

@@ -55,7 +55,12 @@ from curvlab.backprop.errors import NonFiniteError
 from curvlab.data import load_dataset, to_float
 from curvlab.experiments.config import RACE_MODELS, RACE_OPTIMIZERS
 from curvlab.experiments.plots import markdown_table
-from curvlab.experiments.runner import divergence, resolve_device, validation_split
+from curvlab.experiments.runner import (
+    divergence,
+    evaluation_record,
+    resolve_device,
+    validation_split,
+)
 from curvlab.experiments.store import ResultsStore
 from curvlab.nn import RevMLP
 from curvlab.optim import KFAC, SINGD, AdaHesScale, IFShampoo, RootFreeAdam
@@ -331,18 +336,6 @@ def load_race_data(config: OptimRaceConfig, device: torch.device) -> RaceData:
     )
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 2048) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in chunks."""
-    total, correct = 0.0, 0
-    for start in range(0, len(x), chunk):
-        out = model(x[start : start + chunk])
-        labels = y[start : start + chunk]
-        total += float(nn.functional.cross_entropy(out, labels, reduction="sum"))
-        correct += int((out.argmax(1) == labels).sum())
-    return total / len(x), correct / len(x)
-
-
 # ---------------------------------------------------------------------- the runner
 def _update(optimizer: torch.optim.Optimizer, closure, step: int) -> tuple[float, str | None]:
     """One step from the closure: the batch loss before it, and why it was refused (or ``None``).
@@ -505,28 +498,12 @@ class OptimRace:
         before this field have none; :func:`time_to_accuracy` finds their blow-ups the same way).
         """
         n = self.config.eval_train_size
-        train_loss, train_acc = evaluate(model, data.train_x[:n], data.train_y[:n])
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
-        extra = {}
-        if data.val_x is not None:
-            val_loss, val_acc = evaluate(model, data.val_x, data.val_y)
-            extra = {"val_loss": val_loss, "val_acc": val_acc}
-        record = {
-            "type": "eval",
-            **base,
-            "step": step,
-            "epoch": step / steps_per_epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            **extra,
-            "time_s": train_time,
-        }
+        train = (data.train_x[:n], data.train_y[:n])
+        record = evaluation_record(model, base, step, steps_per_epoch, train_time, train, data)
         self._history.append(record)
         record["blew_up"] = blow_up(self._history) is not None
         self.store.append(record)
-        return train_loss
+        return record["train_loss"]
 
 
 # ---------------------------------------------------------------------- time to accuracy

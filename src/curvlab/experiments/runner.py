@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from curvlab.backprop.loss import LossSpec
@@ -130,7 +130,7 @@ def batch_loss(outputs: Tensor, labels: Tensor, loss: str) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: RevMLP, x: Tensor, y: Tensor, loss: str, chunk: int = 4096
+    model: nn.Module, x: Tensor, y: Tensor, loss: str = "ce", chunk: int = 4096
 ) -> tuple[float, float]:
     """Loss and accuracy of ``model`` on ``(x, y)``, in chunks."""
     total_loss, correct = 0.0, 0
@@ -140,6 +140,47 @@ def evaluate(
         total_loss += float(batch_loss(out, labels, loss)) * len(labels)
         correct += int((out.argmax(1) == labels).sum())
     return total_loss / len(x), correct / len(x)
+
+
+def evaluation_record(
+    model: nn.Module,
+    base: dict,
+    step: int,
+    steps_per_epoch: float,
+    train_time: float,
+    train: tuple[Tensor, Tensor],
+    data: object,
+    loss: str = "ce",
+) -> dict:
+    """An ``eval`` record: loss and accuracy on ``train``, the test set and the validation split.
+
+    Args:
+        model: The model evaluated (in its current mode).
+        base: The run's identifying fields (phase, optimizer, seed), copied in first.
+        step: Updates so far; ``epoch`` is ``step / steps_per_epoch``.
+        steps_per_epoch: Updates per pass over the training data.
+        train_time: Training seconds so far (evaluations excluded), as ``time_s``.
+        train: The training images and labels the train metrics are taken on.
+        data: The run's data, with ``test_x``/``test_y`` and ``val_x``/``val_y`` (``val_x``
+            ``None`` without a validation split, which then has no fields).
+        loss: The run's loss name (:func:`batch_loss`).
+    """
+    train_loss, train_acc = evaluate(model, *train, loss)
+    test_loss, test_acc = evaluate(model, data.test_x, data.test_y, loss)
+    record = {
+        "type": "eval",
+        **base,
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "time_s": train_time,
+    }
+    if data.val_x is not None:
+        record["val_loss"], record["val_acc"] = evaluate(model, data.val_x, data.val_y, loss)
+    return record
 
 
 def build_optimizer(
@@ -475,23 +516,8 @@ class Runner:
     ) -> float:
         """Append an ``eval`` record (with ``tracker``'s fields, if any); returns its train loss."""
         kernel = {} if tracker is None else tracker.measure(model, step)
-        train_loss, train_acc = evaluate(model, eval_x, eval_y, self.config.loss)
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, self.config.loss)
-        if data.val_x is not None:
-            val_loss, val_acc = evaluate(model, data.val_x, data.val_y, self.config.loss)
-            kernel = {"val_loss": val_loss, "val_acc": val_acc, **kernel}
-        self.store.append(
-            {
-                "type": "eval",
-                **base,
-                "step": step,
-                "epoch": step / steps_per_epoch,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "time_s": train_time,
-                **kernel,
-            }
+        record = evaluation_record(
+            model, base, step, steps_per_epoch, train_time, (eval_x, eval_y), data, self.config.loss
         )
-        return train_loss
+        self.store.append({**record, **kernel})
+        return record["train_loss"]
