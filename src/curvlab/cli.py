@@ -483,7 +483,7 @@ def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = 
 
 
 #: ``curvlab run width-scaling``'s own options (dest names), ignored by the paper's experiments.
-_WIDTH_OPTIONS = ("families", "mlp_widths", "cnn_widths", "train_size")
+_WIDTH_OPTIONS = ("families", "mlp_widths", "cnn_widths", "train_size", "cnn_steps", "cnn_lr")
 #: The paper's settings that ``width-scaling`` does not take (it has its own models).
 _NOT_WIDTH_OPTIONS = tuple(
     name
@@ -520,6 +520,21 @@ def _add_width_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         metavar="N",
         help="width-scaling only: class-balanced training images (default: 512)",
+    )
+    p.add_argument(
+        "--cnn-steps",
+        dest="cnn_steps",
+        type=_int_type("an integer >= 2 (half per task for forgetting)", lambda v: v >= 2),
+        metavar="N",
+        help="width-scaling only: the CNNs' gradient-descent steps (default: --steps)",
+    )
+    p.add_argument(
+        "--cnn-lr",
+        dest="cnn_lr",
+        type=_positive_float,
+        metavar="C",
+        help="width-scaling only: the CNNs' rate factor c of c N_p / lambda_max "
+        "(default: --lr sgd=C)",
     )
 
 
@@ -668,8 +683,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_summary(args: argparse.Namespace) -> int:
     from curvlab.experiments.plots import NoResultsError
+    from curvlab.experiments.width_scaling import is_width_study, width_summary_table
 
     try:
+        if is_width_study(args.folder[0]):
+            if len(args.folder) > 1 or args.per_source or args.at_train_loss or args.at_test_acc:
+                raise ValueError(
+                    "a width study's summary takes one folder or records file, and no "
+                    "--per-source, --at-train-loss or --at-test-acc"
+                )
+            print(width_summary_table(args.folder[0]))
+            return 0
         if args.at_test_acc is not None:
             from curvlab.experiments.optim_race import time_to_accuracy_table
 

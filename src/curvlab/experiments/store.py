@@ -38,6 +38,8 @@ CHECKPOINT_DIR = "checkpoints"
 #: Keys of one run, and of one evaluation or update of it.
 _RUN = ("phase", "optimizer", "seed")
 _RUN_STEP = (*_RUN, "step")
+#: The key of a width-study unit (:mod:`curvlab.experiments.width_scaling`).
+_WIDTH_UNIT = ("question", "family", "width", "seed")
 #: Settings a run may be resumed with at other values.
 EXTENDABLE = frozenset({"steps", "epochs", "optimizers", "seeds"})
 
@@ -328,9 +330,9 @@ def export_records(folder: str | Path, out: str | Path, exclude: Iterable[str] =
 
     Only the records that a summary or a figure reads are kept, each once (the last of its key,
     as :meth:`ResultsStore.evaluations` reads them): the header and ``config`` records, then
-    ``eval``, ``update`` and ``diverged``. ``curvlab summary OUT`` and ``curvlab plot OUT``
-    rebuild the tables and figures from it. The gzip header carries no time stamp, so the same
-    records give the same bytes.
+    ``eval``, ``update``, ``diverged`` and the width study's ``width`` records. ``curvlab
+    summary OUT`` and ``curvlab plot OUT`` rebuild the tables and figures from it. The gzip
+    header carries no time stamp, so the same records give the same bytes.
 
     Args:
         folder: A run folder (or a records file).
@@ -361,7 +363,12 @@ def export_records(folder: str | Path, out: str | Path, exclude: Iterable[str] =
         )
     records = [r for r in records if r.get("optimizer") not in exclude]
     kept = [r for r in records if r.get("type") in ("header", "config")]
-    for kind, key in (("eval", _RUN_STEP), ("update", _RUN_STEP), ("diverged", _RUN)):
+    for kind, key in (
+        ("eval", _RUN_STEP),
+        ("update", _RUN_STEP),
+        ("diverged", _RUN),
+        ("width", _WIDTH_UNIT),
+    ):
         kept += _last_per_key((r for r in records if r.get("type") == kind), key)
     payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ few minutes).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -66,7 +67,11 @@ from curvlab.diagnostics import (  # noqa: E402
 )
 from curvlab.diagnostics.cka import record_representations  # noqa: E402
 from curvlab.experiments.runner import resolve_device  # noqa: E402
-from curvlab.experiments.store import ResultsStore  # noqa: E402
+from curvlab.experiments.store import (  # noqa: E402
+    ConfigMismatchError,
+    ResultsStore,
+    versions,
+)
 
 NAME = "width-scaling"
 FAMILIES = ("mlp", "cnn")
@@ -76,6 +81,8 @@ FIGURES = {
     "uncertainty": "width_uncertainty.png",
     "forgetting": "width_forgetting.png",
 }
+#: Settings a run that recorded units may be resumed with other values of: they add units.
+UNIT_SETTINGS = ("seeds", "families", "mlp_widths", "cnn_widths")
 #: Confidence bins of the expected calibration error.
 ECE_BINS = 15
 
@@ -90,11 +97,13 @@ class WidthScalingConfig:
         seeds: One unit per seed (initialization and training subset).
         families: Subset of :data:`FAMILIES`.
         mlp_widths: Hidden widths of the MLP (``depth`` hidden layers).
-        cnn_widths: Channels of the CNN (``depth`` convolutions, 3x3, stride 1 then 2).
+        cnn_widths: Channels of the CNN (``depth`` convolutions, 3x3, stride 2).
         depth: Hidden layers (MLP) or convolutions (CNN).
         train_size: Class-balanced training images (full-batch gradient descent).
         steps: Gradient-descent steps (the forgetting question: half on each task).
         lr: Rate factor :math:`c` of :math:`\eta = c\, N_p / \lambda_{\max}(\Theta_0)`.
+        cnn_steps: The CNNs' steps (``None``: ``steps``); CNNs need more than MLPs.
+        cnn_lr: The CNNs' rate factor :math:`c` (``None``: ``lr``).
         probe: Training images of the NTK and CKA probe.
         test_size: Test images of the accuracy, uncertainty and linearization error.
         device: ``cpu``, ``cuda`` or ``auto``.
@@ -110,6 +119,8 @@ class WidthScalingConfig:
     train_size: int = 512
     steps: int = 200
     lr: float = 2.0
+    cnn_steps: int | None = None
+    cnn_lr: float | None = None
     probe: int = 32
     test_size: int = 1024
     device: str = "auto"
@@ -134,16 +145,34 @@ class WidthScalingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.steps < 2:
-            raise ValueError(f"steps must be >= 2 (half per task for forgetting), got {self.steps}")
+        if self.cnn_steps is not None and (
+            isinstance(self.cnn_steps, bool) or not isinstance(self.cnn_steps, int)
+        ):
+            raise ValueError(f"cnn_steps must be a positive integer, got {self.cnn_steps!r}")
+        for name in ("steps", "cnn_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be >= 2 (half per task for forgetting), got {value}")
         if self.probe > self.train_size:
             raise ValueError(f"probe={self.probe} exceeds train_size={self.train_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("lr", "cnn_lr"):
+            value = getattr(self, name)
+            if name == "cnn_lr" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
 
     def widths(self, family: str) -> tuple[int, ...]:
         """The widths of ``family``, sorted."""
         return tuple(sorted(self.mlp_widths if family == "mlp" else self.cnn_widths))
+
+    def steps_of(self, family: str) -> int:
+        """The gradient-descent steps of ``family`` (``cnn_steps`` for CNNs where set)."""
+        return self.cnn_steps if family == "cnn" and self.cnn_steps is not None else self.steps
+
+    def lr_of(self, family: str) -> float:
+        """The rate factor :math:`c` of ``family`` (``cnn_lr`` for CNNs where set)."""
+        return self.cnn_lr if family == "cnn" and self.cnn_lr is not None else self.lr
 
     def to_dict(self) -> dict:
         """JSON-ready dict of the config (tuples become lists)."""
@@ -154,8 +183,9 @@ def build_model(family: str, width: int, depth: int, num_classes: int = 10) -> n
     """The MLP or CNN of the study, in PyTorch's default (standard) parametrization.
 
     MLP: ``Flatten``, then ``depth`` times ``Linear(., width), ReLU``, then ``Linear(width, C)``.
-    CNN: ``depth`` times ``Conv2d(., width, 3, padding=1, stride=1 then 2), ReLU``, a global
-    average pool, then ``Linear(width, C)``. Inputs ``[N, 1, 28, 28]``.
+    CNN: ``depth`` times ``Conv2d(., width, 3, padding=1, stride=2), ReLU`` (28, 14, 7, 4
+    pixels: at depth 3 the last maps are 4x4), a global average pool, then ``Linear(width, C)``.
+    Inputs ``[N, 1, 28, 28]``.
     """
     layers: list[nn.Module] = []
     if family == "mlp":
@@ -166,9 +196,9 @@ def build_model(family: str, width: int, depth: int, num_classes: int = 10) -> n
             features = width
     elif family == "cnn":
         channels = 1
-        for i in range(depth):
+        for _ in range(depth):
             layers += [
-                nn.Conv2d(channels, width, 3, padding=1, stride=1 if i == 0 else 2),
+                nn.Conv2d(channels, width, 3, padding=1, stride=2),
                 nn.ReLU(),
             ]
             channels = width
@@ -250,9 +280,14 @@ class WidthScaling:
         ]
 
     def run(self) -> ResultsStore:
-        """Run every unit without a record; returns the store."""
+        """Run every unit without a record; returns the store.
+
+        Raises:
+            ConfigMismatchError: the folder holds units of a run whose settings differ in
+                more than :data:`UNIT_SETTINGS`.
+        """
         data = self._data()
-        self.store.open(self.config.to_dict())
+        self._open()
         done = {
             (r["question"], r["family"], r["width"], r["seed"])
             for r in self.store.records()
@@ -275,6 +310,33 @@ class WidthScaling:
                 }
             )
         return self.store
+
+    def _open(self) -> None:
+        """Start the store, or go on with a run that already recorded units.
+
+        Units are independent, so a run may be resumed with other :data:`UNIT_SETTINGS` (more
+        seeds, widths or families; a ``config`` record notes the change). Any other change
+        would mix units measured under different settings and is refused: the store's own
+        :meth:`~ResultsStore.open` would start afresh (it resumes from checkpoints, and a unit
+        leaves none) and drop the recorded units.
+        """
+        config = json.loads(json.dumps(self.config.to_dict()))
+        if self.store.path.is_file():
+            self.store.repair()
+        if not any(r.get("type") == "width" for r in self.store.records()):
+            self.store.open(config)
+            return
+        current = self.store.config()
+        changed = sorted(k for k in set(config) | set(current) if current.get(k) != config.get(k))
+        fixed = [k for k in changed if k not in UNIT_SETTINGS]
+        if fixed:
+            raise ConfigMismatchError(
+                f"{self.store.path} holds width units of a run with other settings (differs in "
+                f"{fixed}); resume with the same settings (only {list(UNIT_SETTINGS)} may "
+                "change) or choose another --out"
+            )
+        if changed:
+            self.store.append({"type": "config", "config": config, "versions": versions()})
 
     # ------------------------------------------------------------------ data and models
     def _data(self) -> dict[str, Tensor]:
@@ -308,14 +370,14 @@ class WidthScaling:
         torch.manual_seed(seed)
         return build_model(family, width, self.config.depth).to(self.device)
 
-    def _lr(self, model: nn.Module, probe: Tensor) -> tuple[float, float]:
+    def _lr(self, model: nn.Module, probe: Tensor, family: str) -> tuple[float, float]:
         r"""The rate :math:`c N_p / \lambda_{\max}(\Theta_0)` and :math:`\lambda_{\max}`."""
         ntk = empirical_ntk(model, probe, mode="full")
         n, c = ntk.shape[0], ntk.shape[2]
         top = float(
             torch.linalg.eigvalsh(ntk.permute(0, 2, 1, 3).reshape(n * c, n * c).double())[-1]
         )
-        return self.config.lr * n / top, top
+        return self.config.lr_of(family) * n / top, top
 
     # ------------------------------------------------------------------ the questions
     def _kernel(self, family: str, width: int, seed: int, data: dict) -> dict:
@@ -330,9 +392,10 @@ class WidthScaling:
         reps0 = record_representations(model, probe, layers)
         with torch.no_grad():
             f0 = model(data["test_x"])
-        lr, top = self._lr(model, probe)
-        _train(model, x, y, lr, c.steps)
-        _train(lin, x, y, lr, c.steps)
+        lr, top = self._lr(model, probe, family)
+        steps = c.steps_of(family)
+        _train(model, x, y, lr, steps)
+        _train(lin, x, y, lr, steps)
         reps = record_representations(model, probe, layers)
         roles = dict(zip(("first", "middle", "last"), layers, strict=False))
         with torch.no_grad():
@@ -341,6 +404,7 @@ class WidthScaling:
         kl = (p_net * (p_net.clamp_min(1e-30).log() - p_lin.clamp_min(1e-30).log())).sum(1)
         moved = float((f_net - f0).norm())
         record = {
+            "steps": steps,
             "lr": lr,
             "ntk_max_eig": top,
             "ntk_change": float(ntk_change(ntk0, empirical_ntk(model, probe, mode="trace"))),
@@ -367,12 +431,13 @@ class WidthScaling:
         xa_test, ya_test = data["test_x"][test_a], data["test_y"][test_a]
         model = self._model(family, width, seed)
         lin = linearize(model)
-        (lr, top), half = self._lr(model, task_a[0][: c.probe]), c.steps // 2
-        record: dict[str, float] = {"lr": lr, "ntk_max_eig": top}
+        steps = c.steps_of(family)
+        (lr, top), half = self._lr(model, task_a[0][: c.probe], family), steps // 2
+        record: dict[str, float] = {"steps": steps, "lr": lr, "ntk_max_eig": top}
         for name, net in (("net", model), ("lin", lin)):
             _train(net, *task_a, lr, half)
             after_a = _accuracy(net, xa_test, ya_test)
-            _train(net, *task_b, lr, c.steps - half)
+            _train(net, *task_b, lr, steps - half)
             after_b = _accuracy(net, xa_test, ya_test)
             record[f"{name}_acc_a_after_a"] = after_a
             record[f"{name}_acc_a_after_b"] = after_b
@@ -381,6 +446,15 @@ class WidthScaling:
 
 
 # ---------------------------------------------------------------------------------- figures
+def is_width_study(folder: str | Path) -> bool:
+    """Whether a results folder (or archive) holds a width study (by its header)."""
+    try:
+        header = ResultsStore(folder).header()
+    except (OSError, ValueError):
+        return False
+    return bool(header) and header.get("config", {}).get("experiment") == NAME
+
+
 def width_records(folder: str | Path) -> list[dict]:
     """The ``width`` records of a results folder (or archive), one per unit (the last)."""
     keyed = {}
@@ -428,7 +502,11 @@ PANELS = {
 
 
 def width_figures(folder: str | Path) -> dict[str, plt.Figure]:
-    """One figure per question, panels by family (rows) and metric (columns), error bars over seeds."""
+    """One figure per question, panels by family (rows) and metric (columns).
+
+    Every curve is the mean over seeds, in a band of plus and minus one sample standard
+    deviation.
+    """
     records = width_records(folder)
     families = sorted({r["family"] for r in records}, key=FAMILIES.index)
     out = {}
@@ -447,7 +525,10 @@ def width_figures(folder: str | Path) -> dict[str, plt.Figure]:
                 for key, label in fields:
                     widths, means, stds = _series(records, question, family, key)
                     if widths:
-                        ax.errorbar(widths, means, yerr=stds, marker="o", capsize=3, label=label)
+                        (line,) = ax.plot(widths, means, marker="o", label=label)
+                        ax.fill_between(
+                            widths, means - stds, means + stds, color=line.get_color(), alpha=0.2
+                        )
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"{family.upper()}: {title}", fontsize=10)
                 ax.set_xlabel("width (channels)" if family == "cnn" else "width")
@@ -455,7 +536,7 @@ def width_figures(folder: str | Path) -> dict[str, plt.Figure]:
                 ax.legend(fontsize=8)
         fig.suptitle(
             f"width study, {figure_name} ({len(seeds)} seed{'s' * (len(seeds) > 1)}; "
-            "error bars: std over seeds)",
+            "mean, band: ± std over seeds)",
             fontsize=11,
         )
         fig.tight_layout()
@@ -472,3 +553,60 @@ def plot_width_scaling(folder: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+#: Columns of :func:`width_summary_table`: (question, heading, fields shown as ``a / b``).
+TABLE_COLUMNS = (
+    ("kernel", "test acc net / lin", ("net_test_acc", "lin_test_acc")),
+    ("kernel", "train loss net / lin", ("net_train_loss", "lin_train_loss")),
+    ("kernel", "NTK change", ("ntk_change",)),
+    (
+        "kernel",
+        "1 − CKA first / middle / last",
+        tuple(f"cka_change_{r}" for r in ("first", "middle", "last")),
+    ),
+    ("kernel", "linearization error", ("linearization_error",)),
+    ("kernel", "KL(net ‖ lin)", ("kl_net_lin",)),
+    ("kernel", "ECE net / lin", ("net_ece", "lin_ece")),
+    ("forgetting", "forgetting net / lin", ("net_forgetting", "lin_forgetting")),
+)
+
+
+def _mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample standard deviation) of several values, ``mean`` of one."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+
+
+def width_summary_table(folder: str | Path) -> str:
+    """The Markdown table ``curvlab summary`` prints for a width study (docs/ntk.md quotes it).
+
+    One row per family and width: the seeds recorded, then every metric of
+    :data:`TABLE_COLUMNS` as the mean over seeds ``±`` the sample standard deviation.
+
+    Raises:
+        NoResultsError: the folder holds no ``width`` record.
+    """
+    from curvlab.experiments.plots import NoResultsError, markdown_table
+
+    records = width_records(folder)
+    if not records:
+        raise NoResultsError(f"{folder} holds no width-scaling unit")
+    head = ["family", "width", "seeds"] + [heading for _, heading, _ in TABLE_COLUMNS]
+    rows = []
+    for family in sorted({r["family"] for r in records}, key=FAMILIES.index):
+        for width in sorted({r["width"] for r in records if r["family"] == family}):
+            of = [r for r in records if r["family"] == family and r["width"] == width]
+            cells = [family.upper(), str(width), str(len({r["seed"] for r in of}))]
+            for question, _, fields in TABLE_COLUMNS:
+                unit = [r for r in of if r["question"] == question]
+                cells.append(
+                    " / ".join(
+                        _mean_std([r[f] for r in unit if r.get(f) is not None]) for f in fields
+                    )
+                )
+            rows.append(cells)
+    return markdown_table(head, rows)
