@@ -260,6 +260,8 @@ class StepData:
         per_sample: The step's :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics` by
             parameter name, or ``None``.
         generator: Random numbers for the stochastic estimators.
+        sample_index: The subsample (``[S]`` indices of the batch) that ``per_sample``'s
+            per-sample entries belong to, or ``None`` for all :math:`N` samples.
     """
 
     step: int
@@ -278,10 +280,12 @@ class StepData:
     quantities: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     per_sample: dict[str, dict[str, Any]] | None = None
     generator: torch.Generator | None = None
+    sample_index: Tensor | None = None
     update_buffers: dict[str, Tensor] | None = field(default=None, repr=False)
     _mean_grad: dict[str, Tensor] | None = field(default=None, repr=False)
     _mean_sq_norm: float | None = field(default=None, repr=False)
     _update: dict[str, Tensor] | None = field(default=None, repr=False)
+    _update_sq_norm: float | None = field(default=None, repr=False)
 
     def mean_grad(self) -> dict[str, Tensor]:
         r""":math:`\bar g = \frac1N \sum_n g_n` by name (``grad / (r N)``; computed once)."""
@@ -301,6 +305,16 @@ class StepData:
         if self._mean_sq_norm is None:
             self._mean_sq_norm = _sq_norm(self.mean_grad())
         return self._mean_sq_norm
+
+    def update_sq_norm(self) -> float:
+        r""":math:`\lVert \theta_t - \theta_{t-1} \rVert^2` (needs ``previous``; computed once)."""
+        if self._update_sq_norm is None:
+            self._update_sq_norm = _sq_norm(self.update())
+        return self._update_sq_norm
+
+    def sampled(self) -> int | None:
+        """:math:`S`, the subsample's size, or ``None`` when the statistics hold all samples."""
+        return None if self.sample_index is None else self.sample_index.numel()
 
     def mean_scale(self) -> float:
         r"""The factor from :math:`L` to the mean loss :math:`\frac1N \sum_n \ell_n`: 1 or 1/N."""
@@ -380,6 +394,12 @@ def _sq_norm(values: Mapping[str, Tensor]) -> float:
     return float(torch.stack(norms).double().square().sum()) if norms else 0.0
 
 
+def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    r""":math:`\sum_k a_k^\top b_k` over the keys of ``a`` (in ``a``'s dtypes)."""
+    dots = [torch.dot(a[k].flatten(), b[k].flatten().to(a[k].dtype)) for k in a]
+    return float(torch.stack(dots).double().sum()) if dots else 0.0
+
+
 def _difference_norm(
     a: Mapping[str, Tensor], b: Mapping[str, Tensor], out: dict[str, Tensor] | None = None
 ) -> float:
@@ -406,7 +426,9 @@ def _differences(
 
 
 # ---------------------------------------------------------------------------------- formulas
-def norm_test(sq_norms: Tensor, mean_sq_norm: Tensor | float) -> float:
+def norm_test(
+    sq_norms: Tensor, mean_sq_norm: Tensor | float, num_samples: int | None = None
+) -> float:
     r"""The norm test's statistic (Byrd et al. 2012; Cockpit's ``NormTest``).
 
     The batch is large enough for the tolerance :math:`\theta` when the sample variance of the
@@ -419,21 +441,32 @@ def norm_test(sq_norms: Tensor, mean_sq_norm: Tensor | float) -> float:
         = \sqrt{\frac{1}{N (N - 1)} \Bigl(\frac{\sum_n \lVert g_n \rVert^2}{\lVert \bar g
         \rVert^2} - N\Bigr)}.
 
+    From a subsample :math:`\mathcal S` of :math:`S` of the :math:`N` samples (drawn
+    uniformly without replacement; ``sq_norms`` ``[S]``, ``num_samples`` :math:`N`),
+    :math:`\sum_n \lVert g_n \rVert^2` is estimated by :math:`\frac NS \sum_{n \in \mathcal S}
+    \lVert g_n \rVert^2`, unbiased, so :math:`\theta_{\text{norm}}^2` is unbiased too (the
+    square root is not: by Jensen it is biased low, by little while the estimate's relative
+    spread is small).
+
     Args:
-        sq_norms: :math:`\lVert g_n \rVert^2`, ``[N]``.
-        mean_sq_norm: :math:`\lVert \bar g \rVert^2`.
+        sq_norms: :math:`\lVert g_n \rVert^2`, ``[N]`` (or ``[S]`` of a subsample).
+        mean_sq_norm: :math:`\lVert \bar g \rVert^2` (of the whole batch).
+        num_samples: :math:`N`, for a subsample; ``None``: ``sq_norms`` has all of them.
 
     Returns:
         :math:`\theta_{\text{norm}}` (``nan`` for ``N = 1``).
     """
-    n = sq_norms.shape[0]
+    n = sq_norms.shape[0] if num_samples is None else num_samples
     if n < 2:
         return float("nan")
-    value = (float(sq_norms.double().sum()) / float(mean_sq_norm) - n) / (n * (n - 1))
+    total_sq = _batch_sum(sq_norms, n)
+    value = (total_sq / float(mean_sq_norm) - n) / (n * (n - 1))
     return math.sqrt(max(value, 0.0))
 
 
-def inner_product_test(dots_with_mean: Tensor, mean_sq_norm: Tensor | float) -> float:
+def inner_product_test(
+    dots_with_mean: Tensor, mean_sq_norm: Tensor | float, num_samples: int | None = None
+) -> float:
     r"""The inner-product test's statistic (Bollapragada et al. 2018; Cockpit's ``InnerTest``).
 
     The variance of the projections :math:`g_n^\top \bar g` relative to
@@ -445,22 +478,30 @@ def inner_product_test(dots_with_mean: Tensor, mean_sq_norm: Tensor | float) -> 
         = \sqrt{\frac{1}{N (N - 1)} \Bigl(\frac{\sum_n (g_n^\top \bar g)^2}{\lVert \bar g
         \rVert^4} - N\Bigr)}.
 
+    From a subsample (``[S]``, ``num_samples`` :math:`N`) the sum :math:`\sum_n (g_n^\top
+    \bar g)^2` is :math:`\frac NS` times the subsample's (:math:`\bar g` of the whole batch),
+    unbiased, as in :func:`norm_test`.
+
     Args:
-        dots_with_mean: :math:`g_n^\top \bar g`, ``[N]``.
+        dots_with_mean: :math:`g_n^\top \bar g`, ``[N]`` (or ``[S]`` of a subsample).
         mean_sq_norm: :math:`\lVert \bar g \rVert^2`.
+        num_samples: :math:`N`, for a subsample; ``None``: all of them.
 
     Returns:
         :math:`\theta_{\text{inner}}` (``nan`` for ``N = 1``).
     """
-    n = dots_with_mean.shape[0]
+    n = dots_with_mean.shape[0] if num_samples is None else num_samples
     if n < 2:
         return float("nan")
-    ratio = float(dots_with_mean.double().square().sum()) / float(mean_sq_norm) ** 2
+    ratio = _batch_sum(dots_with_mean.double().square(), n) / float(mean_sq_norm) ** 2
     return math.sqrt(max((ratio - n) / (n * (n - 1)), 0.0))
 
 
 def orthogonality_test(
-    sq_norms: Tensor, dots_with_mean: Tensor, mean_sq_norm: Tensor | float
+    sq_norms: Tensor,
+    dots_with_mean: Tensor,
+    mean_sq_norm: Tensor | float,
+    num_samples: int | None = None,
 ) -> float:
     r"""The orthogonality test's statistic (Bollapragada et al. 2018; Cockpit's ``OrthoTest``).
 
@@ -472,22 +513,35 @@ def orthogonality_test(
         = \sqrt{\frac{1}{N (N - 1)} \Bigl(\frac{\sum_n \lVert g_n \rVert^2}{\lVert \bar g
         \rVert^2} - \frac{\sum_n (g_n^\top \bar g)^2}{\lVert \bar g \rVert^4}\Bigr)}.
 
+    From a subsample both sums are estimated as in :func:`norm_test` (on the same samples),
+    so the squared statistic is unbiased.
+
     Args:
-        sq_norms: :math:`\lVert g_n \rVert^2`, ``[N]``.
-        dots_with_mean: :math:`g_n^\top \bar g`, ``[N]``.
+        sq_norms: :math:`\lVert g_n \rVert^2`, ``[N]`` (or ``[S]`` of a subsample).
+        dots_with_mean: :math:`g_n^\top \bar g`, ``[N]`` (or ``[S]``, the same samples).
         mean_sq_norm: :math:`\lVert \bar g \rVert^2`.
+        num_samples: :math:`N`, for a subsample; ``None``: all of them.
 
     Returns:
         :math:`\nu_{\text{ortho}}` (``nan`` for ``N = 1``).
     """
-    n = sq_norms.shape[0]
+    n = sq_norms.shape[0] if num_samples is None else num_samples
     if n < 2:
         return float("nan")
     m = float(mean_sq_norm)
-    value = (
-        float(sq_norms.double().sum()) / m - float(dots_with_mean.double().square().sum()) / m**2
-    )
+    value = _batch_sum(sq_norms, n) / m - _batch_sum(dots_with_mean.double().square(), n) / m**2
     return math.sqrt(max(value / (n * (n - 1)), 0.0))
+
+
+def _batch_sum(values: Tensor, n: int) -> float:
+    r""":math:`\sum_n v_n` over the batch of ``n``: ``values`` holds all, or a uniform subsample.
+
+    For a subsample :math:`\mathcal S` of size :math:`S` drawn without replacement,
+    :math:`\frac NS \sum_{n \in \mathcal S} v_n` (unbiased: each sample is in
+    :math:`\mathcal S` with probability :math:`S / N`).
+    """
+    total_value = float(values.double().sum())
+    return total_value if values.shape[0] == n else total_value * n / values.shape[0]
 
 
 def mean_gsnr(
@@ -781,7 +835,7 @@ class UpdateSize(Instrument):
     needs = frozenset({"previous"})
 
     def compute(self, data: StepData) -> float | None:  # noqa: D102
-        return None if data.previous is None else math.sqrt(_sq_norm(data.update()))
+        return None if data.previous is None else math.sqrt(data.update_sq_norm())
 
 
 class LearningRate(Instrument):
@@ -799,7 +853,9 @@ class BatchGradNorms(Instrument):
     r"""Summary of the per-sample gradient norms :math:`\lVert g_n \rVert` over the batch.
 
     ``mean``, ``std`` (population), ``min``, ``max``, from the shared per-sample statistics
-    (:math:`\lVert x_n \rVert^2 \lVert \delta_n \rVert^2` for a ``Linear`` layer).
+    (:math:`\lVert x_n \rVert^2 \lVert \delta_n \rVert^2` for a ``Linear`` layer). On a
+    subsample (the monitor's ``samples``) they are the subsample's: the mean is unbiased for
+    the batch's, the others are not (``min`` and ``max`` lie inside the batch's range).
     """
 
     name = "batch_grad_norms"
@@ -822,7 +878,7 @@ class NormTest(Instrument):
     per_sample = frozenset({"sq_norms"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return norm_test(data.sq_norms(), data.mean_sq_norm())
+        return norm_test(data.sq_norms(), data.mean_sq_norm(), data.num_samples)
 
 
 class InnerProductTest(Instrument):
@@ -832,7 +888,7 @@ class InnerProductTest(Instrument):
     per_sample = frozenset({"dots_with_mean"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return inner_product_test(data.dots_with_mean(), data.mean_sq_norm())
+        return inner_product_test(data.dots_with_mean(), data.mean_sq_norm(), data.num_samples)
 
 
 class OrthogonalityTest(Instrument):
@@ -842,7 +898,9 @@ class OrthogonalityTest(Instrument):
     per_sample = frozenset({"sq_norms", "dots_with_mean"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
-        return orthogonality_test(data.sq_norms(), data.dots_with_mean(), data.mean_sq_norm())
+        return orthogonality_test(
+            data.sq_norms(), data.dots_with_mean(), data.mean_sq_norm(), data.num_samples
+        )
 
 
 class MeanGSNR(Instrument):
@@ -978,6 +1036,14 @@ class Alpha(Instrument):
     :data:`PARALLEL_TOLERANCE`), the start's projections are :math:`\lambda\, g_n^\top \bar g`
     from its inner-product statistics, with no product at all. The inputs and output gradients kept from step :math:`t - 1` are the tensors of that forward
     and backward: do not modify a batch in place between two steps.
+
+    On a subsample (the monitor's ``samples``, :math:`S` of the :math:`N` samples at each
+    point): the slopes' means are the whole batches' :math:`\bar g_i^\top d / t` (exact, one
+    dot product each), their variances the subsamples' sample variances
+    :math:`\frac{1}{S-1} \sum_{n \in \mathcal S} (\cdot_n - \text{mean}_{\mathcal S})^2`,
+    unbiased for the batch's :math:`\frac{1}{N-1} \sum_n (\cdot_n - \text{mean})^2` under
+    sampling without replacement; the losses and their variances use every sample. The fit is
+    a nonlinear function of these, so :math:`\alpha` itself is not unbiased either way.
     """
 
     name = "alpha"
@@ -1014,10 +1080,11 @@ class Alpha(Instrument):
             "dots_with_mean": data.dots_with_mean(),
             "mean_grad": copy_into(data.mean_grad(), self._mean_buffers),
             "mean_sq_norm": data.mean_sq_norm(),
+            "sampled": data.sampled(),
         }
 
-    def _start_projections(self, direction: dict[str, Tensor], t: float) -> Tensor:
-        r""":math:`g_n(\theta_{t-1})^\top d`, ``[N]``.
+    def _start_projections(self, direction: dict[str, Tensor], t: float) -> tuple[Tensor, float]:
+        r""":math:`g_n(\theta_{t-1})^\top d`, ``[N]`` (or the start's subsample's), and :math:`\bar g_{t-1}^\top d`.
 
         When :math:`d = \lambda \bar g_{t-1}` to :data:`PARALLEL_TOLERANCE` (plain SGD), it is
         :math:`\lambda\, g_n^\top \bar g_{t-1}`, from the start's inner-product statistics;
@@ -1025,16 +1092,13 @@ class Alpha(Instrument):
         """
         start = self._start
         mean, mean_sq = start["mean_grad"], start["mean_sq_norm"]
+        along = _dot(direction, mean)
         if mean_sq > 0:
-            along = sum(
-                float(torch.dot(direction[k].flatten(), mean[k].flatten().to(direction[k].dtype)))
-                for k in direction
-            )
             residual_sq = t * t - along * along / mean_sq
             if residual_sq <= (PARALLEL_TOLERANCE * t) ** 2:
-                return start["dots_with_mean"].double() * (along / mean_sq)
+                return start["dots_with_mean"].double() * (along / mean_sq), along
         kept: dict[str, KeptGradients] = start["kept"]
-        return sum(kept[k].dot(direction[k]).double() for k in kept)
+        return sum(kept[k].dot(direction[k]).double() for k in kept), along
 
     def compute(self, data: StepData) -> float | None:  # noqa: D102
         start, stats = self._start, data.per_sample
@@ -1048,16 +1112,24 @@ class Alpha(Instrument):
         ):
             return None
         direction = data.update()
-        t = math.sqrt(_sq_norm(direction))
+        t = math.sqrt(data.update_sq_norm())
         if t == 0.0:
             return -1.0
-        start_proj = self._start_projections(direction, t) / t
+        start_proj, start_along = self._start_projections(direction, t)
+        start_proj = start_proj / t
         end_proj = total(stats, "projections").double() / t
+        # the slopes' means from the whole batches' mean gradients (the subsamples' projections
+        # give the variances); with all samples both ways agree up to rounding
+        start_mean = start_along / t if start["sampled"] else float(start_proj.mean())
+        if data.sampled():
+            end_mean = _dot(direction, data.mean_grad()) / t
+        else:
+            end_mean = float(end_proj.mean())
         losses = data.per_sample_losses()
         mu = fit_quadratic(
             t,
             (start["f"], float(losses.mean())),
-            (float(start_proj.mean()), float(end_proj.mean())),
+            (start_mean, end_mean),
             (start["var_f"], float(losses.var())),
             (float(start_proj.var()), float(end_proj.var())),
         )

@@ -64,6 +64,24 @@ LOG_NAME = "monitor.jsonl"
 """The log's file name in ``log_dir``."""
 INITIAL_NAME = "initial_parameters.pt"
 """The initial parameters' file name in ``log_dir``."""
+SAMPLES = 16
+"""The default size of the subsample that the per-sample statistics use (``Monitor(samples=)``)."""
+
+_PER_SAMPLE_RECORDED = frozenset(
+    {
+        "batch_grad_norms",
+        "norm_test",
+        "inner_product_test",
+        "orthogonality_test",
+        "alpha",
+        "mean_gsnr",
+        "cabs",
+        "early_stopping",
+        "tic_diag",
+        "tic_trace",
+    }
+)
+"""Instruments that read the per-sample statistics' subsample (the record's ``per_sample``)."""
 
 ScheduleSpec = int | Callable[[int], bool] | Mapping[str, int | Callable[[int], bool]] | None
 
@@ -237,6 +255,14 @@ class Monitor:
         tensorboard: Also write every scalar instrument (and each entry of a dict of scalars,
             as ``name/key``) to TensorBoard event files in ``log_dir``, through
             ``torch.utils.tensorboard`` (needs the ``tensorboard`` package).
+        samples: The per-sample statistics (the norm, inner-product and orthogonality tests,
+            ``batch_grad_norms``, alpha's slope variances, TIC, GSNR, CABS, early stopping) are
+            computed on a subsample of this many of the batch's samples, drawn uniformly
+            without replacement with the seed ``seed + step``, and estimate the batch's values
+            (see each instrument for which estimates are unbiased); ``None`` uses every sample
+            (exact). A batch no larger is used whole. Each record says which:
+            ``"per_sample": {"estimated": bool, "samples": S, "batch": N}``. The gradient
+            histograms keep their own ``budget``.
 
     Raises:
         ValueError: For an unknown preset, instrument or schedule name, or a dashboard or
@@ -256,6 +282,7 @@ class Monitor:
         seed: int = 0,
         dashboard_every: int | None = None,
         tensorboard: bool = False,
+        samples: int | None = SAMPLES,
     ) -> None:
         if log_dir is None and (dashboard_every is not None or tensorboard):
             raise ValueError("dashboard_every= and tensorboard=True write into log_dir: pass one")
@@ -266,6 +293,11 @@ class Monitor:
         ):
             raise ValueError(f"dashboard_every must be a positive int, got {dashboard_every!r}")
         self.dashboard_every = dashboard_every
+        if samples is not None and (
+            isinstance(samples, bool) or not isinstance(samples, int) or samples < 2
+        ):
+            raise ValueError(f"samples must be an int of at least 2 or None, got {samples!r}")
+        self.samples = samples
         self._tensorboard = _tensorboard_writer(log_dir) if tensorboard else None
         self.model, self.loss_func, self.seed = model, loss_func, seed
         self._total_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -279,6 +311,7 @@ class Monitor:
         self._previous_buffers: dict[str, Tensor] = {}
         self._update_buffers: dict[str, Tensor] = {}
         self._prepared: tuple[int, frozenset[str], Any] | None = None
+        self._planned: tuple[tuple, dict[str, Quantity]] | None = None
         self._recorder = _BatchRecorder(model, loss_func)
         self._closed = False
         self._prepare(start_step)
@@ -324,8 +357,20 @@ class Monitor:
 
         Every per-sample statistic of the due instruments goes into one
         :class:`~curvlab.diagnostics.per_sample.PerSampleStatistics`, so that each is computed
-        once per backward.
+        once per backward. The same objects serve the preparation, the block and its end
+        (planned once per step and reference point).
         """
+        reference = None
+        if self._previous is not None and self._previous[0] == step - 1:
+            reference = self._previous[1]
+        key = (step, None if reference is None else id(reference))
+        if self._planned is not None and self._planned[0] == key:
+            return self._planned[1]
+        out = self._plan(step, reference)
+        self._planned = (key, out)
+        return out
+
+    def _plan(self, step: int, reference: dict[str, Tensor] | None) -> dict[str, Quantity]:
         out: dict[str, Quantity] = {}
         requests: list = []
         hints: dict[str, Any] = {}
@@ -337,9 +382,6 @@ class Monitor:
             requests += instrument.per_sample_requests(due, due_next)
             hints.update(instrument.per_sample_hints(due, due_next))
         # projections are onto the last update: from the parameters kept at the step before
-        reference = None
-        if self._previous is not None and self._previous[0] == step - 1:
-            reference = self._previous[1]
         if reference is None:
             requests = [r for r in requests if r != "projections"]
         if requests:
@@ -349,6 +391,8 @@ class Monitor:
                 self._total_params,
                 seed=self.seed + step,
                 update_start=hints.get("update_start"),
+                samples=self.samples,
+                update_buffers=self._update_buffers,
             )
             out[stats.name] = stats
         return out
@@ -469,9 +513,19 @@ class Monitor:
             for name, quantity in quantities.items():
                 if isinstance(quantity, PerSampleStatistics):
                     data.per_sample = results[name]
+                    data.sample_index = quantity.index(data.num_samples)
+                    if previous is not None and set(quantity.directions) == set(params):
+                        data._update = dict(quantity.directions)  # the pass formed the update
             if data.loss is None:
                 data.loss = results.loss
         record: dict[str, Any] = {"step": step}
+        if data.per_sample is not None and any(i.name in _PER_SAMPLE_RECORDED for i in due):
+            count = data.sampled()
+            record["per_sample"] = {
+                "estimated": count is not None,
+                "samples": data.num_samples if count is None else count,
+                "batch": data.num_samples,
+            }
         for instrument in due:
             engine_needs = instrument.engine_quantities(True, False)
             if results is None and (engine_needs or instrument.per_sample_requests(True, False)):

@@ -128,10 +128,26 @@ class KeptGradients:
 
 
 class _Deferred:
-    """Dot products that need this backward's gradient: done once the pass has ended."""
+    """Dot products that need this backward's gradient: done once the pass has ended.
 
-    def __init__(self, view: Any, direction: Tensor | None) -> None:
-        self.view, self.direction = view, direction
+    ``rows`` (per-sample gradients of a subsample, ``[S, p]``) replace the view's product.
+    """
+
+    def __init__(self, view: Any, direction: Tensor | None, rows: Tensor | None = None) -> None:
+        self.view, self.direction, self.rows = view, direction, rows
+
+
+def sample_index(n: int, samples: int | None, seed: int, device: Any = None) -> Tensor | None:
+    r"""The subsample of a step's per-sample statistics: ``samples`` of ``n`` indices, or ``None``.
+
+    Drawn uniformly without replacement (sorted) by a generator seeded with ``seed`` (the
+    monitor's ``seed + step``); ``None`` (all samples, exact) when ``samples`` is ``None`` or
+    at least ``n``.
+    """
+    if samples is None or samples >= n:
+        return None
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 999_983)
+    return torch.randperm(n, generator=generator, device=device)[:samples].sort().values
 
 
 class PerSampleStatistics(Quantity):
@@ -151,6 +167,16 @@ class PerSampleStatistics(Quantity):
         update_start: Alpha's kept start point (``"kept"``, ``"mean_grad"``,
             ``"mean_sq_norm"``), for projections by cross Gram matrices under plain SGD
             (:meth:`_along_start_mean`); changes how, not what, is computed.
+        samples: :math:`S`, the size of the subsample the statistics are computed on
+            (:func:`sample_index`, seeded by ``seed``); ``None`` for all :math:`N` samples.
+            With :math:`S < N`: ``sq_norms``, ``dots_with_mean``, ``projections`` and
+            ``keep`` are the subsample's ``[S]`` (with the full batch's :math:`\bar g`),
+            ``sum_sq`` is :math:`\frac{N}{S} \sum_{n \in \mathcal S} g_n^{\odot 2}`, unbiased
+            for :math:`\sum_n g_n^{\odot 2}`; histograms keep their own sampling (all
+            samples).
+        update_buffers: Where the directions :math:`\theta - \theta_{\text{ref}}` go, by
+            name (buffers kept across steps; filled on first use); :attr:`directions` holds
+            them once the pass has formed them.
     """
 
     def __init__(
@@ -160,6 +186,8 @@ class PerSampleStatistics(Quantity):
         total_params: int = 1,
         seed: int = 0,
         update_start: Mapping[str, Any] | None = None,
+        samples: int | None = None,
+        update_buffers: dict[str, Tensor] | None = None,
     ) -> None:
         requests = list(requests)
         self.histograms = tuple(
@@ -179,10 +207,18 @@ class PerSampleStatistics(Quantity):
         self._routes: dict[int, bool] = {}
         self.update_start = update_start
         self._step_along: float | None | bool = False  # not yet checked
+        if samples is not None and (isinstance(samples, bool) or samples < 2):
+            raise ValueError(f"samples must be an int of at least 2 or None, got {samples!r}")
+        self.samples = samples
+        self._index: tuple[int, Tensor | None] | None = None
+        self.update_buffers = {} if update_buffers is None else update_buffers
+        self.directions: dict[str, Tensor] = {}
 
     @property
     def name(self) -> str:  # noqa: D102
         parts = [s for s in STATISTICS if s in self.wanted] + [h.key for h in self.histograms]
+        if self.samples is not None:
+            parts.append(f"samples={self.samples}")
         return f"PerSampleStatistics({', '.join(parts)})"
 
     def sources(self) -> tuple:  # noqa: D102
@@ -192,18 +228,36 @@ class PerSampleStatistics(Quantity):
     def evaluate(self, view, ctx) -> dict[str, Any]:  # noqa: D102
         return self.finish_streamed(self.evaluate_streamed(view, ctx), view.name, ctx)
 
+    def index(self, n: int, device: Any = None) -> Tensor | None:
+        """The subsample of a batch of ``n`` (:func:`sample_index`; drawn once per pass)."""
+        if self._index is None or self._index[0] != n:
+            self._index = (n, sample_index(n, self.samples, self.seed, device))
+        return self._index[1]
+
     def evaluate_streamed(self, view, ctx) -> dict[str, Any]:  # noqa: D102
-        wanted, n = self.wanted, view.num_samples
-        factored = view.factored()
+        wanted, full, n = self.wanted, view, view.num_samples
+        index = self.index(n, view.param.device)
+        exact_histogram = any(self._budget(h, full, ctx) is None for h in self.histograms)
+        rows = full_rows = None
+        if index is not None and not full.selectable():  # the batch elsewhere (recurrent)
+            full_rows = full.jac_t(GRAD)[0].flatten(start_dim=1)
+            rows = full_rows[index]
+        factored = full.factored()
         dots = {"dots_with_mean", "projections", "keep"} & wanted
-        exact_histogram = any(self._budget(h, view, ctx) is None for h in self.histograms)
-        rows = None
-        if exact_histogram or (not factored and dots and self._route(view, wanted)):
-            rows = view.jac_t(GRAD)[0].flatten(start_dim=1)  # [N, p], once
+        if index is not None and rows is None and (dots or "sum_sq" in wanted or not factored):
+            view = full.select(index)  # a factored weight's norms are cheap on all samples
+        if rows is None and exact_histogram:
+            full_rows = full.jac_t(GRAD)[0].flatten(start_dim=1)  # [N, p], once
+            rows = full_rows if index is None else full_rows[index]
+        if rows is None and not factored and dots and self._route(view, wanted):
+            rows = view.jac_t(GRAD)[0].flatten(start_dim=1)  # [S, p], once
+        s = n if index is None else index.numel()
         out: dict[str, Any] = {}
         if "sq_norms" in wanted:
             if rows is not None:  # norms, not squares: no [N, p] temporary
                 out["sq_norms"] = torch.linalg.vector_norm(rows, dim=1).square_()
+            elif view is full and index is not None:  # factored: O(N (in + out)) for all
+                out["sq_norms"] = full.sq_norm(GRAD)[0][index]
             else:
                 out["sq_norms"] = view.sq_norm(GRAD)[0]
         if "sum_sq" in wanted:
@@ -211,58 +265,75 @@ class PerSampleStatistics(Quantity):
                 out["sum_sq"] = torch.linalg.vector_norm(rows, dim=0).square_().reshape(view.shape)
             else:
                 out["sum_sq"] = view.sum_sq(GRAD, per_sample=False)
+            if s != n:
+                out["sum_sq"] = out["sum_sq"].mul_(n / s)
         direction = None
         if "projections" in wanted:
             start = self.reference.get(view.name)
             if start is None:
-                out["projections"] = view.param.new_zeros(n)
+                out["projections"] = view.param.new_zeros(s)
             else:
-                direction = view.param.detach() - start.to(view.param.dtype)
+                direction = self._direction(view, start)
                 if rows is not None:
                     out["projections"] = rows @ direction.flatten()
-                else:
+                elif index is None:
                     along = self._along_start_mean(view, ctx)
                     if along is not None:
                         out["projections"] = along
                         direction = None
+        deferred_rows = None
         if "dots_with_mean" in wanted:
-            if rows is not None:
+            if rows is not None and index is None:
                 mean = torch.mv(rows.T, rows.new_full((n,), 1.0 / n))
                 out["dots_with_mean"] = rows @ mean
-            elif _gram_is_cheaper(view):
-                out["dots_with_mean"] = view.gram(GRAD)[0, :, 0].mean(-1)
+            elif rows is not None:
+                deferred_rows = rows  # with the full batch's mean, once the pass has ended
+            elif _gram_is_cheaper(full):
+                if index is None:
+                    out["dots_with_mean"] = view.gram(GRAD)[0, :, 0].mean(-1)
+                else:  # the subsample against the whole batch: S N (in + out)
+                    out["dots_with_mean"] = view.cross_gram(GRAD, full)[0, :, 0].mean(-1)
         deferred_direction = (
             direction if "projections" not in out and direction is not None else None
         )
         if (
             "dots_with_mean" in wanted and "dots_with_mean" not in out
         ) or deferred_direction is not None:
-            out["deferred"] = _Deferred(view, deferred_direction)
+            out["deferred"] = _Deferred(view, deferred_direction, deferred_rows)
         if "keep" in wanted:
             if rows is not None and rows.numel() <= KEEP_ELEMENTS:
                 out["keep"] = KeptGradients(rows=rows)
             else:
                 out["keep"] = KeptGradients(view=view)
         for request in self.histograms:
-            out[request.key] = self._histogram(request, view, ctx, rows)
+            out[request.key] = self._histogram(request, full, ctx, full_rows)
         return out
+
+    def _direction(self, view, start: Tensor) -> Tensor:
+        r""":math:`\theta - \theta_{\text{ref}}` in the buffer kept across steps (:attr:`directions`)."""
+        param = view.param.detach()
+        buffer = self.update_buffers.get(view.name)
+        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+            self.update_buffers[view.name] = buffer = torch.empty_like(param)
+        torch.sub(param, start.to(param.dtype), out=buffer)
+        self.directions[view.name] = buffer
+        return buffer
 
     def finish_streamed(self, partial: dict[str, Any], name: str, ctx) -> dict[str, Any]:  # noqa: D102
         deferred = partial.pop("deferred", None)
         if deferred is None:
             return partial
         view = deferred.view
-        vectors = []
         if "dots_with_mean" in self.wanted and "dots_with_mean" not in partial:
-            mean = ctx.grad[name] / (ctx.r * ctx.num_samples)
-            vectors.append(mean.to(view.param.dtype))
+            # with the gradient of L, then scaled to the mean's (no parameter-sized temporary)
+            grad, scale = ctx.grad[name], 1.0 / (ctx.r * ctx.num_samples)
+            if deferred.rows is not None:
+                dots = deferred.rows @ grad.flatten().to(deferred.rows.dtype)
+            else:
+                dots = view.dot(GRAD, grad.to(view.param.dtype)[None])[0, :, 0]
+            partial["dots_with_mean"] = dots.mul_(scale)
         if deferred.direction is not None:
-            vectors.append(deferred.direction)
-        dots = view.dot(GRAD, torch.stack(vectors))[0]  # [N, K], one product for all
-        if "dots_with_mean" in self.wanted and "dots_with_mean" not in partial:
-            partial["dots_with_mean"] = dots[:, 0]
-        if deferred.direction is not None:
-            partial["projections"] = dots[:, -1]
+            partial["projections"] = view.dot(GRAD, deferred.direction[None])[0, :, 0]
         return partial
 
     def _along_start_mean(self, view, ctx) -> Tensor | None:
