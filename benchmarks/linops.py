@@ -6,7 +6,8 @@ data) and batch size, the operators are built on that one batch and every row is
 of each per round, the order rotating, medians over the rounds (at least ``--repeats`` rounds and
 ``--min-seconds``, at most ``--max-case-seconds``), every raw time kept. Rows:
 
-* ``GGN matvec``, ``Hessian matvec``: ``A @ v`` of :class:`curvlab.linops.GGN` / ``Hessian``;
+* ``GGN matvec``, ``Hessian matvec``: ``A @ v`` of :class:`curvlab.linops.GGN` / ``Hessian``
+  (warm: their kept passes recorded before the rounds, the Hessian's linearised gradient too);
 * ``GGN matmat16``, ``Hessian matmat16``: ``A @ M`` with 16 columns (also per column);
 * ``KFAC construction``: ``KFACOperator`` (MC, one sample);
 * ``KFAC inverse``: the damped inverse (exact damping, eigendecompositions recomputed) and one
@@ -125,6 +126,8 @@ def _cases(
     ggn = GGN(model, loss_func, None, data, check_deterministic=False)
     hessian = Hessian(model, loss_func, None, data, check_deterministic=False)
     ggn @ v  # the GGN records its kept passes at the second product (the rows' warm-up)
+    while hessian.linearized is None:  # warm: the graph, then (after 2 s) the linearisation
+        hessian @ m
     kfac = KFACOperator(model, loss_func, None, data, check_deterministic=False)
 
     def kfac_inverse() -> None:
@@ -348,8 +351,9 @@ def _write(args: argparse.Namespace, libraries: list[str], rows: list[dict]) -> 
             "data. Shared machine (2 cores, other engineers' jobs running): figures taken "
             "under load, one thread. GGN and Hessian keep their passes between products "
             "(keep_graph, the default for one batch): GGN J v on the torch.func.linearize "
-            "tangent map and J^T u backward through the kept output graph; Hessian the second "
-            "backward through the kept gradient graph; with convolutions column by column."
+            "tangent map and J^T u backward through the kept output graph; Hessian a tangent "
+            "pass through the linearised gradient (torch.func.linearize of the gradient, "
+            "checked against the kept graph); with convolutions column by column."
             + (" " + VIVIT_SHIM if "vivit" in args.compare else "")
         ),
         "rows": rows,

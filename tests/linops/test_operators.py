@@ -258,3 +258,70 @@ def test_ggn_falls_back_when_the_model_cannot_be_linearised(monkeypatch):
     ref = dense_reference("ggn", model, loss_func, inputs, targets)
     torch.testing.assert_close(torch.stack([op @ m, op @ m]), torch.stack([ref @ m] * 2), **TOL)
     assert not op.keep_graph and not op._kept_passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_hessian_linearised_gradient_equals_dense(case, dtype):
+    model, loss_func, data, inputs, targets = make_case(case)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    model = model.to(dtype)
+    data = [(x.to(dtype), y.to(dtype) if y.is_floating_point() else y) for x, y in data]
+    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=0)
+    m = torch.randn(ref.shape[1], 3, dtype=torch.float64)
+    products = [(op @ m.to(dtype)).double() for _ in range(3)]  # graph, then linearised
+    kinds = {entry[3][0] for entry in op._kept_passes.values()}
+    assert op.linearized and kinds == {"linear"}  # and the graphs freed
+    tol = TOL if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(torch.stack(products), torch.stack([ref @ m] * 3), **tol)
+
+
+def test_hessian_keeps_the_graph_when_the_linearisation_is_wrong(monkeypatch):
+    linearize = Hessian._linearize
+
+    def wrong(self, inputs, targets):  # as a faulty forward-over-reverse rule would be
+        tangent = linearize(self, inputs, targets)
+        return lambda v: {k: 1.01 * t for k, t in tangent(v).items()}
+
+    monkeypatch.setattr(Hessian, "_linearize", wrong)
+    model, loss_func, data, inputs, targets = make_case("cnn")
+    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=0)
+    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    products = torch.stack([op @ m for _ in range(3)])  # graph, then linearisation tried
+    torch.testing.assert_close(products, torch.stack([ref @ m] * 3), **TOL)
+    assert op.linearized is False
+
+
+def test_hessian_keeps_the_graph_when_the_model_cannot_be_traced(monkeypatch):
+    import curvlab.linops.hessian as hessian_module
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(hessian_module, "linearize", untraceable)
+    model, loss_func, data, inputs, targets = make_case("mlp")
+    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=0)
+    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    products = torch.stack([op @ m for _ in range(3)])  # graph, then linearisation tried
+    torch.testing.assert_close(products, torch.stack([ref @ m] * 3), **TOL)
+    assert op.linearized is False and len(op._kept_passes) == len(data)
+
+
+@pytest.mark.parametrize("after", [None, 2.0])
+def test_hessian_stays_on_the_graph_without_or_before_linearisation(after):
+    model, loss_func, data, inputs, targets = make_case("mlp")
+    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=after)
+    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    products = torch.stack([op @ m for _ in range(3)])  # milliseconds, far below 2 s
+    torch.testing.assert_close(products, torch.stack([ref @ m] * 3), **TOL)
+    assert op.linearized is None
+    assert {entry[3][0] for entry in op._kept_passes.values()} == {"graph"}
+
+
+def test_hessian_rejects_negative_linearize_after():
+    model, loss_func, data, _, _ = make_case("mlp")
+    with pytest.raises(ValueError, match="linearize_after"):
+        Hessian(model, loss_func, None, data, linearize_after=-1.0)
