@@ -62,3 +62,57 @@ def test_curvature_options_are_checked():
         TICDiag(curvature="kfac")
     with pytest.raises(ValueError, match="method"):
         HessianTrace(method="ggn")
+
+
+def test_mc_subsample_trace_is_unbiased_and_shared():
+    """``mc-subsample``: S of the N samples in one extra pass; unbiased over seeds for tr(H)."""
+    model, loss_func, x, y = relu_problem()
+    want = float(reference.full_hessian(model, loss_func, x, y).trace())
+    runs, values = 300, []
+    for seed in range(runs):
+        instruments = [HessianTrace(method="mc-subsample"), TICDiag(curvature="mc-subsample")]
+        with Monitor(model, loss_func, instruments, schedule=1, seed=seed, samples=3) as monitor:
+            model.zero_grad()
+            loss = loss_func(model(x), y)
+            with monitor(0, loss=loss):
+                loss.backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+        record = monitor.latest()
+        assert record["per_sample"] == {"estimated": True, "samples": 3, "batch": 9}
+        assert math.isfinite(record["tic_diag"])
+        values.append(record["hessian_trace"])
+    values = torch.tensor(values, dtype=torch.float64)
+    error = 4 * float(values.std()) / math.sqrt(runs)
+    assert error < 0.1 * want  # tight enough to fail
+    assert abs(float(values.mean()) - want) < error
+    # the extra pass leaves .grad as the plain backward does
+    model.zero_grad()
+    loss_func(model(x), y).backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_mc_subsample_of_a_sum_loss_is_rescaled():
+    """With ``reduction="sum"`` the subsample's diagonal is scaled by N / S (unbiased)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    loss_func = nn.MSELoss(reduction="sum")
+    want = float(reference.full_hessian(model, loss_func, x, y).trace())
+    values = []
+    for seed in range(300):
+        with Monitor(
+            model,
+            loss_func,
+            [HessianTrace(method="mc-subsample")],
+            schedule=1,
+            seed=seed,
+            samples=4,
+        ) as monitor:
+            loss = loss_func(model(x), y)
+            with monitor(0, loss=loss):
+                loss.backward()
+        values.append(monitor.latest()["hessian_trace"])
+    values = torch.tensor(values, dtype=torch.float64)
+    error = 4 * float(values.std()) / math.sqrt(values.numel())
+    assert abs(float(values.mean()) - want) < error < 0.2 * want

@@ -58,6 +58,7 @@ from curvlab.backprop import (
     Quantity,
     SumGradSquared,
     Variance,
+    compute,
 )
 from curvlab.diagnostics.per_sample import (
     HISTOGRAM_BUDGET,
@@ -262,6 +263,7 @@ class StepData:
         generator: Random numbers for the stochastic estimators.
         sample_index: The subsample (``[S]`` indices of the batch) that ``per_sample``'s
             per-sample entries belong to, or ``None`` for all :math:`N` samples.
+        seed_step: The monitor's ``seed + step`` (seeds :meth:`subsample_diag_ggn`).
     """
 
     step: int
@@ -286,6 +288,8 @@ class StepData:
     _mean_sq_norm: float | None = field(default=None, repr=False)
     _update: dict[str, Tensor] | None = field(default=None, repr=False)
     _update_sq_norm: float | None = field(default=None, repr=False)
+    _subsample_diag: dict[str, Tensor] | None = field(default=None, repr=False)
+    seed_step: int = 0
 
     def mean_grad(self) -> dict[str, Tensor]:
         r""":math:`\bar g = \frac1N \sum_n g_n` by name (``grad / (r N)``; computed once)."""
@@ -311,6 +315,47 @@ class StepData:
         if self._update_sq_norm is None:
             self._update_sq_norm = _sq_norm(self.update())
         return self._update_sq_norm
+
+    def subsample_diag_ggn(self) -> dict[str, Tensor]:
+        r"""An unbiased estimate of :math:`\operatorname{diag}(G)` of :math:`L` from the subsample (computed once).
+
+        One extra forward and backward of the subsample's :math:`S` samples
+        (``sample_index``; the whole batch without one) by :func:`curvlab.backprop.compute`
+        with ``DiagGGN(mc_samples=1)``, seeded by ``seed + step``:
+        :math:`\operatorname{diag}(G_{\mathcal S})` of the subsample's loss
+        :math:`L_{\mathcal S} = r_{\mathcal S} \sum_{n \in \mathcal S} \ell_n`, times
+        :math:`\frac{r N}{r_{\mathcal S} S}` (``1`` for a ``"mean"`` loss, :math:`N / S` for
+        ``"sum"``). Each sample's MC term is unbiased for its GGN diagonal and the subsample is
+        uniform, so the product is unbiased for :math:`\operatorname{diag}(G)`. Costs
+        :math:`S / N` of a training step's forward and backward (plus the MC column), not a
+        column through the whole batch.
+        """
+        if self._subsample_diag is None:
+            inputs, targets, index = self.inputs, self.targets, self.sample_index
+            if not isinstance(inputs, Tensor):
+                raise TypeError(
+                    "the 'mc-subsample' curvature selects samples of the model's input, which "
+                    f"must be one tensor, got {type(inputs).__name__}"
+                )
+            n = inputs.shape[0]
+            if index is not None:
+                inputs, targets = inputs[index.to(inputs.device)], targets[index.to(inputs.device)]
+            generator = torch.Generator(inputs.device).manual_seed(self.seed_step * 7919 + 13)
+            results = compute(
+                self.model,
+                self.loss_func,
+                inputs,
+                targets,
+                [DiagGGN(mc_samples=1)],
+                generator=generator,
+            )
+            reduction = getattr(self.loss_func, "reduction", "mean")
+            factor = n / inputs.shape[0] if reduction == "sum" else 1.0
+            values = results[DiagGGN(mc_samples=1).name]
+            self._subsample_diag = {
+                k: v if factor == 1.0 else v * factor for k, v in values.items()
+            }
+        return self._subsample_diag
 
     def sampled(self) -> int | None:
         """:math:`S`, the subsample's size, or ``None`` when the statistics hold all samples."""
@@ -757,6 +802,11 @@ class Instrument:
     remembers: ClassVar[bool] = False
     per_sample: ClassVar[frozenset[str]] = frozenset()
 
+    @property
+    def subsampled(self) -> bool:
+        """Whether it reads the monitor's subsample (per-sample statistics, or curvature on it)."""
+        return bool(self.per_sample) or self.remembers or getattr(self, "_on_subsample", False)
+
     def engine_quantities(self, due: bool, due_next: bool) -> dict[str, Quantity]:
         """The engine quantities by name for a step (``due``: at it; ``due_next``: at the next).
 
@@ -976,11 +1026,15 @@ class HessianTrace(Instrument):
     Hessian's residual terms): an unbiased estimate of :math:`\operatorname{tr}(G)`, which is
     :math:`\operatorname{tr}(\nabla^2 L)` only for networks whose layers are piecewise linear
     (ReLU, max-pooling, linear and convolution layers), and shared with ``TICDiag(curvature="mc")``.
-    Due every 10 steps by default.
+    ``method="mc-subsample"``: the same estimate from the monitor's subsample only
+    (:meth:`StepData.subsample_diag_ggn`: one extra forward and backward of :math:`S` samples
+    instead of a sampled column through the whole batch; unbiased for :math:`\operatorname{tr}(G)`
+    too, with the variance of :math:`S` samples), shared with
+    ``TICDiag(curvature="mc-subsample")``. Due every 10 steps by default.
 
     Args:
         num_matvecs: Hutch++'s number of products, at least 3 (``method="hutch++"``).
-        method: ``"diagonal"``, ``"hutch++"`` or ``"mc"``.
+        method: ``"diagonal"``, ``"hutch++"``, ``"mc"`` or ``"mc-subsample"``.
 
     Raises:
         ValueError: an unknown ``method``.
@@ -991,18 +1045,22 @@ class HessianTrace(Instrument):
     needs = frozenset({"DiagHessian"})
 
     def __init__(self, num_matvecs: int = 30, method: str = "diagonal") -> None:
-        if method not in ("diagonal", "hutch++", "mc"):
+        if method not in ("diagonal", "hutch++", "mc", "mc-subsample"):
             raise ValueError(
-                f"HessianTrace method must be 'diagonal', 'hutch++' or 'mc', got {method!r}"
+                "HessianTrace method must be 'diagonal', 'hutch++', 'mc' or 'mc-subsample', "
+                f"got {method!r}"
             )
         self.num_matvecs = num_matvecs
         self.method = method
-        if method == "hutch++":
+        if method in ("hutch++", "mc-subsample"):
             self.needs = frozenset({"batch"})
         elif method == "mc":
             self.needs = frozenset({"DiagGGNMC"})
+        self._on_subsample = method == "mc-subsample"
 
     def compute(self, data: StepData) -> float:  # noqa: D102
+        if self.method == "mc-subsample":
+            return float(sum(v.sum() for v in data.subsample_diag_ggn().values()))
         if self.method != "hutch++":
             (name,) = self.needs
             return float(sum(v.sum() for v in data.quantities[name].values()))
@@ -1295,20 +1353,27 @@ class _TIC(Instrument):
     per_sample = frozenset({"sum_sq"})
 
     def __init__(self, epsilon: float = 1e-7, curvature: str = "exact") -> None:
-        if curvature not in ("exact", "mc"):
+        if curvature not in ("exact", "mc", "mc-subsample"):
             raise ValueError(
-                f"{type(self).__name__} curvature must be 'exact' or 'mc', got {curvature!r}"
+                f"{type(self).__name__} curvature must be 'exact', 'mc' or 'mc-subsample', "
+                f"got {curvature!r}"
             )
         self.epsilon = epsilon
         self.curvature = curvature
         if curvature == "mc":
             self.needs = frozenset({"DiagGGNMC"})
+        elif curvature == "mc-subsample":
+            self.needs = frozenset({"batch"})
 
     def compute(self, data: StepData) -> float:  # noqa: D102
         n, scale = data.num_samples, data.mean_scale()
         second = {k: v / n for k, v in data.sum_sq().items()}
-        (name,) = self.needs
-        hessian = {k: v * scale for k, v in data.quantities[name].items()}
+        if self.curvature == "mc-subsample":
+            diagonal = data.subsample_diag_ggn()
+        else:
+            (name,) = self.needs
+            diagonal = data.quantities[name]
+        hessian = {k: v * scale for k, v in diagonal.items()}
         return tic(second, hessian, self.kind, self.epsilon)
 
 
@@ -1318,12 +1383,15 @@ class TICDiag(_TIC):
     The exact Hessian diagonal backpropagates the loss Hessian's square root (``C`` columns for
     ``C`` classes). ``curvature="mc"`` takes the Monte-Carlo GGN diagonal instead (one sampled
     column; the Hessian diagonal in expectation only for piecewise-linear networks, and the
-    ratio of an estimate is biased), shared with ``HessianTrace(method="mc")``. Due every 10
-    steps by default.
+    ratio of an estimate is biased), shared with ``HessianTrace(method="mc")``;
+    ``curvature="mc-subsample"`` the same from the monitor's subsample only
+    (:meth:`StepData.subsample_diag_ggn`), shared with ``HessianTrace(method="mc-subsample")``.
+    Due every 10 steps by default.
 
     Args:
         epsilon: The :math:`\epsilon` in the denominator.
-        curvature: ``"exact"`` (``DiagHessian``) or ``"mc"`` (``DiagGGN(mc_samples=1)``).
+        curvature: ``"exact"`` (``DiagHessian``), ``"mc"`` (``DiagGGN(mc_samples=1)``) or
+            ``"mc-subsample"``.
     """
 
     name = "tic_diag"
@@ -1337,7 +1405,8 @@ class TICTrace(_TIC):
 
     Args:
         epsilon: The :math:`\epsilon` in the denominator.
-        curvature: ``"exact"`` (``DiagHessian``) or ``"mc"`` (``DiagGGN(mc_samples=1)``).
+        curvature: ``"exact"`` (``DiagHessian``), ``"mc"`` (``DiagGGN(mc_samples=1)``) or
+            ``"mc-subsample"``.
     """
 
     name = "tic_trace"

@@ -58,7 +58,7 @@ from curvlab.diagnostics.instruments import (
     linear_schedule,
     resolve_instruments,
 )
-from curvlab.diagnostics.per_sample import PerSampleStatistics
+from curvlab.diagnostics.per_sample import PerSampleStatistics, sample_index
 
 LOG_NAME = "monitor.jsonl"
 """The log's file name in ``log_dir``."""
@@ -66,22 +66,6 @@ INITIAL_NAME = "initial_parameters.pt"
 """The initial parameters' file name in ``log_dir``."""
 SAMPLES = 16
 """The default size of the subsample that the per-sample statistics use (``Monitor(samples=)``)."""
-
-_PER_SAMPLE_RECORDED = frozenset(
-    {
-        "batch_grad_norms",
-        "norm_test",
-        "inner_product_test",
-        "orthogonality_test",
-        "alpha",
-        "mean_gsnr",
-        "cabs",
-        "early_stopping",
-        "tic_diag",
-        "tic_trace",
-    }
-)
-"""Instruments that read the per-sample statistics' subsample (the record's ``per_sample``)."""
 
 ScheduleSpec = int | Callable[[int], bool] | Mapping[str, int | Callable[[int], bool]] | None
 
@@ -504,7 +488,13 @@ class Monitor:
             targets=targets,
             generator=generator,
             update_buffers=self._update_buffers,
+            seed_step=self.seed + step,
         )
+        if isinstance(inputs, Tensor):
+            data.num_samples = inputs.shape[0]
+            data.sample_index = sample_index(
+                data.num_samples, self.samples, self.seed + step, inputs.device
+            )
         if results is not None:
             data.num_samples = results.output.shape[0]
             data.output = results.output
@@ -513,13 +503,13 @@ class Monitor:
             for name, quantity in quantities.items():
                 if isinstance(quantity, PerSampleStatistics):
                     data.per_sample = results[name]
-                    data.sample_index = quantity.index(data.num_samples)
+                    data.sample_index = quantity.index(data.num_samples, data.output.device)
                     if previous is not None and set(quantity.directions) == set(params):
                         data._update = dict(quantity.directions)  # the pass formed the update
             if data.loss is None:
                 data.loss = results.loss
         record: dict[str, Any] = {"step": step}
-        if data.per_sample is not None and any(i.name in _PER_SAMPLE_RECORDED for i in due):
+        if data.num_samples is not None and any(i.subsampled for i in due):
             count = data.sampled()
             record["per_sample"] = {
                 "estimated": count is not None,
