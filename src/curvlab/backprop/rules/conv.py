@@ -532,7 +532,7 @@ class ConvRule(Rule):
         f = f.reshape(m, n, module.out_channels, -1)
         s, r = rows.shape
         t = f.shape[-1]
-        picked = f[:, samples].gather(2, rows[None, :, :, None].expand(m, s, r, t))
+        picked = f[:, samples[:, None], rows]  # [M, S, R, T]: only the chosen rows are read
         if name == "bias":
             return picked.sum(-1).unsqueeze(-1)  # [M, S, R, 1]
         k = math.prod(module.kernel_size)
