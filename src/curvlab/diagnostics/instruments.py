@@ -765,17 +765,35 @@ def tic(
     Returns:
         The TIC.
     """
+    return _scaled_tic(second_moment, hessian_diagonal, 1.0, 1.0, kind, epsilon)
+
+
+def _scaled_tic(
+    second_sums: Mapping[str, Tensor],
+    diagonal: Mapping[str, Tensor],
+    second_scale: float,
+    diagonal_scale: float,
+    kind: str,
+    epsilon: float,
+) -> float:
+    r""":func:`tic` of :math:`C = a\, s` and :math:`H = b\, h`, without scaled copies.
+
+    :math:`\sum_j a s_j / (b h_j + \epsilon) = \frac ab \sum_j s_j / (h_j + \epsilon / b)`: one
+    temporary per parameter (in its dtype; the sums in float64), as parameter-sized float64
+    copies cost a visible share of a small model's step.
+    """
+    a, b = second_scale, diagonal_scale
     if kind == "diag":
-        return float(
-            sum(
-                (second_moment[k].double() / (hessian_diagonal[k].double() + epsilon)).sum()
-                for k in second_moment
-            )
-        )
+        total_ratio = 0.0
+        for k, second in second_sums.items():
+            ratio = diagonal[k].to(second.dtype) + epsilon / b
+            ratio.reciprocal_().mul_(second)
+            total_ratio += float(ratio.sum(dtype=torch.float64))
+        return total_ratio * a / b
     if kind == "trace":
-        c = sum(v.double().sum() for v in second_moment.values())
-        h = sum(v.double().sum() for v in hessian_diagonal.values())
-        return float(c / (h + epsilon))
+        c = sum(float(v.sum(dtype=torch.float64)) for v in second_sums.values())
+        h = sum(float(v.sum(dtype=torch.float64)) for v in diagonal.values())
+        return a * c / (b * h + epsilon)
     raise ValueError(f"kind must be 'diag' or 'trace', got {kind!r}")
 
 
@@ -1367,14 +1385,13 @@ class _TIC(Instrument):
 
     def compute(self, data: StepData) -> float:  # noqa: D102
         n, scale = data.num_samples, data.mean_scale()
-        second = {k: v / n for k, v in data.sum_sq().items()}
         if self.curvature == "mc-subsample":
             diagonal = data.subsample_diag_ggn()
         else:
             (name,) = self.needs
             diagonal = data.quantities[name]
-        hessian = {k: v * scale for k, v in diagonal.items()}
-        return tic(second, hessian, self.kind, self.epsilon)
+        # C = sum_sq / N and H = scale * diagonal, folded into the sums
+        return _scaled_tic(data.sum_sq(), diagonal, 1.0 / n, scale, self.kind, self.epsilon)
 
 
 class TICDiag(_TIC):
