@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from curvlab.cli import main
 from curvlab.experiments import ResultsStore
@@ -16,6 +21,10 @@ from curvlab.experiments.width_scaling import (
     width_records,
     width_summary_table,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
+#: ``<!-- curvlab summary docs/records/width-scaling-NAME.jsonl.gz -->`` before a table.
+SOURCE = re.compile(r"^<!-- curvlab summary (docs/records/width-scaling-[\w.=-]+\.jsonl\.gz) -->$")
 
 TINY = dict(
     seeds=(1, 2),
@@ -50,6 +59,46 @@ def test_the_cnns_take_their_own_steps_and_rate_factor(run):
     # without the CNN settings both families share steps and lr
     shared = WidthScalingConfig(**TINY)
     assert shared.steps_of("cnn") == shared.steps and shared.lr_of("cnn") == shared.lr
+
+
+def test_the_forgetting_unit_matches_a_direct_computation(tmp_path):
+    config = WidthScalingConfig(**{**TINY, "seeds": (1,), "families": ("mlp",)})
+    WidthScaling(config, tmp_path, progress=False).run()
+    (record,) = [r for r in width_records(tmp_path) if r["question"] == "forgetting"]
+    runner = WidthScaling(config, tmp_path)
+    data = runner._data()
+    task_a, task_b = runner._subset(data, 1, range(5)), runner._subset(data, 1, range(5, 10))
+    model = runner._model("mlp", 8, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=record["lr"])
+    on_a = data["test_y"] < 5
+    x_test, y_test = data["test_x"][on_a], data["test_y"][on_a]
+
+    def train(x, y):
+        for _ in range(config.steps // 2):
+            sgd.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            sgd.step()
+
+    def accuracies():  # 10-way, and within task A's classes 0-4
+        with torch.no_grad():
+            logits = model(x_test)
+        return (
+            float((logits.argmax(1) == y_test).double().mean()),
+            float((logits[:, :5].argmax(1) == y_test).double().mean()),
+        )
+
+    train(*task_a)
+    full_a, within_a = accuracies()
+    train(*task_b)
+    full_b, within_b = accuracies()
+    assert record["net_acc_a_after_a"] == pytest.approx(full_a)
+    assert record["net_acc_a_after_b"] == pytest.approx(full_b)
+    assert record["net_task_acc_a_after_a"] == pytest.approx(within_a)
+    assert record["net_task_acc_a_after_b"] == pytest.approx(within_b)
+    assert record["net_task_forgetting"] == pytest.approx(within_a - within_b)
+    assert record["net_forgetting"] == pytest.approx(full_a - full_b)
+    for key in ("lin_task_acc_a_after_a", "lin_task_acc_a_after_b", "lin_acc_a_after_b"):
+        assert 0 <= record[key] <= 1
 
 
 def test_the_summary_table_is_the_mean_and_std_over_seeds(run):
@@ -129,3 +178,29 @@ def test_the_cli_names_bad_cnn_options(flag, value, match, tmp_path, capsys):
 def test_the_cnn_options_belong_to_width_scaling(tmp_path, capsys):
     assert main(["run", "fullbatch", "--cnn-steps", "10", "--out", str(tmp_path)]) == 2
     assert "--cnn-steps belong to width-scaling" in capsys.readouterr().err
+
+
+def _sourced_tables(page: Path) -> list[tuple[str, str]]:
+    """``(records path, table text)`` of every width table of ``page`` tied to its records."""
+    lines = page.read_text().splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        match = SOURCE.match(line.strip())
+        if match:
+            table = []
+            for row in lines[i + 1 :]:
+                if not row.startswith("|"):
+                    break
+                table.append(row)
+            found.append((match.group(1), "\n".join(table)))
+    return found
+
+
+def test_the_width_table_of_docs_ntk_equals_the_summary_of_its_committed_records():
+    tables = _sourced_tables(ROOT / "docs" / "ntk.md")
+    assert tables, "docs/ntk.md has no width table sourced from docs/records"
+    for path, table in tables:
+        records = ROOT / path
+        assert records.is_file(), f"{path} is not committed"
+        assert records.stat().st_size < 300_000
+        assert table == width_summary_table(records)
