@@ -31,28 +31,31 @@ best() {  # best() SWEEP_DIR KEY: the chosen value of a finished sweep
 
 if [[ $STAGE == sweep || $STAGE == all ]]; then
   S=(--seeds 42,43,44 --eval-every 10)
-  "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer adam --lrs 3e-5,1e-4,3e-4,1e-3 \
-    --out "$RUNS/sweep-adam"
+  "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer adam --lrs 1e-5,3e-5,1e-4,3e-4,1e-3 \
+    --out "$RUNS/sweep3-adam"
   "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer sgd --lrs 0.03,0.05,0.1 \
-    --out "$RUNS/sweep-sgd"
+    --out "$RUNS/sweep3-sgd"
   "$CURVLAB" sweep fullbatch "${COMMON[@]}" "${S[@]}" --optimizer gn-right-inverse --lrs 0.5,1 \
-    --dampings 100,1000 --out "$RUNS/sweep-gn-right-inverse"
+    --dampings 100,1000 --out "$RUNS/sweep3-gn-right-inverse"
 fi
 
 # The sweep's chosen point holds the reported runs of seeds 42-44 (same settings, same
 # evaluations); this stage adds the comparisons beside them, seed by seed (42 first, so a stopped
 # session leaves every comparison with at least one seed; run again to go on).
 if [[ $STAGE == final || $STAGE == all ]]; then
-  ADAM=$(best "$RUNS/sweep-adam" lr)
-  SGD=$(best "$RUNS/sweep-sgd" lr)
+  ADAM=$(best "$RUNS/sweep3-adam" lr)
+  SGD=$(best "$RUNS/sweep3-sgd" lr)
   GN_SCHEMES_LR=${GN_SCHEMES_LR:-1}
   F=(--eval-every 10)
+  # Figure 4 also evaluates after each of the first 10 updates (GN passes the others' final
+  # training loss between updates 0 and 10, so the kernels at equal training loss need them).
+  F4=(--eval-every 10 --eval-first 10)
   for seed in ${FINAL_SEEDS:-42 43 44}; do
     # Figure 4 and the three schemes side by side: `ntk-cka` trains exactly as `fullbatch` (the
     # kernel and CKA probes draw no random numbers) and adds the NTK and CKA to every evaluation.
     # GN undamped (each scheme an exact GN step where its blocks allow) at one rate (all three
     # move the outputs by one function-space step), Adam and SGD at their chosen rates.
-    "$CURVLAB" run ntk-cka "${COMMON[@]}" "${F[@]}" --seeds "$seed" \
+    "$CURVLAB" run ntk-cka "${COMMON[@]}" "${F4[@]}" --seeds "$seed" \
       --lr "gn-right-inverse=$GN_SCHEMES_LR,gn-paper=$GN_SCHEMES_LR,gn-pinv=$GN_SCHEMES_LR,adam=$ADAM,sgd=$SGD" \
       --optimizers gn-right-inverse,gn-paper,adam,sgd,gn-pinv --out "$RUNS/ntk-cka" --no-plot
     # GN with the true cross-entropy Hessian, Levenberg-Marquardt damped (ExactGN's default 0.3),
@@ -62,8 +65,8 @@ if [[ $STAGE == final || $STAGE == all ]]; then
       --out "$RUNS/exact-ce" --no-plot
     if [[ $seed == 42 ]]; then
       # The second width (the trend): the chosen settings of this width at WIDTH2, seed 42.
-      GN=$(best "$RUNS/sweep-gn-right-inverse" lr)
-      GN_DAMPING=$(best "$RUNS/sweep-gn-right-inverse" damping)
+      GN=$(best "$RUNS/sweep3-gn-right-inverse" lr)
+      GN_DAMPING=$(best "$RUNS/sweep3-gn-right-inverse" damping)
       W2=(--dataset fashion-mnist "${DATA_ARGS[@]}" --hidden "${WIDTH2:-1024}" --depth 4
         --subset 1024 --steps 100 --validation 10000 --no-progress --eval-every 10 --seeds 42)
       "$CURVLAB" run fullbatch "${W2[@]}" --damping "$GN_DAMPING" \
@@ -77,8 +80,8 @@ fi
 # sweep's rates, GN at the authors' mini-batch rate (0.1 x depth in curvlab's normalized step); no
 # mini-batch sweep of its own yet. About 10x the full-batch cost; not part of STAGE=all.
 if [[ $STAGE == minibatch ]]; then
-  ADAM=$(best "$RUNS/sweep-adam" lr)
-  SGD=$(best "$RUNS/sweep-sgd" lr)
+  ADAM=$(best "$RUNS/sweep3-adam" lr)
+  SGD=$(best "$RUNS/sweep3-sgd" lr)
   M=(--dataset fashion-mnist "${DATA_ARGS[@]}" --hidden "$HIDDEN" --depth 4 --validation 10000
     --no-progress --seeds 42,43,44 --batch-size 1024 --eval-train-size 10000)
   "$CURVLAB" run loss-change "${M[@]}" --epochs 10 \
@@ -91,12 +94,12 @@ fi
 
 if [[ $STAGE == export || $STAGE == all ]]; then
   mkdir -p docs/records
-  for folder in "$RUNS/schemes" "$RUNS/ntk-cka" "$RUNS/width-${WIDTH2:-1024}" "$RUNS/exact-ce" "$RUNS/minibatch" \
+  for folder in "$RUNS/ntk-cka" "$RUNS/width-${WIDTH2:-1024}" "$RUNS/exact-ce" "$RUNS/minibatch" \
     "$RUNS/no-bottleneck"; do
     [[ -f "$folder/results.jsonl" ]] && \
       "$CURVLAB" export "$folder" "docs/records/fmnist-h$HIDDEN-$(basename "$folder").jsonl.gz"
   done
-  for sweep in "$RUNS"/sweep-*; do
+  for sweep in "$RUNS"/sweep3-*; do
     for run in "$sweep"/*/; do
       [[ -f "$run/results.jsonl" ]] && "$CURVLAB" export "$run" \
         "docs/records/fmnist-h$HIDDEN-$(basename "$sweep")-$(basename "$run").jsonl.gz"

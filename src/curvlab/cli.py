@@ -716,7 +716,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from curvlab.experiments.store import export_records
 
     try:
-        path = export_records(args.folder, args.out, args.exclude or ())
+        path = export_records(args.folder, args.out, args.exclude or (), args.seeds)
     except (ValueError, FileNotFoundError) as error:
         print(f"curvlab export: {error}", file=sys.stderr)
         return 2
@@ -907,6 +907,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="leave these optimizers' runs out (superseded by runs archived elsewhere, so "
         "that archives summarized together stay disjoint) (default: none)",
+    )
+    export.add_argument(
+        "--seeds",
+        type=_csv(int, "comma-separated seeds"),
+        metavar="LIST",
+        help="keep only these seeds' runs, e.g. the finished ones while another trains "
+        "(default: every seed)",
     )
     export.set_defaults(func=_cmd_export)
 

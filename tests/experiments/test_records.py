@@ -110,6 +110,20 @@ def test_an_archive_may_leave_out_superseded_optimizers(tmp_path, capsys):
     assert out.read_bytes() == archive.read_bytes()
 
 
+def test_an_archive_may_keep_only_some_seeds(tmp_path):
+    folder = _two_seed_run(tmp_path / "run")
+    archive = export_records(folder, tmp_path / "seed-2.jsonl.gz", seeds=[2])
+    evaluations = ResultsStore(archive).evaluations()
+    assert evaluations and {r["seed"] for r in evaluations} == {2}
+    assert evaluations == [r for r in ResultsStore(folder).evaluations() if r["seed"] == 2]
+    assert [r["seeds"] for r in summary(archive)] == [1, 1]
+    with pytest.raises(ValueError, match=r"\[7\].*records seeds \[1, 2\]"):
+        export_records(folder, tmp_path / "x.jsonl.gz", seeds=[7])
+    out = tmp_path / "cli.jsonl.gz"
+    assert main(["export", str(folder), str(out), "--seeds", "2"]) == 0
+    assert out.read_bytes() == archive.read_bytes()
+
+
 def _write_evals(folder, losses_by_seed):
     store = ResultsStore(folder)
     store.open({"experiment": "fullbatch"})

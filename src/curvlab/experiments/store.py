@@ -325,7 +325,12 @@ def _last_per_key(records: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
     return [keyed[k] for k in sorted(keyed)]
 
 
-def export_records(folder: str | Path, out: str | Path, exclude: Iterable[str] = ()) -> Path:
+def export_records(
+    folder: str | Path,
+    out: str | Path,
+    exclude: Iterable[str] = (),
+    seeds: Iterable[int] | None = None,
+) -> Path:
     """Write a run folder's records, compressed, to ``out`` (``NAME.jsonl.gz``).
 
     Only the records that a summary or a figure reads are kept, each once (the last of its key,
@@ -340,12 +345,15 @@ def export_records(folder: str | Path, out: str | Path, exclude: Iterable[str] =
         exclude: Optimizers whose ``eval``, ``update`` and ``diverged`` records are left out
             (runs superseded by others archived elsewhere, so that the archives stay disjoint);
             the header and ``config`` records are kept as they are.
+        seeds: Keep only these seeds' runs (``None``: every seed), e.g. to archive the seeds
+            that have finished while another is still training.
 
     Returns:
         ``out`` as a path.
 
     Raises:
-        ValueError: ``out`` does not end in ``.jsonl.gz``.
+        ValueError: ``out`` does not end in ``.jsonl.gz``, or ``exclude`` or ``seeds`` names
+            an optimizer or seed that the folder does not record.
         FileNotFoundError: ``folder`` holds no records.
     """
     out, exclude = Path(out), set(exclude)
@@ -362,6 +370,14 @@ def export_records(folder: str | Path, out: str | Path, exclude: Iterable[str] =
             f"record; it records {sorted(recorded)}"
         )
     records = [r for r in records if r.get("optimizer") not in exclude]
+    if seeds is not None:
+        seeds, trained = set(seeds), {r["seed"] for r in records if "seed" in r}
+        if seeds - trained:
+            raise ValueError(
+                f"seeds names {sorted(seeds - trained)} that {store.path} does not record; "
+                f"it records seeds {sorted(trained)}"
+            )
+        records = [r for r in records if "seed" not in r or r["seed"] in seeds]
     kept = [r for r in records if r.get("type") in ("header", "config")]
     for kind, key in (
         ("eval", _RUN_STEP),
