@@ -16,6 +16,7 @@ import pytest
 
 from curvlab.cli import per_source_table, summary_table
 from curvlab.experiments.optim_race import time_to_accuracy_table
+from tests.experiments.sourced_tables import sourced_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = (ROOT / "docs" / "reproduction.md", ROOT / "docs" / "optim_race.md")
@@ -25,18 +26,7 @@ SOURCE = re.compile(r"^<!-- curvlab summary (.+?) -->$")
 
 def _tables(page: Path) -> list[tuple[list[str], str]]:
     """``(command arguments, table text)`` of every sourced table of the page."""
-    lines = page.read_text().splitlines()
-    found = []
-    for i, line in enumerate(lines):
-        match = SOURCE.match(line.strip())
-        if match:
-            table = []
-            for row in lines[i + 1 :]:
-                if not row.startswith("|"):
-                    break
-                table.append(row)
-            found.append((shlex.split(match.group(1)), "\n".join(table)))
-    return found
+    return [(shlex.split(command), table) for command, table in sourced_tables(page, SOURCE)]
 
 
 def _paths(arguments: list[str]) -> list[str]:

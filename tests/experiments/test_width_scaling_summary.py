@@ -21,6 +21,7 @@ from curvlab.experiments.width_scaling import (
     width_records,
     width_summary_table,
 )
+from tests.experiments.sourced_tables import sourced_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 #: ``<!-- curvlab summary docs/records/width-scaling-NAME.jsonl.gz -->`` before a table.
@@ -180,24 +181,8 @@ def test_the_cnn_options_belong_to_width_scaling(tmp_path, capsys):
     assert "--cnn-steps belong to width-scaling" in capsys.readouterr().err
 
 
-def _sourced_tables(page: Path) -> list[tuple[str, str]]:
-    """``(records path, table text)`` of every width table of ``page`` tied to its records."""
-    lines = page.read_text().splitlines()
-    found = []
-    for i, line in enumerate(lines):
-        match = SOURCE.match(line.strip())
-        if match:
-            table = []
-            for row in lines[i + 1 :]:
-                if not row.startswith("|"):
-                    break
-                table.append(row)
-            found.append((match.group(1), "\n".join(table)))
-    return found
-
-
 def test_the_width_table_of_docs_ntk_equals_the_summary_of_its_committed_records():
-    tables = _sourced_tables(ROOT / "docs" / "ntk.md")
+    tables = sourced_tables(ROOT / "docs" / "ntk.md", SOURCE)
     assert tables, "docs/ntk.md has no width table sourced from docs/records"
     for path, table in tables:
         records = ROOT / path

@@ -276,6 +276,17 @@ def test_hessian_linearised_gradient_equals_dense(case, dtype):
     torch.testing.assert_close(torch.stack(products), torch.stack([ref @ m] * 3), **tol)
 
 
+def _three_products_equal_the_dense_hessian(case: str) -> Hessian:
+    """A Hessian told to linearise at once; its first three products against the dense one."""
+    model, loss_func, data, inputs, targets = make_case(case)
+    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=0)
+    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
+    ref = dense_reference("hessian", model, loss_func, inputs, targets)
+    products = torch.stack([op @ m for _ in range(3)])  # graph, then linearisation tried
+    torch.testing.assert_close(products, torch.stack([ref @ m] * 3), **TOL)
+    return op
+
+
 def test_hessian_keeps_the_graph_when_the_linearisation_is_wrong(monkeypatch):
     linearize = Hessian._linearize
 
@@ -284,12 +295,7 @@ def test_hessian_keeps_the_graph_when_the_linearisation_is_wrong(monkeypatch):
         return lambda v: {k: 1.01 * t for k, t in tangent(v).items()}
 
     monkeypatch.setattr(Hessian, "_linearize", wrong)
-    model, loss_func, data, inputs, targets = make_case("cnn")
-    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=0)
-    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
-    ref = dense_reference("hessian", model, loss_func, inputs, targets)
-    products = torch.stack([op @ m for _ in range(3)])  # graph, then linearisation tried
-    torch.testing.assert_close(products, torch.stack([ref @ m] * 3), **TOL)
+    op = _three_products_equal_the_dense_hessian("cnn")
     assert op.linearized is False
 
 
@@ -300,13 +306,8 @@ def test_hessian_keeps_the_graph_when_the_model_cannot_be_traced(monkeypatch):
         raise RuntimeError("cannot trace")
 
     monkeypatch.setattr(hessian_module, "linearize", untraceable)
-    model, loss_func, data, inputs, targets = make_case("mlp")
-    op = Hessian(model, loss_func, None, data, keep_graph=True, linearize_after=0)
-    m = torch.randn(op.shape[1], 2, dtype=torch.float64)
-    ref = dense_reference("hessian", model, loss_func, inputs, targets)
-    products = torch.stack([op @ m for _ in range(3)])  # graph, then linearisation tried
-    torch.testing.assert_close(products, torch.stack([ref @ m] * 3), **TOL)
-    assert op.linearized is False and len(op._kept_passes) == len(data)
+    op = _three_products_equal_the_dense_hessian("mlp")
+    assert op.linearized is False and len(op._kept_passes) == len(op.data)
 
 
 @pytest.mark.parametrize("after", [None, 2.0])
