@@ -674,9 +674,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from curvlab.experiments.plots import plot_run
+    from curvlab.experiments.plots import NoResultsError, plot_run
 
-    for path in plot_run(args.folder):
+    try:
+        paths = plot_run(args.folder, args.out)
+    except (NoResultsError, ValueError) as error:
+        print(f"curvlab plot: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
@@ -850,8 +855,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_cmd_run)
 
-    plot = sub.add_parser("plot", help="redraw the figures of a results folder")
-    plot.add_argument("folder", help="a run folder holding results.jsonl")
+    plot = sub.add_parser(
+        "plot",
+        help="redraw the figures of a results folder (or records files)",
+        description="One source: the PNGs go into its folder (beside a records file, prefixed "
+        "by its name). Several sources whose runs are disjoint (the same experiment, dataset and "
+        "model) are drawn together into --out.",
+    )
+    plot.add_argument(
+        "folder",
+        nargs="+",
+        help="a run folder holding results.jsonl, or a NAME.jsonl.gz; several are drawn together",
+    )
+    plot.add_argument(
+        "--out", default=None, help="folder for the PNGs (needed with several sources)"
+    )
     plot.set_defaults(func=_cmd_plot)
 
     summ = sub.add_parser(

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,13 @@ import torch
 from curvlab.cli import main, summary_table
 from curvlab.data import load_dataset
 from curvlab.experiments import ResultsStore, Runner, make_config
-from curvlab.experiments.plots import NoResultsError, plot_run, summary, summary_at_train_loss
+from curvlab.experiments.plots import (
+    NoResultsError,
+    plot_run,
+    run_figures,
+    summary,
+    summary_at_train_loss,
+)
 from curvlab.experiments.runner import load_data, validation_split
 from curvlab.experiments.store import ReadOnlyStoreError, export_records
 
@@ -95,6 +102,42 @@ def test_an_exported_archive_rebuilds_the_same_tables_and_is_reproducible(tmp_pa
         ResultsStore(archive).append({"type": "eval"})
     with pytest.raises(ValueError, match=r"\.jsonl\.gz"):
         export_records(folder, tmp_path / "run.json")
+
+
+def _line_data(figures) -> dict[str, list[list[float]]]:
+    data = {
+        name: [line.get_ydata().tolist() for ax in fig.axes for line in ax.get_lines()]
+        for name, fig in figures.items()
+    }
+    for fig in figures.values():
+        plt.close(fig)
+    return data
+
+
+def test_disjoint_sources_plot_as_the_run_that_holds_them_all(tmp_path, capsys):
+    both = _two_seed_run(tmp_path / "both")
+    for seed in (1, 2):
+        config = make_config(
+            "fullbatch", "bundled", seeds=(seed,), optimizers=("adam", "sgd"), **TINY
+        )
+        Runner(config, tmp_path / f"seed{seed}", progress=False).run()
+    split = [tmp_path / "seed1", export_records(tmp_path / "seed2", tmp_path / "seed2.jsonl.gz")]
+    expected = _line_data(run_figures(both))
+    assert expected and all(expected.values())
+    assert _line_data(run_figures(split)) == expected
+    out = tmp_path / "figures"
+    assert main(["plot", *map(str, split), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(expected)
+    assert main(["plot", *map(str, split)]) == 2
+    assert "output folder" in capsys.readouterr().err
+    with pytest.raises(NoResultsError, match="both record"):
+        run_figures([both, tmp_path / "seed1"])
+    narrow = make_config(
+        "fullbatch", "bundled", seeds=(3,), optimizers=("adam",), **{**TINY, "hidden": 64}
+    )
+    Runner(narrow, tmp_path / "narrow", progress=False).run()
+    with pytest.raises(NoResultsError, match="hidden=64"):
+        run_figures([tmp_path / "seed1", tmp_path / "narrow"])
 
 
 def test_an_archive_may_leave_out_superseded_optimizers(tmp_path, capsys):

@@ -467,18 +467,25 @@ def no_bottleneck_figure(records, config, diverged=()) -> Figure:
     return figure(records, config, "Figure 5: no inverted bottleneck", panels, diverged)
 
 
-def run_figures(folder: str | Path) -> dict[str, Figure]:
+#: Config fields that the figures' titles state: sources plotted together must agree on them.
+SHARED_FIELDS = ("experiment", "dataset", "hidden", "depth", "inverted_bottleneck", "loss")
+
+
+def run_figures(folder: str | Path | Sequence[str | Path]) -> dict[str, Figure]:
     """Every figure the run's results support, keyed by file name (see :data:`FIGURES`).
 
+    ``folder`` is a results folder or records file, or several of them whose runs are disjoint
+    (e.g. a sweep's chosen point holding one seed and a folder holding the others); several must
+    agree on :data:`SHARED_FIELDS` of their configs.
+
     Raises:
-        NoResultsError: no ``results.jsonl`` or no evaluation in it.
+        NoResultsError: no ``results.jsonl`` or no evaluation in it, or several sources that
+            record the same run or disagree on a shared field.
     """
-    store = ResultsStore(folder)
+    store = _Union(folder)
     records = store.evaluations()
-    if store.header() is None or not records:
-        raise NoResultsError(f"no results to plot in {store.path}")
-    config = store.config()  # the latest, if the run was extended
-    diverged = [r for r in store.records() if r.get("type") == "diverged"]
+    config = store.config()
+    diverged = store.diverged()
     phases = {r["phase"] for r in records}
     if config["experiment"] == "no-bottleneck":
         return {FIGURES["no-bottleneck"]: no_bottleneck_figure(records, config, diverged)}
@@ -495,20 +502,33 @@ def run_figures(folder: str | Path) -> dict[str, Figure]:
     return out
 
 
-def plot_run(folder: str | Path) -> list[Path]:
-    """Draw every figure the run's results support as PNGs in ``folder``; returns their paths.
+def plot_run(
+    folder: str | Path | Sequence[str | Path], out: str | Path | None = None
+) -> list[Path]:
+    """Draw every figure the results support as PNGs; returns their paths.
 
-    For an archived records file (``DIR/NAME.jsonl.gz``) the PNGs go beside it, named
-    ``NAME-FIGURE.png``, so that several archives in one folder keep their own figures.
+    With one source and no ``out``, the PNGs go into the run folder; for an archived records file
+    (``DIR/NAME.jsonl.gz``) beside it, named ``NAME-FIGURE.png``, so that several archives in one
+    folder keep their own figures. Several sources (see :func:`run_figures`) need ``out``, the
+    folder to write ``FIGURE.png`` into.
 
     Raises:
-        NoResultsError: no ``results.jsonl`` or no evaluation in it.
+        NoResultsError: no ``results.jsonl`` or no evaluation in it (see :func:`run_figures`).
+        ValueError: several sources and no ``out``.
     """
-    store = ResultsStore(folder)
-    prefix = store.path.name.removesuffix(".jsonl.gz") + "-" if store.read_only else ""
+    sources = [folder] if isinstance(folder, (str, Path)) else list(folder)
+    if out is None and len(sources) != 1:
+        raise ValueError(f"plotting {len(sources)} sources together needs an output folder (out)")
+    if out is None:
+        store = ResultsStore(sources[0])
+        prefix = store.path.name.removesuffix(".jsonl.gz") + "-" if store.read_only else ""
+        target = store.folder
+    else:
+        prefix, target = "", Path(out)
+        target.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fig in run_figures(folder).items():
-        path = store.folder / f"{prefix}{name}"
+    for name, fig in run_figures(sources).items():
+        path = target / f"{prefix}{name}"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -542,7 +562,7 @@ SUMMARY_METRICS = (
 
 
 class _Union:
-    """The evaluations and divergences of one or several stores, as one.
+    """The records of one or several stores, as one.
 
     Several sources must not record the same (phase, optimizer, seed): each run has one home.
     """
@@ -553,7 +573,9 @@ class _Union:
         if not sources:
             raise NoResultsError("no results: no folder or records file given")
         self._evaluations: list[dict] = []
+        self._updates: list[dict] = []
         self._diverged: list[dict] = []
+        self._configs: list[tuple[str, dict]] = []
         owner: dict[tuple, str] = {}
         for source in sources:
             store = ResultsStore(source)
@@ -561,7 +583,7 @@ class _Union:
                 where = store.folder if not store.folder.is_dir() else store.path
                 raise NoResultsError(f"no results in {source}: {where} does not exist")
             evaluations = store.evaluations()
-            if not evaluations:
+            if store.header() is None or not evaluations:
                 raise NoResultsError(f"no results in {source}: {store.path} holds no evaluation")
             for run in {(r["phase"], r["optimizer"], r["seed"]) for r in evaluations}:
                 if run in owner:
@@ -571,13 +593,36 @@ class _Union:
                     )
                 owner[run] = str(source)
             self._evaluations += evaluations
+            self._updates += store.updates()
             self._diverged += store.diverged()
+            self._configs.append((str(source), store.config()))
 
     def evaluations(self) -> list[dict]:
         return self._evaluations
 
+    def updates(self) -> list[dict]:
+        return self._updates
+
     def diverged(self) -> list[dict]:
         return self._diverged
+
+    def config(self) -> dict:
+        """The first source's config (its latest), once every source agrees on it.
+
+        Agreeing means equal :data:`SHARED_FIELDS`, the fields that the figures state.
+
+        Raises:
+            NoResultsError: two sources differ on such a field.
+        """
+        first, config = self._configs[0]
+        for source, other in self._configs[1:]:
+            for key in SHARED_FIELDS:
+                if other.get(key) != config.get(key):
+                    raise NoResultsError(
+                        f"{source} has {key}={other.get(key)!r} but {first} has "
+                        f"{config.get(key)!r}; plot them separately"
+                    )
+        return config
 
 
 def _spread(rows: list[dict], into: dict) -> None:
