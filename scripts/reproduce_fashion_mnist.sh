@@ -12,7 +12,7 @@
 #   4. `curvlab export` archives the records under docs/records/, from which `curvlab summary`
 #      rebuilds every table of docs/reproduction.md.
 # Needs Debian's dataset-fashion-mnist (or DATA=PATH). Every command resumes where it stopped when
-# run again. STAGE=sweep|final|export|all (default all), or STAGE=minibatch for Figures 2, 3, 5.
+# run again. STAGE=sweep|final|width2|export|all (default all), or STAGE=minibatch for Figures 2, 3, 5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CURVLAB=${CURVLAB:-.venv/bin/curvlab}
@@ -63,17 +63,25 @@ if [[ $STAGE == final || $STAGE == all ]]; then
     "$CURVLAB" run fullbatch "${COMMON[@]}" "${F[@]}" --seeds "$seed" --ce-hessian exact \
       --output-damping 0.3 --lr "gn-right-inverse=$GN_SCHEMES_LR" --optimizers gn-right-inverse \
       --out "$RUNS/exact-ce" --no-plot
-    if [[ $seed == 42 ]]; then
-      # The second width (the trend): the chosen settings of this width at WIDTH2, seed 42.
-      GN=$(best "$RUNS/sweep3-gn-right-inverse" lr)
-      GN_DAMPING=$(best "$RUNS/sweep3-gn-right-inverse" damping)
-      W2=(--dataset fashion-mnist "${DATA_ARGS[@]}" --hidden "${WIDTH2:-1024}" --depth 4
-        --subset 1024 --steps 100 --validation 10000 --no-progress --eval-every 10 --seeds 42)
-      "$CURVLAB" run fullbatch "${W2[@]}" --damping "$GN_DAMPING" \
-        --lr "gn-right-inverse=$GN,adam=$ADAM,sgd=$SGD" --optimizers gn-right-inverse,adam,sgd \
-        --out "$RUNS/width-${WIDTH2:-1024}" --no-plot
-    fi
   done
+fi
+
+# The second width (the trend; STAGE=width2, also part of STAGE=all): Figure 4's run and the
+# tuned, damped GN at WIDTH2 (default 1024), seed 42, at this width's chosen settings (the
+# sweep's folders, or ADAM=, SGD=, GN=, GN_DAMPING= where they are not on this machine).
+if [[ $STAGE == width2 || $STAGE == all ]]; then
+  ADAM=${ADAM:-$(best "$RUNS/sweep3-adam" lr)}
+  SGD=${SGD:-$(best "$RUNS/sweep3-sgd" lr)}
+  GN=${GN:-$(best "$RUNS/sweep3-gn-right-inverse" lr)}
+  GN_DAMPING=${GN_DAMPING:-$(best "$RUNS/sweep3-gn-right-inverse" damping)}
+  W2=(--dataset fashion-mnist "${DATA_ARGS[@]}" --hidden "${WIDTH2:-1024}" --depth 4
+    --subset 1024 --steps 100 --validation 10000 --no-progress --seeds 42)
+  "$CURVLAB" run ntk-cka "${W2[@]}" --eval-every 10 --eval-first 10 \
+    --lr "gn-right-inverse=${GN_SCHEMES_LR:-1},adam=$ADAM,sgd=$SGD" \
+    --optimizers gn-right-inverse,adam,sgd --out "$RUNS/width-${WIDTH2:-1024}-ntk-cka" --no-plot
+  "$CURVLAB" run fullbatch "${W2[@]}" --eval-every 10 --damping "$GN_DAMPING" \
+    --lr "gn-right-inverse=$GN" --optimizers gn-right-inverse \
+    --out "$RUNS/width-${WIDTH2:-1024}" --no-plot
 fi
 
 # Figures 2, 3 and 5 (mini-batch, batch 1024, 10 epochs of the 50,000 training images):
@@ -93,7 +101,7 @@ if [[ $STAGE == minibatch ]]; then
     --out "$RUNS/mb-sweep-adam"
   "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer sgd --lrs 0.03,0.1,0.3 \
     --out "$RUNS/mb-sweep-sgd"
-  "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer gn-right-inverse --lrs 0.1,0.2,0.4,0.8 \
+  "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer gn-right-inverse --lrs 0.1,0.2,0.4 \
     --out "$RUNS/mb-sweep-gn-right-inverse"
   ADAM=$(best "$RUNS/mb-sweep-adam" lr)
   SGD=$(best "$RUNS/mb-sweep-sgd" lr)
@@ -114,8 +122,8 @@ fi
 
 if [[ $STAGE == export || $STAGE == all ]]; then
   mkdir -p docs/records
-  for folder in "$RUNS/ntk-cka" "$RUNS/width-${WIDTH2:-1024}" "$RUNS/exact-ce" "$RUNS/minibatch" \
-    "$RUNS/no-bottleneck"; do
+  for folder in "$RUNS/ntk-cka" "$RUNS/width-${WIDTH2:-1024}" "$RUNS/width-${WIDTH2:-1024}-ntk-cka" \
+    "$RUNS/exact-ce" "$RUNS/minibatch" "$RUNS/no-bottleneck"; do
     [[ -f "$folder/results.jsonl" ]] && \
       "$CURVLAB" export "$folder" "docs/records/fmnist-h$HIDDEN-$(basename "$folder").jsonl.gz"
   done

@@ -320,3 +320,39 @@ def test_monitor_inside_a_closure():
     """optimizer.step(closure) with the monitored backward inside the closure: same records."""
     record, in_closure = monitored_run(False), monitored_run(True)
     assert in_closure == record and "update_size" in in_closure
+
+
+def test_a_block_without_the_loss_modules_call_is_an_error_not_a_skip():
+    """The per-sample instruments need the batch: a loss computed another way is named."""
+    model, loss_func, x, y = problem("ce-mean")
+    with Monitor(model, loss_func, "economy", schedule=1) as monitor:
+        loss = nn.functional.cross_entropy(model(x), y)  # not the monitor's loss module
+        with pytest.raises(RuntimeError, match=r"norm_test.*loss_func\(model\(x\), y\)"):
+            with monitor(0, loss=loss):
+                loss.backward()
+    with Monitor(model, loss_func, ["loss", "grad_norm"], schedule=1) as monitor:
+        loss = nn.functional.cross_entropy(model(x), y)  # fine: no instrument reads the batch
+        with monitor(0, loss=loss):
+            loss.backward()
+        assert set(monitor.latest()) == {"step", "loss", "grad_norm"}
+
+
+def test_passes_outside_the_monitor_leave_the_next_step_unchanged():
+    """Extra forward/backward passes between steps inside ``outside()`` (ExactGN's own) are not
+    captured: the next step's records equal those of a run without them."""
+    records = []
+    for extra in (False, True):
+        model, loss_func, x, y = problem("ce-mean")
+        with Monitor(model, loss_func, "economy", schedule=1) as monitor:
+            for step in range(3):
+                monitored_step(model, loss_func, x, y, monitor, step)
+                with monitor.outside():
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p -= 0.1 * p.grad
+                    if extra:  # another batch through the model, with a backward
+                        loss_func(model(x[:3] * 2), y[:3]).backward()
+            records.append(monitor.latest())
+    assert records[0].keys() == records[1].keys() and "alpha" in records[0]
+    for key in ("loss", "grad_norm", "alpha", "norm_test", "update_size"):
+        assert records[1][key] == pytest.approx(records[0][key], rel=1e-10), key

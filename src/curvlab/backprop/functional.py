@@ -315,9 +315,11 @@ class WholeModelFunc:
         parts = []
         for start in range(0, size, step):
             stop = min(size, start + step)
-            basis = torch.eye(size, dtype=theta.dtype, device=theta.device)[start:stop]
+            rows_here = torch.arange(stop - start, device=theta.device)
+            basis = torch.zeros(stop - start, size, dtype=theta.dtype, device=theta.device)
+            basis[rows_here, rows_here + start] = 1  # rows start..stop of the identity, alone
             cols = vmap(lambda e: jvp(gradient, (theta,), (e,))[1])(basis)
-            parts.append(cols[torch.arange(stop - start), torch.arange(start, stop)])
+            parts.append(cols[rows_here, rows_here + start])
         return torch.cat(parts)
 
     def batch_diag_hessian(self) -> dict[str, Tensor]:

@@ -41,7 +41,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,15 @@ class _BatchRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _needs_batch(instrument: Instrument) -> bool:
+    """Whether ``instrument`` reads the recorded batch (an engine quantity, per-sample data)."""
+    return bool(
+        "batch" in instrument.needs
+        or instrument.engine_quantities(True, True)
+        or instrument.per_sample_requests(True, True)
+    )
 
 
 def _cancel(prepared: Any) -> None:
@@ -416,6 +426,35 @@ class Monitor:
             raise RuntimeError("the monitor is closed")
         return _Step(self, step, loss, optimizer)
 
+    @contextmanager
+    def outside(self) -> Iterator[None]:
+        """A block of forward and backward passes the monitor must not see.
+
+        The capture of the next step is opened ahead of its forward (when its instruments need
+        one), so passes between two monitored blocks would run through its hooks. An optimizer
+        with passes of its own (ExactGN's ``step(x, y)``) runs them inside this block: the
+        prepared capture is dropped on entry and opened again on exit, so the next monitored
+        block sees only its own forward.
+
+        Example:
+            >>> with monitor(step, loss=loss, optimizer=gn):  # doctest: +SKIP
+            ...     loss.backward()
+            >>> with monitor.outside():  # doctest: +SKIP
+            ...     gn.step(x, y)
+        """
+        if self._closed:
+            raise RuntimeError("the monitor is closed")
+        step = None
+        if self._prepared is not None:
+            step = self._prepared[0]
+            _cancel(self._prepared[2])
+            self._prepared = None
+        try:
+            yield
+        finally:
+            if step is not None and not self._closed:
+                self._prepare(step)
+
     def latest(self) -> dict[str, Any]:
         """The record of the last monitored step: ``"step"`` and every instrument computed."""
         return dict(self._latest)
@@ -460,6 +499,15 @@ class Monitor:
         quantities = self._quantities(step)
         needs = frozenset(quantities)
         inputs, targets = self._recorder.inputs, self._recorder.targets
+        if results is None and (inputs is None or targets is None):
+            blind = [i.name for i in due if _needs_batch(i)]
+            if blind:
+                seen = "the model's forward" if targets is not None else "a call of loss_func"
+                raise RuntimeError(
+                    f"step {step}: the instruments {blind} need the batch, but the monitored "
+                    f"block saw no {seen}: compute the loss inside the block as "
+                    "loss_func(model(x), y) with the loss module given to the Monitor"
+                )
         if needs and results is None and inputs is not None and targets is not None:
             results = compute(
                 self.model,

@@ -13,10 +13,11 @@ with a :class:`FloatingPointError` (ExactGN's ``DivergedStepError``); a ``"diver
 when and why, and that (phase, optimizer, seed) stops there.
 
 With ``monitor=PRESET`` (``curvlab run ... --monitor economy|business|full``) a
-:class:`~curvlab.diagnostics.Monitor` wraps the backward of every Adam and SGD update; its JSONL
-log and dashboard PNG go to ``RUN_DIR/monitor/PHASE-OPTIMIZER-seedS/``, and a resumed run
-continues them (the monitor's log drops the steps it repeats). ExactGN runs its own forward and
-backward inside ``step(x, y)`` and is not monitored; the monitor needs ``loss="ce"``.
+:class:`~curvlab.diagnostics.Monitor` wraps the backward of every update; its JSONL log and
+dashboard PNG go to ``RUN_DIR/monitor/PHASE-OPTIMIZER-seedS/``, and a resumed run continues them
+(the monitor's log drops the steps it repeats). ExactGN, which needs no gradient, gets one extra
+forward and backward per update for the monitor (see :func:`update`); its own passes run outside
+the monitor. The monitor needs ``loss="ce"``.
 
 The ``ntk-cka`` experiment (Figure 4) adds its kernel and CKA measurements
 (:class:`~curvlab.experiments.ntk_cka.KernelTracker`) to every evaluation; their references at
@@ -223,12 +224,24 @@ def update(
 ) -> float:
     """One update on the batch; returns the batch loss before it.
 
-    ``monitor`` (first-order optimizers only) wraps the backward as update ``step``.
+    ``monitor`` wraps the backward as update ``step``. ExactGN needs no gradient: with a monitor
+    it gets one, a forward and backward of the batch loss inside the monitor at the parameters
+    the step starts from, and then takes its step (its own passes outside the monitor). The
+    gradient is dropped before the step, so the step is the unmonitored one.
     """
     if isinstance(optimizer, ExactGN):
-        return optimizer.step(x, y)
+        if monitor is None:
+            return optimizer.step(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        value = monitor.loss_func(model(x), y)
+        with monitor(step, loss=value, optimizer=optimizer):
+            value.backward()
+        optimizer.zero_grad(set_to_none=True)
+        with monitor.outside():
+            return optimizer.step(x, y)
     optimizer.zero_grad(set_to_none=True)
-    value = batch_loss(model(x), y, loss)
+    # the monitor records the batch from its own loss module's call (the same mean CE)
+    value = batch_loss(model(x), y, loss) if monitor is None else monitor.loss_func(model(x), y)
     if monitor is None:
         value.backward()
     else:
@@ -269,7 +282,7 @@ class Runner:
         config: The experiment's settings.
         out: Results folder (``runs/NAME``).
         progress: Show tqdm progress bars.
-        monitor: A :data:`~curvlab.diagnostics.PRESETS` name: monitor the Adam and SGD updates
+        monitor: A :data:`~curvlab.diagnostics.PRESETS` name: monitor every update
             (see the module doc); ``None``: no monitor.
     """
 
@@ -457,8 +470,8 @@ class Runner:
             monitor.close()
 
     def _monitor(self, phase, name, seed, model, optimizer, step) -> Monitor | None:
-        """The run's monitor from ``step`` on (``None``: none asked for, or ExactGN)."""
-        if self.monitor is None or isinstance(optimizer, ExactGN):
+        """The run's monitor from ``step`` on (``None``: none asked for)."""
+        if self.monitor is None:
             return None
         folder = self.store.folder / "monitor" / f"{phase}-{name}-seed{seed}"
         return Monitor(
