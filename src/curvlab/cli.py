@@ -478,6 +478,22 @@ def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None
     return markdown_table(lines[0], lines[1:])
 
 
+def loss_change_table(sources: Sequence[Path], first: int) -> str:
+    """Figure 3's table: the mean per-update change (%) of the batch loss, early and late.
+
+    See :func:`~curvlab.experiments.plots.summary_loss_change`.
+    """
+    from curvlab.experiments.plots import markdown_table, summary_loss_change
+
+    head = ["phase", "optimizer", "seeds", "updates"]
+    head += [f"change % (updates < {first})", f"change % (updates >= {first})"]
+    lines = []
+    for r in summary_loss_change(sources, first):
+        cells = [r["phase"], r["optimizer"], str(r["seeds"]), f"{r['updates']:.0f}"]
+        lines.append(cells + [_cell(r, "early", 2), _cell(r, "late", 2)])
+    return markdown_table(head, lines)
+
+
 def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> None:
     print(summary_table(folder, at_train_loss))
 
@@ -692,12 +708,25 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
     try:
         if is_width_study(args.folder[0]):
-            if len(args.folder) > 1 or args.per_source or args.at_train_loss or args.at_test_acc:
+            if (
+                len(args.folder) > 1
+                or args.per_source
+                or args.at_train_loss
+                or args.at_test_acc
+                or args.loss_change
+            ):
                 raise ValueError(
                     "a width study's summary takes one folder or records file, and no "
                     "--per-source, --at-train-loss or --at-test-acc"
                 )
             print(width_summary_table(args.folder[0]))
+            return 0
+        if args.loss_change is not None:
+            if args.per_source or args.at_train_loss is not None or args.at_test_acc is not None:
+                raise ValueError(
+                    "--loss-change takes no --per-source, --at-train-loss or --at-test-acc"
+                )
+            print(loss_change_table([Path(f) for f in args.folder], args.loss_change))
             return 0
         if args.at_test_acc is not None:
             from curvlab.experiments.optim_race import time_to_accuracy_table
@@ -907,6 +936,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one row per folder or records file, labelled with its learning rate and GN "
         "damping: the table of a sweep's points (default: all sources as one)",
+    )
+    summ.add_argument(
+        "--loss-change",
+        dest="loss_change",
+        type=_int_type("a positive number of updates", lambda v: v > 0),
+        metavar="K",
+        help="loss-change runs (Figure 3): each optimizer's mean per-update change (%%) of its "
+        "mini-batch loss over updates 0..K-1 and over the rest, mean ± std over seeds "
+        "(default: none)",
     )
     summ.set_defaults(func=_cmd_summary)
 

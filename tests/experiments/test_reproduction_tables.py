@@ -2,7 +2,7 @@
 rebuilt from them exactly.
 
 A table is tied to its source by an HTML comment on the line before it,
-``<!-- curvlab summary [--per-source] docs/records/NAME.jsonl.gz [--at-train-loss X | --at-test-acc A] -->``;
+``<!-- curvlab summary [--per-source] docs/records/NAME.jsonl.gz [--at-train-loss X | --at-test-acc A | --loss-change K] -->``;
 this test runs the same summary on the committed archive and compares the Markdown, row for row.
 """
 
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from curvlab.cli import per_source_table, summary_table
+from curvlab.cli import loss_change_table, per_source_table, summary_table
 from curvlab.experiments.optim_race import time_to_accuracy_table
 from tests.experiments.sourced_tables import sourced_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = (ROOT / "docs" / "reproduction.md", ROOT / "docs" / "optim_race.md")
-OPTIONS = ("--at-train-loss", "--at-test-acc")
+OPTIONS = ("--at-train-loss", "--at-test-acc", "--loss-change")
 SOURCE = re.compile(r"^<!-- curvlab summary (.+?) -->$")
 
 
@@ -39,6 +39,8 @@ def _paths(arguments: list[str]) -> list[str]:
 
 def _summary(arguments: list[str]) -> str:
     paths = [ROOT / p for p in _paths(arguments)]
+    if "--loss-change" in arguments:
+        return loss_change_table(paths, int(arguments[arguments.index("--loss-change") + 1]))
     if "--at-test-acc" in arguments:
         return time_to_accuracy_table(paths, float(arguments[arguments.index("--at-test-acc") + 1]))
     at = None

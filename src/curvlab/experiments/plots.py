@@ -745,3 +745,52 @@ def summary_at_train_loss(folder: str | Path | Sequence[str | Path], target: flo
             row["train_loss"] = target
         rows.append(row)
     return rows
+
+
+def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -> list[dict]:
+    r"""Figure 3's numbers: each run's mean per-update change of the batch loss, early and late.
+
+    Every ``update`` record holds :math:`100\,(\ell_b(\theta_{t+1}) - \ell_b(\theta_t)) /
+    \ell_b(\theta_t)`, the change of update :math:`t`'s own mini-batch loss. For every seed
+    this takes the mean over updates :math:`t <` ``first`` (``early``) and over the others
+    (``late``); a row holds, per (phase, optimizer), the mean and sample standard deviation of
+    both over seeds, ``seeds`` and ``updates`` (the mean number of updates per seed).
+
+    Args:
+        folder: A run folder, an archived records file, or several (see :func:`summary`).
+        first: How many updates count as early, > 0.
+
+    Raises:
+        ValueError: ``first`` is not > 0.
+        NoResultsError: no evaluations, or no update records (not a ``loss-change`` run).
+    """
+    if not first > 0:
+        raise ValueError(f"first must be a positive number of updates, got {first!r}")
+    store = _Union(folder)
+    runs: dict[tuple, list[dict]] = defaultdict(list)
+    for r in store.updates():
+        if r.get("loss_change_pct") is not None and math.isfinite(r["loss_change_pct"]):
+            runs[(r["phase"], r["optimizer"], r["seed"])].append(r)
+    if not runs:
+        raise NoResultsError("no update records with loss_change_pct: not a loss-change run")
+    grouped: dict[tuple, list[dict]] = defaultdict(list)
+    for (phase, opt, _), rs in runs.items():
+        early = [r["loss_change_pct"] for r in rs if r["step"] < first]
+        late = [r["loss_change_pct"] for r in rs if r["step"] >= first]
+        grouped[(phase, opt)].append(
+            {
+                "early": float(np.mean(early)) if early else None,
+                "late": float(np.mean(late)) if late else None,
+                "updates": len(rs),
+            }
+        )
+    rows = []
+    for (phase, opt), found in sorted(grouped.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+        row = {"phase": phase, "optimizer": opt, "seeds": len(found), "first": first}
+        row["updates"] = float(np.mean([f["updates"] for f in found]))
+        for key in ("early", "late"):
+            values = [f[key] for f in found if f[key] is not None]
+            row[key] = float(np.mean(values)) if values else None
+            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
