@@ -109,7 +109,13 @@ if [[ $STAGE == minibatch ]]; then
   ADAM=$(best "$RUNS/mb-sweep-adam" lr)
   SGD=$(best "$RUNS/mb-sweep-sgd" lr)
   GN=$(best "$RUNS/mb-sweep-gn-right-inverse" lr)
-  for seed in ${MB_SEEDS:-43 44 42}; do
+  if [[ ${MB_DAMPING:-1} == 1 ]]; then
+    # GN's damping at its chosen rate, beside the undamped point (the seeds below run GN
+    # undamped, as the authors did; the damped points are reported beside them, seed 42).
+    "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer gn-right-inverse --lrs "$GN" \
+      --dampings 100,1000 --out "$RUNS/mb-sweep-gn-damping"
+  fi
+  for seed in ${MB_SEEDS-43 44 42}; do
     # Seed 42 of gn-right-inverse, Adam and SGD is their sweep's chosen point's run (the same
     # settings); figures and tables read that point's folder beside this one.
     OPTS=gn-right-inverse,gn-paper,adam,sgd
