@@ -486,11 +486,13 @@ def loss_change_table(sources: Sequence[Path], first: int) -> str:
     from curvlab.experiments.plots import markdown_table, summary_loss_change
 
     head = ["phase", "optimizer", "seeds", "updates"]
-    head += [f"change % (updates < {first})", f"change % (updates >= {first})"]
+    head += [f"change % (updates < {first})", f"change % (updates >= {first})", "diverged"]
     lines = []
     for r in summary_loss_change(sources, first):
-        cells = [r["phase"], r["optimizer"], str(r["seeds"]), f"{r['updates']:.0f}"]
-        lines.append(cells + [_cell(r, "early", 2), _cell(r, "late", 2)])
+        updates = "-" if r["updates"] is None else f"{r['updates']:.0f}"
+        cells = [r["phase"], r["optimizer"], str(r["seeds"]), updates]
+        stopped = ", ".join(f"seed {seed} after {step}" for seed, step in r["diverged"].items())
+        lines.append(cells + [_cell(r, "early", 2), _cell(r, "late", 2), stopped or "-"])
     return markdown_table(head, lines)
 
 
@@ -943,8 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_type("a positive number of updates", lambda v: v > 0),
         metavar="K",
         help="loss-change runs (Figure 3): each optimizer's mean per-update change (%%) of its "
-        "mini-batch loss over updates 0..K-1 and over the rest, mean ± std over seeds "
-        "(default: none)",
+        "mini-batch loss over updates 0..K-1 and over the rest, mean ± std over the seeds "
+        "that did not diverge (default: none)",
     )
     summ.set_defaults(func=_cmd_summary)
 

@@ -62,3 +62,18 @@ def test_bad_arguments_are_named(run, tmp_path, capsys):
     Runner(config, tmp_path, progress=False).run()
     with pytest.raises(NoResultsError, match="not a loss-change run"):
         summary_loss_change(tmp_path, FIRST)
+
+
+def test_a_diverged_seed_is_named_and_left_out_of_the_means(tmp_path):
+    config = make_config(
+        "loss-change",
+        "bundled",
+        **dict(TINY, epochs=1, batch_size=256, optimizers=("sgd",), seeds=(1,)),
+        lr={"minibatch": {"sgd": 1e6}},
+    )
+    Runner(config, tmp_path, progress=False).run()
+    (row,) = summary_loss_change(tmp_path, FIRST)
+    assert row["seeds"] == 0 and row["early"] is None and row["updates"] is None
+    assert list(row["diverged"]) == [1]
+    line = loss_change_table([tmp_path], FIRST).splitlines()[-1]
+    assert "seed 1 after" in line

@@ -754,7 +754,9 @@ def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -
     \ell_b(\theta_t)`, the change of update :math:`t`'s own mini-batch loss. For every seed
     this takes the mean over updates :math:`t <` ``first`` (``early``) and over the others
     (``late``); a row holds, per (phase, optimizer), the mean and sample standard deviation of
-    both over seeds, ``seeds`` and ``updates`` (the mean number of updates per seed).
+    both over seeds, ``seeds`` and ``updates`` (the mean number of updates per seed). A seed
+    whose run diverged is left out of the means (its last updates' changes are the blow-up, not
+    the optimizer's progress) and listed in ``diverged`` (``{seed: step}``).
 
     Args:
         folder: A run folder, an archived records file, or several (see :func:`summary`).
@@ -773,8 +775,14 @@ def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -
             runs[(r["phase"], r["optimizer"], r["seed"])].append(r)
     if not runs:
         raise NoResultsError("no update records with loss_change_pct: not a loss-change run")
+    diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
     grouped: dict[tuple, list[dict]] = defaultdict(list)
-    for (phase, opt, _), rs in runs.items():
+    stopped: dict[tuple, dict[int, int]] = defaultdict(dict)
+    for (phase, opt, seed), rs in runs.items():
+        if (phase, opt, seed) in diverged:
+            stopped[(phase, opt)][seed] = diverged[(phase, opt, seed)]
+            grouped[(phase, opt)]  # the row stays, with its diverged seeds
+            continue
         early = [r["loss_change_pct"] for r in rs if r["step"] < first]
         late = [r["loss_change_pct"] for r in rs if r["step"] >= first]
         grouped[(phase, opt)].append(
@@ -787,7 +795,8 @@ def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -
     rows = []
     for (phase, opt), found in sorted(grouped.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
         row = {"phase": phase, "optimizer": opt, "seeds": len(found), "first": first}
-        row["updates"] = float(np.mean([f["updates"] for f in found]))
+        row["diverged"] = dict(sorted(stopped[(phase, opt)].items()))
+        row["updates"] = float(np.mean([f["updates"] for f in found])) if found else None
         for key in ("early", "late"):
             values = [f[key] for f in found if f[key] is not None]
             row[key] = float(np.mean(values)) if values else None
