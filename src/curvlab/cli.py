@@ -352,11 +352,16 @@ def _config(args: argparse.Namespace, **extra):
     return make_config(args.experiment, args.dataset, **overrides)
 
 
+def _stopped(diverged: dict[int, int]) -> str:
+    """``seed S after N, ...`` of a row's ``{seed: step}`` of diverged seeds."""
+    return ", ".join(f"seed {seed} after {step}" for seed, step in diverged.items())
+
+
 def _status(row: dict) -> str:
     """``ok``, or which seeds diverged and after how many updates."""
     if not row["diverged"]:
         return "ok"
-    where = ", ".join(f"seed {seed} after {step}" for seed, step in row["diverged"].items())
+    where = _stopped(row["diverged"])
     return f"diverged ({len(row['diverged'])} of {row['seeds']} seeds: {where} updates)"
 
 
@@ -491,8 +496,9 @@ def loss_change_table(sources: Sequence[Path], first: int) -> str:
     for r in summary_loss_change(sources, first):
         updates = "-" if r["updates"] is None else f"{r['updates']:.0f}"
         cells = [r["phase"], r["optimizer"], str(r["seeds"]), updates]
-        stopped = ", ".join(f"seed {seed} after {step}" for seed, step in r["diverged"].items())
-        lines.append(cells + [_cell(r, "early", 2), _cell(r, "late", 2), stopped or "-"])
+        lines.append(
+            cells + [_cell(r, "early", 2), _cell(r, "late", 2), _stopped(r["diverged"]) or "-"]
+        )
     return markdown_table(head, lines)
 
 
@@ -719,7 +725,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
             ):
                 raise ValueError(
                     "a width study's summary takes one folder or records file, and no "
-                    "--per-source, --at-train-loss or --at-test-acc"
+                    "--per-source, --at-train-loss, --at-test-acc or --loss-change"
                 )
             print(width_summary_table(args.folder[0]))
             return 0

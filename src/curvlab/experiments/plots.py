@@ -777,25 +777,29 @@ def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -
         raise NoResultsError("no update records with loss_change_pct: not a loss-change run")
     diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
     grouped: dict[tuple, list[dict]] = defaultdict(list)
-    stopped: dict[tuple, dict[int, int]] = defaultdict(dict)
     for (phase, opt, seed), rs in runs.items():
-        if (phase, opt, seed) in diverged:
-            stopped[(phase, opt)][seed] = diverged[(phase, opt, seed)]
-            grouped[(phase, opt)]  # the row stays, with its diverged seeds
-            continue
         early = [r["loss_change_pct"] for r in rs if r["step"] < first]
         late = [r["loss_change_pct"] for r in rs if r["step"] >= first]
         grouped[(phase, opt)].append(
             {
+                "seed": seed,
+                "diverged": diverged.get((phase, opt, seed)),
                 "early": float(np.mean(early)) if early else None,
                 "late": float(np.mean(late)) if late else None,
                 "updates": len(rs),
             }
         )
     rows = []
-    for (phase, opt), found in sorted(grouped.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+    for (phase, opt), runs_of in sorted(
+        grouped.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))
+    ):
+        found = [f for f in runs_of if f["diverged"] is None]
         row = {"phase": phase, "optimizer": opt, "seeds": len(found), "first": first}
-        row["diverged"] = dict(sorted(stopped[(phase, opt)].items()))
+        row["diverged"] = {
+            f["seed"]: f["diverged"]
+            for f in sorted(runs_of, key=lambda f: f["seed"])
+            if f["diverged"] is not None
+        }
         row["updates"] = float(np.mean([f["updates"] for f in found])) if found else None
         for key in ("early", "late"):
             values = [f[key] for f in found if f[key] is not None]

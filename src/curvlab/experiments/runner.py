@@ -229,16 +229,9 @@ def update(
     the step starts from, and then takes its step (its own passes outside the monitor). The
     gradient is dropped before the step, so the step is the unmonitored one.
     """
-    if isinstance(optimizer, ExactGN):
-        if monitor is None:
-            return optimizer.step(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        value = monitor.loss_func(model(x), y)
-        with monitor(step, loss=value, optimizer=optimizer):
-            value.backward()
-        optimizer.zero_grad(set_to_none=True)
-        with monitor.outside():
-            return optimizer.step(x, y)
+    exact_gn = isinstance(optimizer, ExactGN)
+    if exact_gn and monitor is None:
+        return optimizer.step(x, y)
     optimizer.zero_grad(set_to_none=True)
     # the monitor records the batch from its own loss module's call (the same mean CE)
     value = batch_loss(model(x), y, loss) if monitor is None else monitor.loss_func(model(x), y)
@@ -247,6 +240,10 @@ def update(
     else:
         with monitor(step, loss=value, optimizer=optimizer):
             value.backward()
+    if exact_gn:
+        optimizer.zero_grad(set_to_none=True)
+        with monitor.outside():
+            return optimizer.step(x, y)
     optimizer.step()
     return float(value.detach())
 
