@@ -454,7 +454,12 @@ def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None
     With ``at_train_loss`` every row is taken where its runs' training loss first reaches that
     value, as in :func:`summary_table`.
     """
-    from curvlab.experiments.plots import markdown_table, summary, summary_at_train_loss
+    from curvlab.experiments.plots import (
+        markdown_table,
+        split_source,
+        summary,
+        summary_at_train_loss,
+    )
     from curvlab.experiments.store import ResultsStore
 
     def rows_of(source: Path) -> list[dict]:
@@ -464,7 +469,11 @@ def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None
             else summary_at_train_loss(source, at_train_loss)
         )
 
-    rows = [(row, ResultsStore(source).config()) for source in sources for row in rows_of(source)]
+    rows = [
+        (row, ResultsStore(split_source(source)[0]).config())
+        for source in sources
+        for row in rows_of(source)
+    ]
     drop = ("train_acc",) if at_train_loss is None else ("train_acc", "train_loss")
     columns = [c for c in _metric_columns([r for r, _ in rows]) if c[0] not in drop]
     head = ["phase", "optimizer", "lr", "damping", "seeds"]
@@ -902,7 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "folder",
         nargs="+",
-        help="a run folder holding results.jsonl, or a NAME.jsonl.gz; several are drawn together",
+        help="a run folder holding results.jsonl, or a NAME.jsonl.gz; several are drawn together; "
+        "SOURCE#OPT,OPT draws only those optimizers of it",
     )
     plot.add_argument(
         "--out", default=None, help="folder for the PNGs (needed with several sources)"
@@ -919,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder",
         nargs="+",
         help="a run folder holding results.jsonl, or a NAME.jsonl.gz; several whose runs are "
-        "disjoint are summarized together",
+        "disjoint are summarized together; SOURCE#OPT,OPT takes only those optimizers of it",
     )
     summ.add_argument(
         "--at-train-loss",

@@ -520,7 +520,7 @@ def plot_run(
     if out is None and len(sources) != 1:
         raise ValueError(f"plotting {len(sources)} sources together needs an output folder (out)")
     if out is None:
-        store = ResultsStore(sources[0])
+        store = ResultsStore(split_source(sources[0])[0])
         prefix = store.path.name.removesuffix(".jsonl.gz") + "-" if store.read_only else ""
         target = store.folder
     else:
@@ -561,10 +561,35 @@ SUMMARY_METRICS = (
 )
 
 
+#: Ends a source's path and begins the optimizers it contributes: ``PATH#adam,gn-paper``.
+SELECT = "#"
+
+
+def split_source(source: str | Path) -> tuple[Path, frozenset[str] | None]:
+    """A source's path, and the optimizers it is narrowed to (``None``: all it records).
+
+    ``docs/records/run.jsonl.gz#gn-right-inverse,adam`` contributes only those two optimizers'
+    runs, so a records file holding one superseded run (e.g. SGD at a rate that diverged, rerun
+    at another rate in a file of its own) can be summarized and drawn beside the rerun.
+
+    Raises:
+        NoResultsError: ``SELECT`` is followed by no optimizer name.
+    """
+    text = str(source)
+    if SELECT not in text:
+        return Path(source), None
+    path, _, names = text.rpartition(SELECT)
+    chosen = frozenset(name.strip() for name in names.split(",") if name.strip())
+    if not chosen:
+        raise NoResultsError(f"{source}: no optimizer named after '{SELECT}'")
+    return Path(path), chosen
+
+
 class _Union:
     """The records of one or several stores, as one.
 
-    Several sources must not record the same (phase, optimizer, seed): each run has one home.
+    Several sources must not record the same (phase, optimizer, seed): each run has one home. A
+    source may be narrowed to some of its optimizers (:func:`split_source`).
     """
 
     def __init__(self, sources: str | Path | Sequence[str | Path]) -> None:
@@ -578,13 +603,26 @@ class _Union:
         self._configs: list[tuple[str, dict]] = []
         owner: dict[tuple, str] = {}
         for source in sources:
-            store = ResultsStore(source)
+            path, chosen = split_source(source)
+            store = ResultsStore(path)
             if not store.path.exists():
                 where = store.folder if not store.folder.is_dir() else store.path
                 raise NoResultsError(f"no results in {source}: {where} does not exist")
             evaluations = store.evaluations()
             if store.header() is None or not evaluations:
                 raise NoResultsError(f"no results in {source}: {store.path} holds no evaluation")
+            updates, diverged = store.updates(), store.diverged()
+            if chosen is not None:
+                recorded = {r["optimizer"] for r in evaluations}
+                if not chosen <= recorded:
+                    raise NoResultsError(
+                        f"{source}: {store.path} records no {', '.join(sorted(chosen - recorded))}"
+                        f" (it records {', '.join(sorted(recorded))})"
+                    )
+                evaluations, updates, diverged = (
+                    [r for r in records if r["optimizer"] in chosen]
+                    for records in (evaluations, updates, diverged)
+                )
             for run in {(r["phase"], r["optimizer"], r["seed"]) for r in evaluations}:
                 if run in owner:
                     raise NoResultsError(
@@ -593,8 +631,8 @@ class _Union:
                     )
                 owner[run] = str(source)
             self._evaluations += evaluations
-            self._updates += store.updates()
-            self._diverged += store.diverged()
+            self._updates += updates
+            self._diverged += diverged
             self._configs.append((str(source), store.config()))
 
     def evaluations(self) -> list[dict]:
