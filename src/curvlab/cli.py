@@ -446,15 +446,21 @@ def _setting(config: dict, phase: str, optimizer: str) -> tuple[str, str]:
     return lr, damping
 
 
-def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None) -> str:
+def per_source_table(sources: Sequence[Path | str], at_train_loss: float | None = None) -> str:
     """One row per source and (phase, optimizer), labelled with its rate and damping.
 
     The table of a sweep: every point's records summarized on their own (means over its
-    seeds), so points of the same optimizer, which record the same seeds, sit side by side.
-    With ``at_train_loss`` every row is taken where its runs' training loss first reaches that
-    value, as in :func:`summary_table`.
+    seeds), so points of the same optimizer, which record the same seeds, sit side by side. A
+    source ``A+B+...`` is one point whose seeds are archived in several files (e.g. a seed run
+    later); its parts must agree on the rate and damping of every row. With ``at_train_loss``
+    every row is taken where its runs' training loss first reaches that value, as in
+    :func:`summary_table`.
+
+    Raises:
+        ValueError: the parts of a ``A+B`` source differ in a row's rate or damping.
     """
     from curvlab.experiments.plots import (
+        JOIN,
         markdown_table,
         split_source,
         summary,
@@ -462,18 +468,21 @@ def per_source_table(sources: Sequence[Path], at_train_loss: float | None = None
     )
     from curvlab.experiments.store import ResultsStore
 
-    def rows_of(source: Path) -> list[dict]:
-        return (
-            summary(source)
-            if at_train_loss is None
-            else summary_at_train_loss(source, at_train_loss)
+    rows = []
+    for source in sources:
+        parts = str(source).split(JOIN)
+        configs = [ResultsStore(split_source(part)[0]).config() for part in parts]
+        found = (
+            summary(parts) if at_train_loss is None else summary_at_train_loss(parts, at_train_loss)
         )
-
-    rows = [
-        (row, ResultsStore(split_source(source)[0]).config())
-        for source in sources
-        for row in rows_of(source)
-    ]
+        for row in found:
+            settings = {_setting(c, row["phase"], row["optimizer"]) for c in configs}
+            if len(settings) > 1:
+                raise ValueError(
+                    f"{source}: its parts run {row['phase']} {row['optimizer']} at different "
+                    f"settings (lr, damping) {sorted(settings)}; one row is one setting"
+                )
+            rows.append((row, configs[0]))
     drop = ("train_acc",) if at_train_loss is None else ("train_acc", "train_loss")
     columns = [c for c in _metric_columns([r for r, _ in rows]) if c[0] not in drop]
     head = ["phase", "optimizer", "lr", "damping", "seeds"]
@@ -756,7 +765,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
             print(per_source_table([Path(f) for f in args.folder], args.at_train_loss))
             return 0
         _print_summary([Path(f) for f in args.folder], args.at_train_loss)
-    except NoResultsError as error:
+    except (NoResultsError, ValueError) as error:
         print(f"curvlab summary: {error}", file=sys.stderr)
         return 2
     return 0
@@ -953,7 +962,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="per_source",
         action="store_true",
         help="one row per folder or records file, labelled with its learning rate and GN "
-        "damping: the table of a sweep's points (default: all sources as one)",
+        "damping: the table of a sweep's points; A+B is one point whose seeds are in two "
+        "sources (default: all sources as one)",
     )
     summ.add_argument(
         "--loss-change",

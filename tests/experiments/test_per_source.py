@@ -76,3 +76,35 @@ def test_the_command_prints_it(sweep, capsys):
     assert capsys.readouterr().out.strip() == per_source_table([Path(p) for p in points])
     assert main(["summary", "--per-source", "--at-train-loss", "1", *points]) == 0
     assert capsys.readouterr().out.strip() == per_source_table([Path(p) for p in points], 1.0)
+
+
+@pytest.fixture(scope="module")
+def later_seed(tmp_path_factory) -> Path:
+    """Seed 3 of the same sweep, run later into a folder of its own."""
+    out = tmp_path_factory.mktemp("seed3")
+    args = ["sweep", "fullbatch", *TINY, "--seeds", "3", "--optimizer", "gn-right-inverse"]
+    assert main([*args, "--lrs", "0.5,1", "--dampings", "0,10", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_point_whose_seeds_lie_in_two_sources_is_one_row(sweep, later_seed):
+    names = sorted(p.name for p in sweep.glob("lr=*"))
+    joined = [f"{sweep / name}+{later_seed / name}" for name in names]
+    rows = _rows(per_source_table(joined))
+    assert [(r["lr"], r["damping"], r["seeds"]) for r in rows] == [
+        (n.split(",")[0][3:], n.split("=")[-1], "3") for n in names
+    ]
+    for row, name in zip(rows, names):
+        (expected,) = summary([sweep / name, later_seed / name])
+        mean, std = (float(x) for x in row["val loss"].split(" ± "))
+        assert mean == pytest.approx(expected["val_loss"], abs=5e-5)
+        assert std == pytest.approx(expected["val_loss_std"], abs=5e-5)
+
+
+def test_parts_at_different_settings_are_refused(sweep, later_seed, capsys):
+    a, b = sorted(sweep.glob("lr=*"))[:2]
+    other = later_seed / b.name
+    with pytest.raises(ValueError, match="different settings"):
+        per_source_table([f"{a}+{other}"])
+    assert main(["summary", "--per-source", f"{a}+{other}"]) == 2
+    assert "different settings" in capsys.readouterr().err

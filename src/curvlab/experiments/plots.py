@@ -563,6 +563,8 @@ SUMMARY_METRICS = (
 
 #: Ends a source's path and begins the optimizers it contributes: ``PATH#adam,gn-paper``.
 SELECT = "#"
+#: Joins the parts of one ``--per-source`` row: ``A+B``, one sweep point archived in two files.
+JOIN = "+"
 
 
 def split_source(source: str | Path) -> tuple[Path, frozenset[str] | None]:
