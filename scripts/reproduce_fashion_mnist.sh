@@ -133,19 +133,18 @@ if [[ $STAGE == minibatch ]]; then
     # so each seed's records are archived (and committed) as soon as it finishes.
     OPTS=gn-right-inverse,gn-paper,adam,sgd
     if [[ $seed == 42 ]]; then OPTS=gn-paper; fi
-    "$CURVLAB" run loss-change "${M[@]}" --epochs 10 --seeds "$seed" \
-      --lr "gn-right-inverse=$GN,gn-paper=$GN,adam=$ADAM,sgd=$SGD" \
-      --optimizers "$OPTS" --out "$RUNS/minibatch-seed$seed" --no-plot
+    LC=("${M[@]}" --epochs 10 --seeds "$seed" --no-plot)
+    "$CURVLAB" run loss-change "${LC[@]}" --lr "gn-right-inverse=$GN,gn-paper=$GN,adam=$ADAM,sgd=$SGD" \
+      --optimizers "$OPTS" --out "$RUNS/minibatch-seed$seed"
     if [[ $seed != 42 ]]; then
-      "$CURVLAB" run loss-change "${M[@]}" --epochs 10 --seeds "$seed" --lr "sgd=$SGD_ALT" \
-        --optimizers sgd --out "$RUNS/minibatch-sgd-$SGD_ALT-seed$seed" --no-plot
+      "$CURVLAB" run loss-change "${LC[@]}" --lr "sgd=$SGD_ALT" --optimizers sgd \
+        --out "$RUNS/minibatch-sgd-$SGD_ALT-seed$seed"
     fi
-    "$CURVLAB" run no-bottleneck "${M[@]}" --seeds "$seed" --steps 50 --eval-every 5 --epochs 3 \
-      --evals-per-epoch 4 --lr "gn-paper=$GN,adam=$ADAM,sgd=$SGD" --optimizers gn-paper,adam,sgd \
-      --out "$RUNS/no-bottleneck-seed$seed" --no-plot
-    "$CURVLAB" run no-bottleneck "${M[@]}" --seeds "$seed" --steps 50 --eval-every 5 --epochs 3 \
-      --evals-per-epoch 4 --lr "sgd=$SGD_ALT" --optimizers sgd \
-      --out "$RUNS/no-bottleneck-sgd-$SGD_ALT-seed$seed" --no-plot
+    NB=("${M[@]}" --seeds "$seed" --steps 50 --eval-every 5 --epochs 3 --evals-per-epoch 4 --no-plot)
+    "$CURVLAB" run no-bottleneck "${NB[@]}" --lr "gn-paper=$GN,adam=$ADAM,sgd=$SGD" \
+      --optimizers gn-paper,adam,sgd --out "$RUNS/no-bottleneck-seed$seed"
+    "$CURVLAB" run no-bottleneck "${NB[@]}" --lr "sgd=$SGD_ALT" --optimizers sgd \
+      --out "$RUNS/no-bottleneck-sgd-$SGD_ALT-seed$seed"
   done
 fi
 

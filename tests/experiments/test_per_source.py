@@ -24,12 +24,16 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sweep")
-    args = ["sweep", "fullbatch", *TINY, "--seeds", "1,2", "--optimizer", "gn-right-inverse"]
+def _sweep(out: Path, seeds: str) -> Path:
+    """GN's sweep over two rates and two dampings, for ``seeds``, into ``out``."""
+    args = ["sweep", "fullbatch", *TINY, "--seeds", seeds, "--optimizer", "gn-right-inverse"]
     assert main([*args, "--lrs", "0.5,1", "--dampings", "0,10", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return _sweep(tmp_path_factory.mktemp("sweep"), "1,2")
 
 
 def _rows(table: str) -> list[dict[str, str]]:
@@ -81,10 +85,7 @@ def test_the_command_prints_it(sweep, capsys):
 @pytest.fixture(scope="module")
 def later_seed(tmp_path_factory) -> Path:
     """Seed 3 of the same sweep, run later into a folder of its own."""
-    out = tmp_path_factory.mktemp("seed3")
-    args = ["sweep", "fullbatch", *TINY, "--seeds", "3", "--optimizer", "gn-right-inverse"]
-    assert main([*args, "--lrs", "0.5,1", "--dampings", "0,10", "--out", str(out)]) == 0
-    return out
+    return _sweep(tmp_path_factory.mktemp("seed3"), "3")
 
 
 def test_a_point_whose_seeds_lie_in_two_sources_is_one_row(sweep, later_seed):
