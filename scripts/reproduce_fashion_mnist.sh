@@ -105,13 +105,13 @@ if [[ $STAGE == minibatch ]]; then
   MS=(--seeds 42 --epochs 10)
   # MB_SWEEP=0 skips the rate sweeps where ADAM=, SGD= and GN= give their chosen rates (the
   # sweep's records are committed under docs/records/; the chosen: 3e-4, 0.1, 0.2).
+  declare -A GRID=([adam]="0.0001 0.0003 0.001" [sgd]="0.03 0.1 0.3" [gn-right-inverse]="0.1 0.2 0.4")
+  MB_DAMPINGS="100 1000"
   if [[ ${MB_SWEEP:-1} == 1 ]]; then
-    "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer adam --lrs 1e-4,3e-4,1e-3 \
-      --out "$RUNS/mb-sweep-adam"
-    "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer sgd --lrs 0.03,0.1,0.3 \
-      --out "$RUNS/mb-sweep-sgd"
-    "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer gn-right-inverse --lrs 0.1,0.2,0.4 \
-      --out "$RUNS/mb-sweep-gn-right-inverse"
+    for opt in adam sgd gn-right-inverse; do
+      "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer "$opt" \
+        --lrs "$(tr ' ' , <<<"${GRID[$opt]}")" --out "$RUNS/mb-sweep-$opt"
+    done
   fi
   ADAM=${ADAM:-$(best "$RUNS/mb-sweep-adam" lr)}
   SGD=${SGD:-$(best "$RUNS/mb-sweep-sgd" lr)}
@@ -120,7 +120,7 @@ if [[ $STAGE == minibatch ]]; then
     # GN's damping at its chosen rate, beside the undamped point (the seeds below run GN
     # undamped, as the authors did; the damped points are reported beside them, seed 42).
     "$CURVLAB" sweep loss-change "${M[@]}" "${MS[@]}" --optimizer gn-right-inverse --lrs "$GN" \
-      --dampings 100,1000 --out "$RUNS/mb-sweep-gn-damping"
+      --dampings "$(tr ' ' , <<<"$MB_DAMPINGS")" --out "$RUNS/mb-sweep-gn-damping"
   fi
   # SGD's chosen rate comes from seed 42 alone; where it diverges on another seed (0.1 does on
   # 43), the rule of the full-batch sweep (a point where any seed diverged is excluded) picks the
@@ -145,13 +145,32 @@ if [[ $STAGE == minibatch ]]; then
       --optimizers gn-paper,adam,sgd --out "$RUNS/no-bottleneck-seed$seed"
     "$CURVLAB" run no-bottleneck "${NB[@]}" --lr "sgd=$SGD_ALT" --optimizers sgd \
       --out "$RUNS/no-bottleneck-sgd-$SGD_ALT-seed$seed"
+    # The sweep's other points on this seed (seed 42's are the sweep itself; the chosen points'
+    # runs are above), so that every sweep point has three seeds: a folder per point and seed,
+    # summarized as one row with `curvlab summary --per-source SEED42+SEED43+SEED44`.
+    if [[ $seed != 42 && ${MB_SWEEP_SEEDS:-1} == 1 ]]; then
+      declare -A RUN_ABOVE=([adam]="$ADAM" [sgd]="$SGD $SGD_ALT" [gn-right-inverse]="$GN")
+      for opt in adam sgd gn-right-inverse; do
+        for lr in ${GRID[$opt]}; do
+          # the rates compare as numbers (3e-4 = 0.0003)
+          "$PY" -c "import sys; sys.exit(float(sys.argv[1]) in map(float, sys.argv[2:]))" \
+            "$lr" ${RUN_ABOVE[$opt]} || continue
+          "$CURVLAB" run loss-change "${LC[@]}" --lr "$opt=$lr" --optimizers "$opt" \
+            --out "$RUNS/mb-sweep-$opt-lr=$lr-seed$seed"
+        done
+      done
+      for damping in $MB_DAMPINGS; do
+        "$CURVLAB" run loss-change "${LC[@]}" --lr "gn-right-inverse=$GN" --damping "$damping" \
+          --optimizers gn-right-inverse --out "$RUNS/mb-sweep-gn-damping-lr=$GN,damping=$damping-seed$seed"
+      done
+    fi
   done
 fi
 
 if [[ $STAGE == export || $STAGE == all ]]; then
   mkdir -p docs/records
   for folder in "$RUNS/ntk-cka" "$RUNS/width-${WIDTH2:-1024}"-* "$RUNS/exact-ce" "$RUNS"/minibatch-* \
-    "$RUNS"/no-bottleneck-*; do
+    "$RUNS"/no-bottleneck-* "$RUNS"/mb-sweep-*-seed*; do
     [[ -f "$folder/results.jsonl" ]] && \
       "$CURVLAB" export "$folder" "docs/records/fmnist-h$HIDDEN-$(basename "$folder").jsonl.gz"
   done

@@ -391,17 +391,27 @@ def _metric_columns(rows: list[dict]) -> list[tuple[str, str, int]]:
     return columns
 
 
-def summary_table(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> str:
+def summary_table(
+    folder: Path | Sequence[Path],
+    at_train_loss: float | None = None,
+    at_step: int | None = None,
+) -> str:
     """The Markdown table ``curvlab summary`` prints (docs/reproduction.md quotes them).
 
     Means over seeds, with ``± std`` (sample standard deviation) when there are several.
     With ``at_train_loss`` every row is taken where the run's training loss first reaches
-    that value (interpolated between evaluations) instead of at its last evaluation.
+    that value (interpolated between evaluations) instead of at its last evaluation; with
+    ``at_step`` at its last evaluation at or before that update.
+
+    Raises:
+        ValueError: both ``at_train_loss`` and ``at_step`` are given.
     """
     from curvlab.experiments.plots import markdown_table, summary, summary_at_train_loss
 
+    if at_train_loss is not None and at_step is not None:
+        raise ValueError("give --at-train-loss or --at-step, not both")
     if at_train_loss is None:
-        rows = summary(folder)
+        rows = summary(folder, at_step)
         columns = _metric_columns(rows)
         head = ["phase", "optimizer", "seeds", "step", "epoch"] + [c[1] for c in columns]
         lines = [head + ["time s", "status"]]
@@ -501,27 +511,24 @@ def per_source_table(sources: Sequence[Path | str], at_train_loss: float | None 
     return markdown_table(lines[0], lines[1:])
 
 
-def loss_change_table(sources: Sequence[Path], first: int) -> str:
+def loss_change_table(sources: Sequence[Path], first: int, last: int | None = None) -> str:
     """Figure 3's table: the mean per-update change (%) of the batch loss, early and late.
 
-    See :func:`~curvlab.experiments.plots.summary_loss_change`.
+    See :func:`~curvlab.experiments.plots.summary_loss_change`; ``last`` counts only the
+    updates up to that one.
     """
     from curvlab.experiments.plots import markdown_table, summary_loss_change
 
     head = ["phase", "optimizer", "seeds", "updates"]
     head += [f"change % (updates < {first})", f"change % (updates >= {first})", "diverged"]
     lines = []
-    for r in summary_loss_change(sources, first):
+    for r in summary_loss_change(sources, first, last):
         updates = "-" if r["updates"] is None else f"{r['updates']:.0f}"
         cells = [r["phase"], r["optimizer"], str(r["seeds"]), updates]
         lines.append(
             cells + [_cell(r, "early", 2), _cell(r, "late", 2), _stopped(r["diverged"]) or "-"]
         )
     return markdown_table(head, lines)
-
-
-def _print_summary(folder: Path | Sequence[Path], at_train_loss: float | None = None) -> None:
-    print(summary_table(folder, at_train_loss))
 
 
 #: ``curvlab run width-scaling``'s own options (dest names), ignored by the paper's experiments.
@@ -678,7 +685,7 @@ def _cmd_optim_race(args: argparse.Namespace) -> int:
     race = _race(args)
     print(f"curvlab run optim-race on {race.config.dataset} -> {race.store.path}")
     race.run()
-    _print_summary(race.store.folder)
+    print(summary_table(race.store.folder))
     if not args.no_plot:
         for path in plot_race(race.store.folder):
             print(f"wrote {path}")
@@ -708,7 +715,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"curvlab run {config.experiment} on {config.dataset} -> {out / 'results.jsonl'}")
     monitor = getattr(args, "monitor", None)
     Runner(config, out, progress=not args.no_progress, monitor=monitor).run()
-    _print_summary(out)
+    print(summary_table(out))
     if not args.no_plot:
         for path in plot_run(out):
             print(f"wrote {path}")
@@ -740,10 +747,11 @@ def _cmd_summary(args: argparse.Namespace) -> int:
                 or args.at_train_loss
                 or args.at_test_acc
                 or args.loss_change
+                or args.at_step is not None
             ):
                 raise ValueError(
                     "a width study's summary takes one folder or records file, and no "
-                    "--per-source, --at-train-loss, --at-test-acc or --loss-change"
+                    "--per-source, --at-train-loss, --at-test-acc, --loss-change or --at-step"
                 )
             print(width_summary_table(args.folder[0]))
             return 0
@@ -752,8 +760,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
                 raise ValueError(
                     "--loss-change takes no --per-source, --at-train-loss or --at-test-acc"
                 )
-            print(loss_change_table([Path(f) for f in args.folder], args.loss_change))
+            print(loss_change_table([Path(f) for f in args.folder], args.loss_change, args.at_step))
             return 0
+        if args.at_step is not None and (args.per_source or args.at_test_acc is not None):
+            raise ValueError("--at-step takes no --per-source or --at-test-acc")
         if args.at_test_acc is not None:
             from curvlab.experiments.optim_race import time_to_accuracy_table
 
@@ -764,7 +774,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         if args.per_source:
             print(per_source_table([Path(f) for f in args.folder], args.at_train_loss))
             return 0
-        _print_summary([Path(f) for f in args.folder], args.at_train_loss)
+        print(summary_table([Path(f) for f in args.folder], args.at_train_loss, args.at_step))
     except (NoResultsError, ValueError) as error:
         print(f"curvlab summary: {error}", file=sys.stderr)
         return 2
@@ -947,6 +957,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="compare every run where its training loss first reaches X (interpolated "
         "between evaluations) instead of at its last evaluation (default: last evaluation)",
+    )
+    summ.add_argument(
+        "--at-step",
+        dest="at_step",
+        type=_int_type("a number of updates >= 0", lambda v: v >= 0),
+        metavar="N",
+        help="compare every run at its last evaluation at or before update N, e.g. runs of "
+        "different lengths at equal steps; with --loss-change: count only updates up to N "
+        "(default: last evaluation, every update)",
     )
     summ.add_argument(
         "--at-test-acc",

@@ -674,7 +674,7 @@ def _spread(rows: list[dict], into: dict) -> None:
             into[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summary(folder: str | Path | Sequence[str | Path]) -> list[dict]:
+def summary(folder: str | Path | Sequence[str | Path], at_step: int | None = None) -> list[dict]:
     """Last evaluation of every (phase, optimizer), mean and spread over seeds, for tables.
 
     Every row holds ``phase``, ``optimizer``, ``seeds`` (how many), ``step``, the mean of every
@@ -688,13 +688,26 @@ def summary(folder: str | Path | Sequence[str | Path]) -> list[dict]:
         folder: A run folder, or an archived records file (``NAME.jsonl.gz``), or several of
             either whose runs are disjoint (e.g. a sweep's chosen run of the tuning seed and the
             other seeds' runs).
+        at_step: Take every run's last evaluation at or before this update instead (runs of
+            different lengths compared at equal steps, e.g. a costly scheme run for fewer
+            epochs); ``diverged`` then lists only the seeds that stopped by then.
 
     Raises:
-        NoResultsError: the folder or its ``results.jsonl`` does not exist, or holds no evaluation.
+        ValueError: ``at_step`` is negative.
+        NoResultsError: the folder or its ``results.jsonl`` does not exist, or holds no evaluation
+            (at or before ``at_step``).
     """
+    if at_step is not None and at_step < 0:
+        raise ValueError(f"at_step must be a number of updates >= 0, got {at_step!r}")
     store = _Union(folder)
-    records = store.evaluations()
-    diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
+    records = [r for r in store.evaluations() if at_step is None or r["step"] <= at_step]
+    if not records:
+        raise NoResultsError(f"no evaluation at or before update {at_step}")
+    diverged = {
+        (r["phase"], r["optimizer"], r["seed"]): r["step"]
+        for r in store.diverged()
+        if at_step is None or r["step"] <= at_step
+    }
     last: dict[tuple, dict] = {}
     for r in records:
         key = (r["phase"], r["optimizer"], r["seed"])
@@ -787,7 +800,9 @@ def summary_at_train_loss(folder: str | Path | Sequence[str | Path], target: flo
     return rows
 
 
-def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -> list[dict]:
+def summary_loss_change(
+    folder: str | Path | Sequence[str | Path], first: int, last: int | None = None
+) -> list[dict]:
     r"""Figure 3's numbers: each run's mean per-update change of the batch loss, early and late.
 
     Every ``update`` record holds :math:`100\,(\ell_b(\theta_{t+1}) - \ell_b(\theta_t)) /
@@ -801,21 +816,31 @@ def summary_loss_change(folder: str | Path | Sequence[str | Path], first: int) -
     Args:
         folder: A run folder, an archived records file, or several (see :func:`summary`).
         first: How many updates count as early, > 0.
+        last: Count only updates up to this one (runs of different lengths compared over the
+            same updates); a seed that diverged after it is counted, not listed.
 
     Raises:
-        ValueError: ``first`` is not > 0.
+        ValueError: ``first`` is not > 0, or ``last`` is below ``first``.
         NoResultsError: no evaluations, or no update records (not a ``loss-change`` run).
     """
     if not first > 0:
         raise ValueError(f"first must be a positive number of updates, got {first!r}")
+    if last is not None and last < first:
+        raise ValueError(f"last ({last}) must be at least first ({first})")
     store = _Union(folder)
     runs: dict[tuple, list[dict]] = defaultdict(list)
     for r in store.updates():
+        if last is not None and r["step"] > last:
+            continue
         if r.get("loss_change_pct") is not None and math.isfinite(r["loss_change_pct"]):
             runs[(r["phase"], r["optimizer"], r["seed"])].append(r)
     if not runs:
         raise NoResultsError("no update records with loss_change_pct: not a loss-change run")
-    diverged = {(r["phase"], r["optimizer"], r["seed"]): r["step"] for r in store.diverged()}
+    diverged = {
+        (r["phase"], r["optimizer"], r["seed"]): r["step"]
+        for r in store.diverged()
+        if last is None or r["step"] <= last
+    }
     grouped: dict[tuple, list[dict]] = defaultdict(list)
     for (phase, opt, seed), rs in runs.items():
         early = [r["loss_change_pct"] for r in rs if r["step"] < first]
