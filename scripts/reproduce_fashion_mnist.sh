@@ -97,8 +97,8 @@ fi
 # the authors ran it (right-inverse; `paper` runs at the same rate). Then the chosen rates over
 # seeds 43, 44 and 42 (42: `paper` only, the sweep holds the others; a stopped session leaves
 # whole seeds; run again to go on), and Figure 5 (no inverted bottleneck, `paper` scheme, 3 epochs)
-# at the same rates. `pinv` is left out here: 11 s an update on 2 CPU cores, 90 minutes a seed.
-# Not part of STAGE=all.
+# at the same rates; the sweep's other points on seeds 43 and 44, so that the choice can be checked
+# on three seeds; and `pinv` for 3 epochs on seed 42 (its cost, below). Not part of STAGE=all.
 if [[ $STAGE == minibatch ]]; then
   M=(--dataset fashion-mnist "${DATA_ARGS[@]}" --hidden "$HIDDEN" --depth 4 --validation 10000
     --no-progress --batch-size 1024 --eval-train-size 10000)
@@ -164,6 +164,13 @@ if [[ $STAGE == minibatch ]]; then
           --optimizers gn-right-inverse --out "$RUNS/mb-sweep-gn-damping-lr=$GN,damping=$damping-seed$seed"
       done
     fi
+  done
+  # `pinv` (the Moore-Penrose step) at GN's rate, for PINV_EPOCHS epochs on PINV_SEEDS only: its
+  # solve of the N C x N C structured NTK costs 11 s an update on 2 cores (90 minutes for 10
+  # epochs); compared with the others at equal updates (`curvlab summary --at-step`).
+  for seed in ${PINV_SEEDS-42}; do
+    "$CURVLAB" run loss-change "${M[@]}" --epochs "${PINV_EPOCHS:-3}" --seeds "$seed" --no-plot \
+      --lr "gn-pinv=$GN" --optimizers gn-pinv --out "$RUNS/minibatch-pinv-seed$seed"
   done
 fi
 
